@@ -1,0 +1,1 @@
+"""External engines behind small interfaces: inference (sglang, local) and training (megatron, fsdp)."""

@@ -1,0 +1,1 @@
+"""Asynchronous off-policy DAPO: the engine-agnostic pipeline (config, data, algorithm, rollout, buffer, trainer loop)."""

@@ -1,0 +1,509 @@
+"""Typed configuration: nested dataclasses loaded as OmegaConf structured configs.
+
+Contract:
+- `load_config(path, overrides)` merges, in order, the dataclass defaults, the YAML preset (and any preset it
+  names under `base:`, resolved relative to it), and dotted command-line overrides (`trainer.lr=2e-6`).
+- Unknown keys, wrong types and impossible combinations raise `ConfigError` whose message starts with the
+  offending key path (`trainer.parallel.tp: ...`).
+- The result is a plain `Config` dataclass tree (no OmegaConf objects leak past this module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key path."""
+
+
+# --------------------------------------------------------------------------------------------------- model
+@dataclass
+class TinyModelConfig:
+    """Architecture of a Qwen2-style model built from config (used when `model.path` is empty)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    intermediate_size: int = 256
+    """SwiGLU inner width."""
+    num_hidden_layers: int = 2
+    """Transformer layers."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: int = 2
+    """Key/value heads (GQA)."""
+    max_position_embeddings: int = 1024
+    """Longest sequence (prompt + response) the model supports."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding and the LM head."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """A Hugging Face checkpoint directory. Empty: build `tiny` from config with the built-in tokenizer."""
+    tokenizer: str = "builtin:char"
+    """Tokenizer: `builtin:char` (a local character-level tokenizer, vocab < 128) or a path/HF id."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Architecture when no checkpoint path is given."""
+    init_seed: int = 0
+    """Seed for the random initialisation of a model built from config."""
+    warm_start_steps: int = 0
+    """Supervised warm-start steps on the training set's reference solutions before RL (0: none). Cached."""
+    dtype: str = "float32"
+    """Parameter dtype of the trainer: float32 or bfloat16."""
+
+
+# --------------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    train_path: str = MISSING
+    """Training prompts: a .jsonl/.parquet path, `hf://org/name[:split]`, or `synthetic:<task>` (e.g. `synthetic:arith`)."""
+    eval_path: str = ""
+    """Held-out prompts in the same formats; empty disables evaluation."""
+    prompt_key: str = "prompt"
+    """Row field holding the prompt text (or a chat message list)."""
+    answer_key: str = "answer"
+    """Row field holding the reference answer."""
+    id_key: str = ""
+    """Row field with a stable id; empty: the row index."""
+    template: str = "none"
+    """Prompt template applied to the prompt field: none | dapo (wrap the raw problem) | chat (tokenizer chat template)."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this are rejected at load time, naming the row."""
+    shuffle: bool = True
+    """Shuffle each epoch (seeded by `trainer.seed`)."""
+    synthetic_size: int = 4096
+    """Rows generated for a `synthetic:` source."""
+
+
+# --------------------------------------------------------------------------------------------------- engines
+@dataclass
+class EngineConfig:
+    backend: str = "local"
+    """Inference engine: local (CPU engine speaking SGLang's HTTP protocol) | sglang (launch SGLang servers) | external."""
+    num_engines: int = 1
+    """Engine servers to run (data parallel across engines)."""
+    tp: int = 1
+    """Tensor parallelism inside one engine (SGLang `--tp`)."""
+    gpus_per_engine: float = 0.0
+    """GPUs reserved per engine actor (0 on CPU)."""
+    urls: list[str] = field(default_factory=list)
+    """`external` backend: URLs of already running SGLang-compatible servers."""
+    host: str = "127.0.0.1"
+    """Bind address of the servers we launch (loopback unless configured)."""
+    base_port: int = 0
+    """First port; 0 picks free ports."""
+    api_key: str = ""
+    """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged."""
+    mem_fraction: float = 0.7
+    """SGLang `--mem-fraction-static`."""
+    max_running_requests: int = 64
+    """Largest running batch of one engine (continuous batching)."""
+    startup_timeout_s: float = 300.0
+    """Seconds to wait for /health before failing with the server's log tail."""
+    request_timeout_s: float = 600.0
+    """Per-request HTTP timeout."""
+    max_retries: int = 3
+    """Retries with backoff on connection errors before an engine is declared dead."""
+    extra_args: list[str] = field(default_factory=list)
+    """Extra command-line arguments for the server."""
+    threads: int = 1
+    """CPU threads per local engine (torch.set_num_threads)."""
+
+
+# --------------------------------------------------------------------------------------------------- rollout
+@dataclass
+class RolloutConfig:
+    n_samples_per_prompt: int = 16
+    """G: responses per prompt (a group)."""
+    max_new_tokens: int = 20480
+    """Longest response (L_max)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = -1
+    """Top-k sampling (-1: off)."""
+    max_inflight_per_engine: int = 64
+    """Requests in flight per engine; the manager keeps every engine at this level."""
+    max_staleness: int = 1
+    """s: a sample made by a policy more than s versions older than the one being trained is never used.
+    0 = synchronous on-policy; 1 = one-step off-policy."""
+    partial_rollout: str = "abort"
+    """At a weight update, in-flight requests are: wait (finished first) | abort (aborted, prompt re-queued) |
+    resume (aborted, prompt + generated prefix resent under the new weights, tokens tagged with versions)."""
+    max_gen_rounds: int = 8
+    """Dynamic sampling: cap on how many times a prompt is regenerated after being filtered, per epoch."""
+    buffer_capacity: int = 0
+    """Most finished groups held in the buffer (0: (max_staleness + 2) x batch)."""
+    zmq_address: str = ""
+    """ZMQ endpoint of the buffer's PULL socket; empty: tcp://127.0.0.1:<free port>."""
+
+
+# --------------------------------------------------------------------------------------------------- algorithm
+@dataclass
+class OverlongConfig:
+    soft_punish: bool = True
+    """DAPO soft overlong punishment (Eq. 13)."""
+    cache_len: int = 4096
+    """L_cache: the punishment ramps over the last L_cache tokens before L_max."""
+    factor: float = 1.0
+    """Scale of the punishment (1.0 gives rewards in [-2, 1])."""
+    filter: bool = False
+    """Overlong filtering: mask truncated responses from the loss."""
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = "grpo"
+    """grpo (group mean/std) | drgrpo (no std) | rloo | reinforce_pp."""
+    policy_loss: str = "ppo"
+    """ppo (clip-higher PPO) | gspo (sequence ratio) | cispo (clipped IS weight, REINFORCE)."""
+    eps_low: float = 0.2
+    """Lower clip: ratio >= 1 - eps_low."""
+    eps_high: float = 0.28
+    """Upper clip (Clip-Higher): ratio <= 1 + eps_high."""
+    dual_clip_c: float = 0.0
+    """Dual-clip bound for negative advantages (0: off; else > 1, e.g. 3)."""
+    loss_agg: str = "token-mean"
+    """token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm."""
+    dynamic_sampling: bool = True
+    """Drop groups whose `acc` has zero std (all correct or all wrong)."""
+    off_policy: str = "behaviour"
+    """behaviour (ratio against the engine's logprobs) | decoupled (recomputed proximal policy + IS weights)."""
+    is_correction: str = "tis"
+    """Importance weights behaviour->proximal in decoupled mode: none | tis (truncated) | mis (masked)."""
+    is_cap: float = 2.0
+    """Truncation (tis) or mask (mis) threshold of the importance weights."""
+    log_ratio_clamp: float = 20.0
+    """|log ratio| is clamped to this before exp for stability."""
+    kl_coef: float = 0.0
+    """KL penalty (DAPO: none)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus (DAPO: none)."""
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    """Overlong reward shaping and filtering."""
+    reward_fn: str = "pipeline.rewards:dapo_math_reward"
+    """Reward function by dotted path `module:function` (see pipeline/rewards.py for the signature)."""
+    reward_timeout_s: float = 10.0
+    """A reward call slower than this counts as failed and gets the wrong-answer reward."""
+    reward_workers: int = 2
+    """Threads scoring responses."""
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor parallel degree (megatron)."""
+    pp: int = 1
+    """Pipeline parallel degree (megatron)."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank (megatron interleaved schedule)."""
+    cp: int = 1
+    """Context parallel degree (megatron)."""
+    ep: int = 1
+    """Expert parallel degree (megatron MoE)."""
+    dp: int = 0
+    """Data parallel degree; 0: derived as world_size / (tp * pp * cp)."""
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "fsdp"
+    """fsdp (torch FSDP2/DDP) | megatron (megatron-core GPTModel)."""
+    world_size: int = 1
+    """Trainer ranks (GPUs, or CPU processes on gloo)."""
+    gpus_per_rank: float = 0.0
+    """GPUs per trainer rank (0 on CPU)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallelism; checked once: tp * pp * cp * dp == world_size."""
+    total_steps: int = 10
+    """Trainer steps (one step = one batch of `batch_size` kept groups)."""
+    batch_size: int = 512
+    """B: kept groups (prompts) per trainer step."""
+    num_minibatches: int = 1
+    """Optimizer updates per step (the batch is split into this many mini-batches)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward; gradients accumulate over micro-batches."""
+    max_tokens_per_micro_batch: int = 0
+    """If > 0, pack micro-batches by token budget instead of `micro_batch_size`."""
+    lr: float = 1e-6
+    """Learning rate (constant after warm-up)."""
+    warmup_steps: int = 10
+    """Linear warm-up optimizer steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    seed: int = 1
+    """Seed for data order, sampling and initialisation."""
+    threads: int = 1
+    """CPU threads per trainer rank."""
+    recompute: bool = False
+    """Activation recomputation (megatron: full layer recompute)."""
+    distributed_optimizer: bool = True
+    """Megatron distributed (ZeRO-1) optimizer."""
+
+
+# --------------------------------------------------------------------------------------------------- weight sync
+@dataclass
+class WeightSyncConfig:
+    every: int = 1
+    """Broadcast new weights to the engines every k trainer steps."""
+    mode: str = "disaggregated"
+    """disaggregated (broadcast over a process group) | colocated (/update_weights_from_tensor)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
+    bucket_mb: float = 512.0
+    """Bucket size in MiB; each bucket is one metadata request and one flat broadcast."""
+    master_address: str = "127.0.0.1"
+    """Address the trainer's source rank listens on for the sync group."""
+    master_port: int = 0
+    """Port of the sync group's store; 0 picks a free one."""
+    checksum: bool = False
+    """Verify a per-bucket checksum on the engines after each sync."""
+    timeout_s: float = 600.0
+    """A sync that does not finish in this time fails, naming the engine."""
+    pause_mode: str = "abort"
+    """/pause_generation mode around a sync: abort | retract | in_place."""
+
+
+# --------------------------------------------------------------------------------------------------- cluster, logging, ckpt, eval
+@dataclass
+class ClusterConfig:
+    address: str = "local"
+    """Ray cluster: local (start one on this machine) | auto | ray://host:port."""
+    num_cpus: int = 0
+    """CPUs for a local Ray instance (0: all)."""
+    num_gpus: int = 0
+    """GPUs for a local Ray instance."""
+    bind_host: str = "127.0.0.1"
+    """Interface every socket we open binds to."""
+    namespace: str = "dapo"
+    """Ray namespace."""
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs"
+    """Root of run directories (TensorBoard event files, logs, checkpoints)."""
+    run_name: str = ""
+    """Run directory name; empty: a timestamp."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars."""
+    console: bool = True
+    """One status line per step on the console."""
+    level: str = "INFO"
+    """Python log level."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every k trainer steps (0: only at the end and on signals)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    resume: str = ""
+    """`auto` (latest in the run dir), a checkpoint path, or empty."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every k trainer steps (0: off)."""
+    n_samples: int = 1
+    """k of avg@k."""
+    max_prompts: int = 0
+    """Evaluate at most this many prompts (0: all)."""
+    temperature: float = 0.0
+    """Sampling temperature for evaluation (0: greedy)."""
+    reward_fn: str = ""
+    """Scorer for evaluation (empty: algorithm.reward_fn)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "engine.backend": ("local", "sglang", "external"),
+    "rollout.partial_rollout": ("wait", "abort", "resume"),
+    "algorithm.advantage": ("grpo", "drgrpo", "rloo", "reinforce_pp"),
+    "algorithm.policy_loss": ("ppo", "gspo", "cispo"),
+    "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "algorithm.off_policy": ("behaviour", "decoupled"),
+    "algorithm.is_correction": ("none", "tis", "mis"),
+    "data.template": ("none", "dapo", "chat"),
+    "model.dtype": ("float32", "bfloat16"),
+    "trainer.backend": ("fsdp", "megatron"),
+    "weight_sync.mode": ("disaggregated", "colocated"),
+    "weight_sync.backend": ("auto", "nccl", "gloo"),
+    "weight_sync.pause_mode": ("abort", "retract", "in_place"),
+}
+
+_POSITIVE: tuple[str, ...] = (
+    "rollout.n_samples_per_prompt",
+    "rollout.max_new_tokens",
+    "rollout.max_inflight_per_engine",
+    "rollout.max_gen_rounds",
+    "engine.num_engines",
+    "engine.tp",
+    "engine.max_running_requests",
+    "trainer.world_size",
+    "trainer.total_steps",
+    "trainer.batch_size",
+    "trainer.num_minibatches",
+    "trainer.micro_batch_size",
+    "trainer.parallel.tp",
+    "trainer.parallel.pp",
+    "trainer.parallel.vpp",
+    "trainer.parallel.cp",
+    "trainer.parallel.ep",
+    "weight_sync.every",
+    "data.max_prompt_tokens",
+)
+
+
+def _get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _fail(path: str, msg: str) -> None:
+    raise ConfigError(f"{path}: {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field rules. Fills derived values (trainer.parallel.dp). Returns cfg."""
+    for path, choices in _CHOICES.items():
+        if _get(cfg, path) not in choices:
+            _fail(path, f"must be one of {', '.join(choices)}; got {_get(cfg, path)!r}")
+    for path in _POSITIVE:
+        if _get(cfg, path) < 1:
+            _fail(path, f"must be >= 1; got {_get(cfg, path)}")
+    if cfg.rollout.max_staleness < 0:
+        _fail("rollout.max_staleness", f"must be >= 0; got {cfg.rollout.max_staleness}")
+
+    a = cfg.algorithm
+    if not 0 <= a.eps_low < 1:
+        _fail("algorithm.eps_low", f"must be in [0, 1); got {a.eps_low}")
+    if a.eps_high < a.eps_low:
+        _fail("algorithm.eps_high", f"must be >= algorithm.eps_low ({a.eps_low}); got {a.eps_high}")
+    if a.dual_clip_c and a.dual_clip_c <= 1.0:
+        _fail("algorithm.dual_clip_c", f"must be 0 (off) or > 1; got {a.dual_clip_c}")
+    if ":" not in a.reward_fn:
+        _fail("algorithm.reward_fn", f"must be 'module:function'; got {a.reward_fn!r}")
+    if a.overlong.cache_len < 0 or a.overlong.cache_len >= cfg.rollout.max_new_tokens and a.overlong.soft_punish:
+        _fail(
+            "algorithm.overlong.cache_len",
+            f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}); got {a.overlong.cache_len}",
+        )
+
+    t, p = cfg.trainer, cfg.trainer.parallel
+    model_parallel = p.tp * p.pp * p.cp
+    if t.world_size % model_parallel:
+        _fail("trainer.parallel", f"tp*pp*cp = {model_parallel} does not divide trainer.world_size = {t.world_size}")
+    if p.dp == 0:
+        p.dp = t.world_size // model_parallel
+    if model_parallel * p.dp != t.world_size:
+        _fail(
+            "trainer.parallel.dp",
+            f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} = {model_parallel * p.dp} != trainer.world_size = {t.world_size}",
+        )
+    if t.backend == "fsdp" and model_parallel != 1:
+        _fail("trainer.parallel", "the fsdp backend supports data parallelism only (tp = pp = cp = 1); use megatron")
+    if p.vpp > 1 and p.pp == 1:
+        _fail("trainer.parallel.vpp", "virtual pipeline stages need trainer.parallel.pp > 1")
+    samples = t.batch_size * cfg.rollout.n_samples_per_prompt
+    if t.batch_size % t.num_minibatches:
+        _fail("trainer.num_minibatches", f"must divide trainer.batch_size = {t.batch_size}")
+    per_rank = samples // t.num_minibatches
+    if per_rank % p.dp:
+        _fail("trainer.parallel.dp", f"must divide the samples of a mini-batch ({per_rank})")
+    if (per_rank // p.dp) % t.micro_batch_size and t.max_tokens_per_micro_batch == 0:
+        _fail(
+            "trainer.micro_batch_size",
+            f"must divide the samples per rank and mini-batch ({per_rank // p.dp} = batch_size*G/num_minibatches/dp)",
+        )
+    if cfg.weight_sync.bucket_mb <= 0:
+        _fail("weight_sync.bucket_mb", f"must be > 0; got {cfg.weight_sync.bucket_mb}")
+    if cfg.engine.backend == "external" and not cfg.engine.urls:
+        _fail("engine.urls", "the external backend needs at least one URL")
+    if not cfg.model.path and not cfg.model.tokenizer.startswith("builtin:"):
+        _fail("model.tokenizer", "a model built from config (empty model.path) needs a builtin: tokenizer")
+    return cfg
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"{path}: base: cycle through {' -> '.join(map(str, seen))}")
+    node = OmegaConf.load(path)
+    base = node.pop("base", None) if OmegaConf.is_dict(node) else None
+    if base:
+        parent = _load_yaml((path.parent / base).resolve(), (*seen, path))
+        return OmegaConf.merge(parent, node)
+    return node
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML preset (with `base:` chain) <- dotted overrides; then validate()."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            merged = OmegaConf.merge(merged, _load_yaml(Path(path).resolve()))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"{bad[0]}: an override must look like key.path=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: required, but not set")
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+    return validate(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, with secrets masked."""
+    d = dataclasses.asdict(cfg)
+    if d["engine"]["api_key"]:
+        d["engine"]["api_key"] = "***"
+    return OmegaConf.to_yaml(OmegaConf.create(d))
+
+
+def engine_api_key(cfg: Config) -> str:
+    """The engines' API key: config first, then the DAPO_ENGINE_API_KEY environment variable."""
+    return cfg.engine.api_key or os.environ.get("DAPO_ENGINE_API_KEY", "")
