@@ -1,0 +1,67 @@
+"""Metrics: one logger for TensorBoard scalars and the one-line console status of each step.
+
+Contract: keys are namespaced with units where they have one (`time/weight_sync(s)`, `perf/gen_tokens_per_s`);
+`log(step, metrics)` writes every numeric value as a scalar at that step and prints one status line (rank 0 /
+the driver only: nothing else holds a MetricsLogger).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping
+
+log = logging.getLogger("dapo")
+
+# (key, label, format) of the console status line, in order; missing keys are skipped.
+_STATUS = (
+    ("reward/mean", "reward", "{:+.3f}"),
+    ("reward/acc", "acc", "{:.3f}"),
+    ("response/len_mean", "len", "{:.1f}"),
+    ("train/entropy", "ent", "{:.3f}"),
+    ("train/clipfrac_upper", "clip+", "{:.3f}"),
+    ("filter/dropped", "filt", "{:.0f}"),
+    ("staleness/mean", "stale", "{:.2f}"),
+    ("weight_version", "v", "{:.0f}"),
+    ("eval/acc", "eval", "{:.3f}"),
+    ("time/step(s)", "step", "{:.1f}s"),
+)
+
+
+class MetricsLogger:
+    def __init__(
+        self, logdir: str | None, total_steps: int, tensorboard: bool = True, console: bool = True, first_step: int = 0
+    ):
+        self.total_steps = total_steps
+        self.console = console
+        self.writer = None
+        if tensorboard and logdir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # On resume, purge events past the checkpointed step so the curves continue without a jump.
+            self.writer = SummaryWriter(logdir, purge_step=first_step or None)
+        self.t0 = time.perf_counter()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.console:
+            print(self.status_line(step, metrics), file=sys.stdout, flush=True)
+
+    def status_line(self, step: int, metrics: Mapping[str, float]) -> str:
+        width = len(str(self.total_steps))
+        done = step / max(self.total_steps, 1)
+        bar = ("#" * int(done * 20)).ljust(20, ".")
+        parts = [f"step {step:>{width}}/{self.total_steps} [{bar}]"]
+        parts += [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _STATUS if key in metrics]
+        parts.append(f"elapsed {time.perf_counter() - self.t0:.0f}s")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,279 @@
+"""Ray orchestration: the actors of the pipeline and the handles the training loop drives.
+
+Contract:
+- `Cluster(cfg)` starts a local Ray instance (the embedded default) or joins `cluster.address`, checks that the
+  run's resources exist (a clear error otherwise), and on exit stops every actor and process it started.
+- `EngineActor` owns one inference server process (SGLang or the local engine), launched on the actor's node.
+- `TrainerActor` is one trainer rank: process group, backend (fsdp | megatron), `TrainWorker`, and, on
+  weight-sync source ranks, a `WeightSyncSender`.
+- `RolloutActor` runs the asyncio `RolloutManager`, streaming groups to the driver's buffer over ZMQ.
+- On 2-core machines every actor asks for 0 CPUs (Ray hangs on fractional budgets there); threads are set per
+  process from config instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import ray
+
+from pipeline.config import Config, ConfigError, engine_api_key
+
+log = logging.getLogger("dapo")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------- actors
+@ray.remote(num_cpus=0)
+class EngineActor:
+    def __init__(self, cfg: Config, index: int, log_dir: str):
+        self.cfg, self.index, self.log_dir = cfg, index, log_dir
+        self.proc = None
+
+    def start(self, model_dir: str) -> str:
+        from engines.process import launch_engine
+
+        e = self.cfg.engine
+        port = e.base_port + self.index if e.base_port else free_port(e.host)
+        log_path = os.path.join(self.log_dir, f"engine{self.index}.log")
+        self.proc = launch_engine(e, model_dir, port, log_path)
+        return self.proc.url
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else -1
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+
+@ray.remote(num_cpus=0)
+class TrainerActor:
+    def __init__(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int):
+        import torch
+
+        torch.set_num_threads(cfg.trainer.threads)
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank))
+        os.environ.update(WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        if world_size > 1 or cfg.trainer.backend == "megatron":
+            import torch.distributed as dist
+
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size)
+        if cfg.trainer.backend == "megatron":
+            from engines.megatron.backend import build_backend
+        else:
+            from engines.fsdp.backend import build_backend
+        from pipeline.trainer import TrainWorker
+
+        self.cfg = cfg
+        self.worker = TrainWorker(cfg, build_backend(cfg, rank, world_size))
+        self.sender = None
+
+    def setup(self, model_dir: str) -> None:
+        self.worker.backend.setup(model_dir)
+
+    def train_step(self, minibatches: list) -> dict[str, float]:
+        return self.worker.train_step(minibatches)
+
+    def is_sync_source(self) -> bool:
+        return self.worker.backend.is_sync_source
+
+    def connect_weight_sync(self, urls: list[str], engine_tp: list[int]) -> None:
+        if not self.worker.backend.is_sync_source:
+            return
+        from pipeline.weight_sync import WeightSyncSender
+
+        if self.sender is not None:
+            self.sender.close()
+        self.sender = WeightSyncSender(urls, self.cfg.weight_sync, api_key=engine_api_key(self.cfg), engine_tp=engine_tp)
+        self.sender.connect()
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        tensors = self.worker.backend.named_hf_weights()  # every rank runs it: it may gather across ranks
+        if self.sender is None:
+            for _ in tensors:
+                pass
+            return {}
+        stats = self.sender.sync(tensors, version)
+        return {"time/weight_sync(s)": stats.seconds, "perf/weight_sync_gbps": stats.gbps}
+
+    def save(self, path: str) -> None:
+        self.worker.backend.save(path)
+
+    def load(self, path: str) -> None:
+        self.worker.backend.load(path)
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+
+
+@ray.remote(num_cpus=0)
+class RolloutActor:
+    def __init__(self, cfg: Config, urls: list[str], model_dir: str, push_address: str):
+        import torch
+
+        from engines.client import EngineClient
+        from pipeline.data import load_prompts
+        from pipeline.rewards import RewardRunner
+        from pipeline.rollout import RolloutManager
+        from pipeline.tokenizer import load_tokenizer
+
+        torch.set_num_threads(1)
+        tokenizer = load_tokenizer(cfg.model.tokenizer if not cfg.model.path else cfg.model.path, model_dir)
+        prompts = load_prompts(cfg.data, tokenizer, seed=cfg.trainer.seed)
+        e = cfg.engine
+        client = EngineClient(urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries)
+        a = cfg.algorithm
+        rewards = RewardRunner(a.reward_fn, a.reward_timeout_s, a.reward_workers)
+        self.manager = RolloutManager(cfg, client, tokenizer, prompts, push_address, rewards)
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.manager.run())
+
+    async def error(self) -> str:
+        """The manager's crash, if it crashed (it must not; the driver checks)."""
+        if self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception():
+            return repr(self.task.exception())
+        return ""
+
+    async def set_version(self, version: int) -> None:
+        self.manager.set_version(version)
+
+    async def before_weight_update(self) -> None:
+        await self.manager.before_weight_update()
+
+    async def after_weight_update(self, version: int) -> None:
+        await self.manager.after_weight_update(version)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.manager.stats()
+
+    async def state_dict(self) -> dict[str, Any]:
+        return self.manager.state_dict()
+
+    async def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.manager.load_state_dict(state)
+
+    async def stop(self) -> None:
+        await self.manager.stop()
+        if self.task is not None:
+            self.task.cancel()
+
+
+# ----------------------------------------------------------------------------------------------- cluster
+class Cluster:
+    """Ray connection plus every actor the run started (stopped on exit, in reverse order)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.actors: list[Any] = []
+        self.engines: list[Any] = []
+        self.urls: list[str] = []
+        self.trainers: list[Any] = []
+        self.rollout: Any = None
+        self._started_ray = False
+
+    def __enter__(self) -> Cluster:
+        c = self.cfg.cluster
+        if not ray.is_initialized():
+            if c.address == "local":
+                ray.init(
+                    num_cpus=c.num_cpus or None,
+                    num_gpus=c.num_gpus or None,
+                    include_dashboard=False,
+                    namespace=c.namespace,
+                    configure_logging=False,
+                    log_to_driver=True,
+                    _node_ip_address=c.bind_host,
+                )
+            else:
+                ray.init(address=c.address, namespace=c.namespace, configure_logging=False)
+            self._started_ray = True
+        check_resources(self.cfg, ray.cluster_resources())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.rollout is not None:
+            _quiet(lambda: ray.get(self.rollout.stop.remote(), timeout=30))
+        for t in self.trainers:
+            _quiet(lambda t=t: ray.get(t.close.remote(), timeout=30))
+        for e in self.engines:
+            _quiet(lambda e=e: ray.get(e.stop.remote(), timeout=60))
+        for a in reversed(self.actors):
+            _quiet(lambda a=a: ray.kill(a))
+        self.actors.clear()
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def _track(self, actor: Any) -> Any:
+        self.actors.append(actor)
+        return actor
+
+    def launch_engines(self, model_dir: str, log_dir: str) -> list[str]:
+        e = self.cfg.engine
+        if e.backend == "external":
+            self.urls = list(e.urls)
+            return self.urls
+        opts = {"num_gpus": e.gpus_per_engine} if e.gpus_per_engine else {}
+        self.engines = [
+            self._track(EngineActor.options(**opts).remote(self.cfg, i, log_dir)) for i in range(e.num_engines)
+        ]
+        self.urls = ray.get([a.start.remote(model_dir) for a in self.engines])
+        return self.urls
+
+    def launch_trainer(self, model_dir: str) -> list[Any]:
+        t = self.cfg.trainer
+        addr = self.cfg.cluster.bind_host
+        port = free_port(addr)
+        opts = {"num_gpus": t.gpus_per_rank} if t.gpus_per_rank else {}
+        self.trainers = [
+            self._track(TrainerActor.options(**opts).remote(self.cfg, r, t.world_size, addr, port))
+            for r in range(t.world_size)
+        ]
+        ray.get([a.setup.remote(model_dir) for a in self.trainers])
+        return self.trainers
+
+    def launch_rollout(self, model_dir: str, push_address: str) -> Any:
+        self.rollout = self._track(RolloutActor.remote(self.cfg, self.urls, model_dir, push_address))
+        ray.get(self.rollout.start.remote())
+        return self.rollout
+
+
+def _quiet(fn: Any) -> None:
+    try:
+        fn()
+    except Exception as e:  # shutdown must reach every actor even when one is already gone
+        log.debug("shutdown step failed: %r", e)
+
+
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """Fail before starting anything when the cluster cannot hold the run."""
+    t, e = cfg.trainer, cfg.engine
+    gpus = t.world_size * t.gpus_per_rank + (0 if e.backend == "external" else e.num_engines * e.gpus_per_engine)
+    have = available.get("GPU", 0.0)
+    if gpus > have:
+        raise ConfigError(
+            f"cluster: the run needs {gpus:g} GPUs (trainer.world_size={t.world_size} x trainer.gpus_per_rank="
+            f"{t.gpus_per_rank:g} + engine.num_engines={e.num_engines} x engine.gpus_per_engine="
+            f"{e.gpus_per_engine:g}), the Ray cluster has {have:g}"
+        )

@@ -1,0 +1,140 @@
+"""The training loop: the arrow diagram of DESIGN.md, one screen.
+
+    prompts -> RolloutManager -> engines (HTTP) -> rewards -> ZMQ -> RolloutBuffer (dynamic sampling, staleness)
+            -> trainer ranks (DAPO loss) -> every `weight_sync.every` steps: broadcast -> engines report v+1
+
+Generation never waits for training: the rollout actor streams groups into the buffer while the trainer works
+on the previous batch; the staleness bound (rollout.max_staleness) decides how far ahead it may run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from pipeline.buffer import RolloutBuffer
+from pipeline.config import Config, to_yaml
+from pipeline.metrics import MetricsLogger
+from pipeline.modeling import prepare_model_dir
+from pipeline.orchestrator import Cluster
+from pipeline.trainer import make_step_batches
+from pipeline.transport import GroupReceiver
+from pipeline.types import Group
+
+log = logging.getLogger("dapo")
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    steps: int
+    version: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    accounting: dict[str, float] = field(default_factory=dict)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    name = cfg.logging.run_name or time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.logging.dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(to_yaml(cfg))
+    return path
+
+
+def train(cfg: Config) -> RunResult:
+    run_dir = make_run_dir(cfg)
+    t, every = cfg.trainer, cfg.weight_sync.every
+    with Cluster(cfg) as cluster:
+        model_dir = prepare_model_dir(cfg, str(run_dir))
+        urls = cluster.launch_engines(model_dir, str(run_dir))
+        trainers = cluster.launch_trainer(model_dir)
+        ray.get([a.connect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls)) for a in trainers])
+        buffer = RolloutBuffer(
+            GroupReceiver(f"tcp://{cfg.cluster.bind_host}:0" if not cfg.rollout.zmq_address else cfg.rollout.zmq_address),
+            batch_size=t.batch_size,
+            max_staleness=cfg.rollout.max_staleness,
+            dynamic_sampling=cfg.algorithm.dynamic_sampling,
+            capacity=cfg.rollout.buffer_capacity or (cfg.rollout.max_staleness + 2) * t.batch_size,
+        )
+        rollout = cluster.launch_rollout(model_dir, buffer.address)
+        logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console)
+        version, history = 0, []
+        try:
+            for step in range(1, t.total_steps + 1):
+                t0 = time.perf_counter()
+                groups = buffer.get_batch(trainer_version=version, timeout_s=cfg.engine.request_timeout_s)
+                t_wait = time.perf_counter() - t0
+                per_rank = _shard(make_step_batches(groups, cfg, t.parallel.dp), cfg)
+                rank_metrics = ray.get([a.train_step.remote(mbs) for a, mbs in zip(trainers, per_rank, strict=True)])
+                t_train = time.perf_counter() - t0 - t_wait
+                metrics = step_metrics(groups, rank_metrics, version, t_wait, t_train)
+                if step % every == 0:
+                    version += 1
+                    metrics.update(_sync(rollout, trainers, version))
+                metrics.update(buffer.metrics())
+                metrics.update(ray.get(rollout.stats.remote()))
+                metrics["time/step(s)"] = time.perf_counter() - t0
+                metrics["weight_version"] = version
+                logger.log(step, metrics)
+                history.append(metrics)
+            accounting = ray.get(rollout.stats.remote())
+        finally:
+            logger.close()
+            buffer.close()
+    return RunResult(str(run_dir), t.total_steps, version, history, accounting)
+
+
+def _sync(rollout: ray.actor.ActorHandle, trainers: list, version: int) -> dict[str, float]:
+    """pause/abort in-flight work -> broadcast -> engines at `version` -> rollout resumes under it."""
+    ray.get(rollout.before_weight_update.remote())
+    stats = ray.get([a.sync_weights.remote(version) for a in trainers])
+    ray.get(rollout.after_weight_update.remote(version))
+    out: dict[str, float] = {}
+    for s in stats:
+        out.update(s)
+    return out
+
+
+def _shard(minibatches: list[list[list]], cfg: Config) -> list[list[list]]:
+    """[mini-batch][dp rank] -> per trainer rank: its DP shard of every mini-batch (model-parallel peers share it)."""
+    p = cfg.trainer.parallel
+    ranks_per_dp = p.tp * p.pp * p.cp
+    return [[mb[r // ranks_per_dp] for mb in minibatches] for r in range(cfg.trainer.world_size)]
+
+
+def step_metrics(
+    groups: list[Group], rank_metrics: list[dict[str, float]], version: int, t_wait: float, t_train: float
+) -> dict[str, float]:
+    samples = [s for g in groups for s in g.samples]
+    n = max(len(samples), 1)
+    lens = [s.response_len for s in samples]
+    stale = [version - s.min_version for s in samples]
+    first = rank_metrics[0]
+    train_tokens = sum(m.get("local_tokens", 0.0) for m in rank_metrics)
+    m = {
+        "reward/mean": sum(s.reward for s in samples) / n,
+        "reward/task_mean": sum(s.task_reward for s in samples) / n,
+        "reward/acc": sum(s.acc for s in samples) / n,
+        "response/len_mean": sum(lens) / n,
+        "response/len_max": float(max(lens, default=0)),
+        "response/truncated_frac": sum(s.truncated for s in samples) / n,
+        "staleness/mean": sum(stale) / n,
+        "staleness/max": float(max(stale, default=0)),
+        "time/wait_batch(s)": t_wait,
+        "time/train(s)": t_train,
+        "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
+    }
+    for k, v in first.items():
+        if k not in ("local_tokens", "step_seconds"):
+            m[f"train/{k}"] = v
+    return m
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,142 @@
+"""Trainer step, shared by every backend: groups -> advantages -> mini-batches -> micro-batches per DP rank.
+
+Contract:
+- `make_step_batches(groups, cfg, dp_size)` turns the B kept groups of one trainer step into
+  `[mini-batch][dp rank] -> list[MicroBatch]`. Advantages are computed per group (DESIGN contract 4); every
+  micro-batch carries the global token and sequence counts of its mini-batch, so the loss shares summed over
+  micro-batches and DP ranks equal the mini-batch loss however the batch is split (token-mean is exact).
+- Every DP rank gets the same number of micro-batches (collectives stay in step); samples are dealt to ranks
+  longest-first so token counts are balanced.
+- `TrainWorker` is the per-rank object a Ray actor (or a test) drives: it owns one `TrainerBackend`, computes the
+  proximal log-probs in decoupled mode, runs the mini-batches and returns the metrics of the step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.algorithm.advantages import compute_advantages
+from pipeline.algorithm.losses import make_loss_fn
+from pipeline.algorithm.shaping import overlong_loss_mask
+from pipeline.backend import MicroBatch, TrainerBackend
+from pipeline.config import Config
+from pipeline.types import Group, Sample
+
+
+@dataclass
+class _Row:
+    sample: Sample
+    advantage: float
+    in_loss: bool
+
+    @property
+    def length(self) -> int:
+        return self.sample.prompt_len + self.sample.response_len
+
+
+def _collate(rows: list[_Row], global_tokens: float, global_seqs: float, max_new_tokens: int) -> MicroBatch:
+    """Right-padded tensors; per-token values aligned with input_ids (value at t is about token t)."""
+    T = max(r.length for r in rows)
+    B = len(rows)
+    input_ids = torch.zeros(B, T, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    loss_mask = torch.zeros(B, T)
+    old_logprobs = torch.zeros(B, T)
+    advantages = torch.zeros(B, T)
+    for i, r in enumerate(rows):
+        s = r.sample
+        p, n = s.prompt_len, s.response_len
+        input_ids[i, : p + n] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        attention_mask[i, : p + n] = 1
+        if n:
+            old_logprobs[i, p : p + n] = torch.tensor(s.logprobs, dtype=torch.float32)
+            advantages[i, p : p + n] = r.advantage
+            if r.in_loss:
+                loss_mask[i, p : p + n] = 1.0
+    position_ids = torch.arange(T).unsqueeze(0).expand(B, T).contiguous()
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        loss_mask=loss_mask,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        global_tokens=max(global_tokens, 1.0),
+        global_seqs=max(global_seqs, 1.0),
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def _rows(groups: list[Group], cfg: Config) -> list[list[_Row]]:
+    rewards = torch.tensor([[s.reward for s in g.samples] for g in groups], dtype=torch.float32)  # (N, G)
+    adv = compute_advantages(rewards, cfg.algorithm.advantage)
+    return [
+        [_Row(s, float(adv[i, j]), overlong_loss_mask(s, cfg.algorithm.overlong)) for j, s in enumerate(g.samples)]
+        for i, g in enumerate(groups)
+    ]
+
+
+def make_step_batches(groups: list[Group], cfg: Config, dp_size: int) -> list[list[list[MicroBatch]]]:
+    """[mini-batch][dp rank] -> micro-batches. Groups stay whole inside a mini-batch."""
+    t = cfg.trainer
+    per_group = _rows(groups, cfg)
+    n_mini = t.num_minibatches
+    groups_per_mini = len(groups) // n_mini
+    out: list[list[list[MicroBatch]]] = []
+    for m in range(n_mini):
+        rows = [r for g in per_group[m * groups_per_mini : (m + 1) * groups_per_mini] for r in g]
+        global_tokens = float(sum(r.sample.response_len for r in rows if r.in_loss))
+        global_seqs = float(len(rows))
+        # Longest-first round robin: balanced tokens per rank, equal sample counts per rank.
+        rows.sort(key=lambda r: r.length, reverse=True)
+        shards = [rows[k::dp_size] for k in range(dp_size)]
+        out.append([_micro_batches(shard, cfg, global_tokens, global_seqs) for shard in shards])
+    return out
+
+
+def _micro_batches(rows: list[_Row], cfg: Config, global_tokens: float, global_seqs: float) -> list[MicroBatch]:
+    t = cfg.trainer
+    if t.max_tokens_per_micro_batch > 0:
+        chunks, cur, cur_tokens = [], [], 0
+        for r in rows:  # rows arrive longest-first: a greedy fill keeps padding low
+            if cur and cur_tokens + r.length > t.max_tokens_per_micro_batch:
+                chunks.append(cur)
+                cur, cur_tokens = [], 0
+            cur.append(r)
+            cur_tokens += r.length
+        if cur:
+            chunks.append(cur)
+    else:
+        chunks = [rows[i : i + t.micro_batch_size] for i in range(0, len(rows), t.micro_batch_size)]
+    return [_collate(c, global_tokens, global_seqs, cfg.rollout.max_new_tokens) for c in chunks]
+
+
+class TrainWorker:
+    """One trainer rank: a backend plus the shared algorithm."""
+
+    def __init__(self, cfg: Config, backend: TrainerBackend):
+        self.cfg = cfg
+        self.backend = backend
+        self.loss_fn = make_loss_fn(cfg.algorithm)
+
+    def train_step(self, minibatches: list[list[MicroBatch]]) -> dict[str, float]:
+        """`minibatches[m]` is this rank's micro-batches of mini-batch m. Returns metrics averaged over mini-batches."""
+        t0 = time.perf_counter()
+        if self.cfg.algorithm.off_policy == "decoupled":
+            # The proximal policy is the policy before this step's first update: compute it for every
+            # mini-batch up front.
+            for mbs in minibatches:
+                for mb, lp in zip(mbs, self.backend.forward_logprobs(mbs), strict=True):
+                    mb.prox_logprobs = lp
+        totals: dict[str, float] = {}
+        for mbs in minibatches:
+            for k, v in self.backend.train_minibatch(mbs, self.loss_fn).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        metrics = {k: v / len(minibatches) for k, v in totals.items()}
+        tokens = sum(mb.num_tokens() for mbs in minibatches for mb in mbs)
+        metrics["local_tokens"] = float(tokens)
+        metrics["step_seconds"] = time.perf_counter() - t0
+        return metrics

@@ -1,0 +1,72 @@
+"""Config loading, validation errors naming key paths, presets with `base:`, and the CLI's `config show`."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(TINY, ["trainer.lr=2e-6", "rollout.max_staleness=0"])
+    assert cfg.trainer.lr == 2e-6
+    assert cfg.rollout.max_staleness == 0
+    assert cfg.trainer.parallel.dp == 1  # derived: world_size / (tp*pp*cp)
+    assert cfg.algorithm.eps_low == 0.2 and cfg.algorithm.eps_high == 0.28  # DAPO defaults
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.lrr=1", "trainer.lrr"),  # unknown key
+        ("trainer.lr=fast", "trainer.lr"),  # wrong type
+        ("algorithm.eps_high=0.1", "algorithm.eps_high"),  # eps_high < eps_low
+        ("trainer.micro_batch_size=3", "trainer.micro_batch_size"),  # 64 samples not divisible by 3
+        ("trainer.backend=jax", "trainer.backend"),  # not a choice
+        ("algorithm.dual_clip_c=0.5", "algorithm.dual_clip_c"),
+        ("rollout.max_staleness=-1", "rollout.max_staleness"),
+    ],
+)
+def test_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_parallel_product_must_match_world_size(tmp_path):
+    y = tmp_path / "p.yaml"
+    y.write_text(f"base: {TINY}\ntrainer: {{backend: megatron, world_size: 8, parallel: {{tp: 2, pp: 2, dp: 3}}}}\n")
+    with pytest.raises(ConfigError, match=r"^trainer.parallel.dp: tp\*pp\*cp\*dp = 2\*2\*1\*3 = 12 != trainer.world_size = 8"):
+        load_config(y)
+    y.write_text(f"base: {TINY}\ntrainer: {{backend: megatron, world_size: 8, parallel: {{tp: 3}}}}\n")
+    with pytest.raises(ConfigError, match=r"^trainer.parallel: tp\*pp\*cp = 3 does not divide"):
+        load_config(y)
+    y.write_text(f"base: {TINY}\ntrainer: {{backend: megatron, world_size: 8, parallel: {{tp: 2, pp: 2}}}}\n")
+    assert load_config(y).trainer.parallel.dp == 2
+
+
+def test_base_chain_and_missing_file(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {TINY}\ntrainer: {{total_steps: 3}}\n")
+    cfg = load_config(child)
+    assert cfg.trainer.total_steps == 3 and cfg.data.train_path == "synthetic:arith"
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"^data.train_path: required"):
+        load_config(None)
+
+
+def test_cli_config_show(capsys):
+    assert main(["config", "show", str(TINY), "trainer.lr=3e-6", "engine.api_key=hunter2"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 3.0e-06" in out or "lr: 3e-06" in out
+    assert "hunter2" not in out  # secrets are masked
+
+
+def test_cli_config_error_exit_code(capsys):
+    assert main(["config", "show", str(TINY), "trainer.nope=1"]) == 2
+    assert "trainer.nope" in capsys.readouterr().err
