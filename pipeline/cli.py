@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     # Sub-tools with their own flags get the rest of the line untouched.
     if argv and argv[0] in ("plan", "report", "bench"):
         return _delegate(argv[0], argv[1:])
-    parser = argparse.ArgumentParser(prog="dapo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dapo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     _config_args(sub.add_parser("train", help="run asynchronous DAPO training"))
     cfg_p = sub.add_parser("config", help="inspect configs")

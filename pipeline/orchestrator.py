@@ -16,20 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from typing import Any
 
 import ray
 
+from engines.process import free_port
 from pipeline.config import Config, ConfigError, engine_api_key
 
 log = logging.getLogger("dapo")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------- actors
@@ -72,7 +66,9 @@ class TrainerActor:
             import torch.distributed as dist
 
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size)
+            dist.init_process_group(
+                backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size
+            )
         if cfg.trainer.backend == "megatron":
             from engines.megatron.backend import build_backend
         else:
@@ -99,7 +95,9 @@ class TrainerActor:
 
         if self.sender is not None:
             self.sender.close()
-        self.sender = WeightSyncSender(urls, self.cfg.weight_sync, api_key=engine_api_key(self.cfg), engine_tp=engine_tp)
+        self.sender = WeightSyncSender(
+            urls, self.cfg.weight_sync, api_key=engine_api_key(self.cfg), engine_tp=engine_tp
+        )
         self.sender.connect()
 
     def sync_weights(self, version: int) -> dict[str, float]:
@@ -137,7 +135,9 @@ class RolloutActor:
         tokenizer = load_tokenizer(cfg.model.tokenizer if not cfg.model.path else cfg.model.path, model_dir)
         prompts = load_prompts(cfg.data, tokenizer, seed=cfg.trainer.seed)
         e = cfg.engine
-        client = EngineClient(urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries)
+        client = EngineClient(
+            urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries
+        )
         a = cfg.algorithm
         rewards = RewardRunner(a.reward_fn, a.reward_timeout_s, a.reward_workers)
         self.manager = RolloutManager(cfg, client, tokenizer, prompts, push_address, rewards)
@@ -253,8 +253,11 @@ class Cluster:
         ray.get([a.setup.remote(model_dir) for a in self.trainers])
         return self.trainers
 
-    def launch_rollout(self, model_dir: str, push_address: str) -> Any:
+    def launch_rollout(self, model_dir: str, push_address: str, state: dict | None, version: int) -> Any:
         self.rollout = self._track(RolloutActor.remote(self.cfg, self.urls, model_dir, push_address))
+        if state is not None:
+            ray.get(self.rollout.load_state_dict.remote(state))
+        ray.get(self.rollout.set_version.remote(version))
         ray.get(self.rollout.start.remote())
         return self.rollout
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
+from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
-from pipeline.config import Config, to_yaml
+from pipeline.config import Config, ConfigError, engine_api_key, to_yaml
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import prepare_model_dir
 from pipeline.orchestrator import Cluster
@@ -36,6 +39,7 @@ class RunResult:
     version: int
     history: list[dict[str, float]] = field(default_factory=list)
     accounting: dict[str, float] = field(default_factory=dict)
+    engine_versions: list[str] = field(default_factory=list)
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -49,23 +53,28 @@ def make_run_dir(cfg: Config) -> Path:
 def train(cfg: Config) -> RunResult:
     run_dir = make_run_dir(cfg)
     t, every = cfg.trainer, cfg.weight_sync.every
-    with Cluster(cfg) as cluster:
+    stop = _StopFlag()
+    with Cluster(cfg) as cluster, stop:
         model_dir = prepare_model_dir(cfg, str(run_dir))
         urls = cluster.launch_engines(model_dir, str(run_dir))
         trainers = cluster.launch_trainer(model_dir)
         ray.get([a.connect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls)) for a in trainers])
         buffer = RolloutBuffer(
-            GroupReceiver(f"tcp://{cfg.cluster.bind_host}:0" if not cfg.rollout.zmq_address else cfg.rollout.zmq_address),
+            GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"),
             batch_size=t.batch_size,
             max_staleness=cfg.rollout.max_staleness,
             dynamic_sampling=cfg.algorithm.dynamic_sampling,
             capacity=cfg.rollout.buffer_capacity or (cfg.rollout.max_staleness + 2) * t.batch_size,
         )
-        rollout = cluster.launch_rollout(model_dir, buffer.address)
-        logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console)
-        version, history = 0, []
+        step, version, rollout_state = _resume(cfg, run_dir, trainers, buffer)
+        if version > 0:  # engines start from the initial weights: bring them to the checkpoint's
+            ray.get([a.sync_weights.remote(version) for a in trainers])
+        rollout = cluster.launch_rollout(model_dir, buffer.address, rollout_state, version)
+        logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
+        history: list[dict[str, float]] = []
         try:
-            for step in range(1, t.total_steps + 1):
+            while step < t.total_steps and not stop.requested:
+                step += 1
                 t0 = time.perf_counter()
                 groups = buffer.get_batch(trainer_version=version, timeout_s=cfg.engine.request_timeout_s)
                 t_wait = time.perf_counter() - t0
@@ -82,11 +91,74 @@ def train(cfg: Config) -> RunResult:
                 metrics["weight_version"] = version
                 logger.log(step, metrics)
                 history.append(metrics)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or stop.requested or step == t.total_steps:
+                    _save(cfg, run_dir, step, version, trainers, rollout, buffer)
             accounting = ray.get(rollout.stats.remote())
+            engine_versions = _engine_versions(cfg, urls)
         finally:
             logger.close()
             buffer.close()
-    return RunResult(str(run_dir), t.total_steps, version, history, accounting)
+    return RunResult(str(run_dir), step, version, history, accounting, engine_versions)
+
+
+def _resume(cfg: Config, run_dir: Path, trainers: list, buffer: RolloutBuffer) -> tuple[int, int, dict | None]:
+    """(step, version, rollout state) of the checkpoint named by checkpoint.resume, or a fresh start."""
+    spec = cfg.checkpoint.resume
+    if not spec:
+        return 0, 0, None
+    path = checkpoint.latest_checkpoint(run_dir) if spec == "auto" else Path(spec)
+    if path is None:  # auto, and nothing saved yet
+        return 0, 0, None
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"checkpoint.resume: no checkpoint at {path}")
+    state, buffered = checkpoint.load(path)
+    ray.get([a.load.remote(str(path / "trainer")) for a in trainers])
+    buffer.restore(buffered)
+    log.info("resumed from %s (step %d, weights v%d)", path, state["step"], state["version"])
+    return state["step"], state["version"], state["rollout"]
+
+
+def _save(cfg: Config, run_dir: Path, step: int, version: int, trainers: list, rollout, buffer: RolloutBuffer) -> None:
+    rollout_state = ray.get(rollout.state_dict.remote())
+
+    def save_trainer(path: str) -> None:
+        ray.get([a.save.remote(path) for a in trainers])
+
+    state = {"version": version, "rollout": rollout_state, "buffer": buffer.state_dict()}
+    checkpoint.save(run_dir, step, state, buffer.snapshot(), save_trainer, cfg.checkpoint.keep_last)
+
+
+def _engine_versions(cfg: Config, urls: list[str]) -> list[str]:
+    from engines.client import EngineClient
+
+    client = EngineClient(urls, api_key=engine_api_key(cfg))
+    try:
+        return [client.run_sync(client.get_weight_version(u), timeout=30) for u in urls]
+    finally:
+        client.close_sync()
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM end the loop after the current step (then checkpoint and a clean shutdown)."""
+
+    requested = False
+
+    def __enter__(self) -> _StopFlag:
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing the current step, then saving and shutting down", signum)
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def _sync(rollout: ray.actor.ActorHandle, trainers: list, version: int) -> dict[str, float]:
@@ -136,5 +208,7 @@ def step_metrics(
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(message)s"
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -40,7 +40,9 @@ def test_errors_name_the_key(override, key):
 def test_parallel_product_must_match_world_size(tmp_path):
     y = tmp_path / "p.yaml"
     y.write_text(f"base: {TINY}\ntrainer: {{backend: megatron, world_size: 8, parallel: {{tp: 2, pp: 2, dp: 3}}}}\n")
-    with pytest.raises(ConfigError, match=r"^trainer.parallel.dp: tp\*pp\*cp\*dp = 2\*2\*1\*3 = 12 != trainer.world_size = 8"):
+    with pytest.raises(
+        ConfigError, match=r"^trainer.parallel.dp: tp\*pp\*cp\*dp = 2\*2\*1\*3 = 12 != trainer.world_size = 8"
+    ):
         load_config(y)
     y.write_text(f"base: {TINY}\ntrainer: {{backend: megatron, world_size: 8, parallel: {{tp: 3}}}}\n")
     with pytest.raises(ConfigError, match=r"^trainer.parallel: tp\*pp\*cp = 3 does not divide"):

@@ -30,13 +30,15 @@ class FSDPBackend:
         self.dp_rank = rank
         self.dp_size = world_size
         self.is_sync_source = rank == 0
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         self.optimizer_steps = 0
 
     # ------------------------------------------------------------------ set-up
     def setup(self, hf_model_dir: str) -> None:
         dtype = _DTYPES[self.cfg.model.dtype]
-        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, torch_dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=dtype, attn_implementation="sdpa")
         model.to(self.device)
         model.config.use_cache = False
         if self.world_size > 1:
