@@ -1,0 +1,316 @@
+"""`dapo plan`: parameter, memory and throughput terms against hand-computed numbers; published RL setups
+(slime, verl, AReaL) judged feasible; proposals feasible for the same (model, GPUs) and written as loadable configs."""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.plan import (
+    GPUS,
+    KNOWN_MODELS,
+    EngineSetup,
+    Parallel,
+    PlanError,
+    TrainSetup,
+    check_feasible,
+    decode_tokens_per_s,
+    engine_memory,
+    load_model,
+    model_from_hf_config,
+    plan_main,
+    propose,
+    train_memory,
+    write_config,
+)
+
+GiB = 2**30
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+# --------------------------------------------------------------------------------------------------- model sizes
+def test_param_count_dense_by_hand():
+    # h=8, 2 layers, 2 heads of 4, 1 kv head, I=16, V=10, untied, Qwen2 qkv bias.
+    # per layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 = 192, biases 8+4+4 = 16, norms 2*8 = 16, MLP 3*8*16 = 384 -> 608
+    # total: 2*608 + embedding 80 + head 80 + final norm 8 = 1384
+    cfg = {"model_type": "qwen2", "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "intermediate_size": 16, "vocab_size": 10, "tie_word_embeddings": False}  # fmt: skip
+    m = model_from_hf_config(cfg)
+    assert m.total_params == 1384
+    assert m.active_params == 1384
+
+
+def test_param_count_moe_by_hand():
+    # Qwen3-MoE: h=8, 2 layers, 2 heads x 4, 1 kv head, 4 experts top-2, I_moe=6, V=10, tied.
+    # per layer: attention 192 + q/k norms 8 + norms 16 = 216; router 8*4 = 32; experts 4*3*8*6 = 576 -> 824
+    # total 2*824 + embedding 80 + final norm 8 = 1736; active: half the experts idle -> 1736 - 2*288 = 1160
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "head_dim": 4, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 6, "intermediate_size": 99, "vocab_size": 10, "tie_word_embeddings": True}  # fmt: skip
+    m = model_from_hf_config(cfg)
+    assert (m.total_params, m.active_params, m.num_moe_layers) == (1736, 1160, 2)
+
+
+@pytest.mark.parametrize(
+    "name, total_b, active_b",
+    [  # sizes published on the model cards
+        ("Qwen2.5-0.5B", 0.49, 0.49),
+        ("Qwen2.5-7B", 7.61, 7.61),
+        ("Qwen3-4B", 4.0, 4.0),
+        ("Qwen3-8B", 8.2, 8.2),
+        ("Qwen3-30B-A3B", 30.5, 3.3),
+        ("Qwen3-235B-A22B", 235.0, 22.0),
+        ("Llama-3-8B", 8.03, 8.03),
+    ],
+)
+def test_known_models_match_published_sizes(name, total_b, active_b):
+    m = load_model(name)
+    assert m.total_params / 1e9 == pytest.approx(total_b, rel=0.02)
+    assert m.active_params / 1e9 == pytest.approx(active_b, rel=0.02)
+
+
+def test_hf_config_file_and_names(tmp_path):
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+           "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": 768,
+           "num_experts": 128, "num_experts_per_tok": 8, "vocab_size": 151936, "tie_word_embeddings": False,
+           "decoder_sparse_step": 1, "mlp_only_layers": []}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from_file = load_model(str(tmp_path))  # a checkpoint directory
+    assert from_file.total_params == KNOWN_MODELS["qwen3-30b-a3b"].total_params
+    assert load_model("Qwen/Qwen3-30B-A3B-Instruct") is KNOWN_MODELS["qwen3-30b-a3b"]
+    del cfg["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PlanError, match="vocab_size"):
+        load_model(str(tmp_path / "config.json"))
+    with pytest.raises(PlanError, match="Nope-1B"):
+        load_model("Nope-1B")
+
+
+def test_kv_cache_bytes_per_token():
+    m = load_model("Qwen2.5-7B")  # 28 layers, 4 kv heads x 128
+    assert m.kv_bytes_per_token() == 28 * 4 * 128 * 2 * 2 == 57344
+    assert m.kv_bytes_per_token(tp=2) == 28672
+    assert m.kv_bytes_per_token(tp=8) == 28 * 1 * 128 * 2 * 2  # heads replicated beyond tp = kv heads
+
+
+# --------------------------------------------------------------------------------------------------- memory terms
+P7 = 7_615_616_512  # Qwen2.5-7B parameters
+
+
+def test_states_and_distributed_optimizer():
+    m = load_model("Qwen2.5-7B")
+    sharded = train_memory(m, Parallel(dp=4), 1000, TrainSetup(recompute=True))
+    assert sharded["weights"] == pytest.approx(2 * P7 / GiB)  # 14.18 GiB bf16
+    assert sharded["grads"] == pytest.approx(4 * P7 / GiB)  # fp32
+    assert sharded["optimizer"] == pytest.approx(12 * P7 / 4 / GiB)  # 21.27 GiB over dp=4
+    full = train_memory(m, Parallel(dp=4), 1000, TrainSetup(recompute=True, distributed_optimizer=False))
+    assert full["optimizer"] == pytest.approx(4 * sharded["optimizer"])
+    offload = train_memory(m, Parallel(dp=4), 1000, TrainSetup(optimizer_offload=True))
+    assert offload["optimizer"] == 0
+    fsdp = train_memory(m, Parallel(dp=8), 1000, TrainSetup(backend="fsdp"))
+    assert fsdp["weights"] + fsdp["grads"] + fsdp["optimizer"] == pytest.approx(16 * P7 / 8 / GiB)
+
+
+def test_activations_by_hand():
+    m = load_model("Qwen2.5-7B")
+    # bytes per token and layer: attention 4h + 4q + 8kv + 4a = 14336 + 14336 + 4096 + 112 = 32880,
+    # MLP 4h + 8I = 14336 + 151552 = 165888 -> 198768
+    layer = 198768
+    no_rc = train_memory(m, Parallel(), 1000, TrainSetup(recompute=False, mb_tokens=1000))
+    assert no_rc["activations"] == pytest.approx(1000 * layer * 28 / GiB)  # 5.18 GiB
+    rc = train_memory(m, Parallel(), 1000, TrainSetup(recompute=True, mb_tokens=1000))
+    assert rc["activations"] == pytest.approx(1000 * (2 * 3584 * 28 + layer) / GiB)  # layer inputs + one layer
+    tp4 = train_memory(m, Parallel(tp=4), 1000, TrainSetup(recompute=False, mb_tokens=1000))
+    assert tp4["activations"] == pytest.approx(no_rc["activations"] / 4)  # sequence parallel
+    cp2 = train_memory(m, Parallel(cp=2), 1000, TrainSetup(recompute=False, mb_tokens=1000))
+    assert cp2["activations"] == pytest.approx(no_rc["activations"] / 2)
+    # 1F1B with pp=2: stage 0 keeps 2 micro-batches of 14 layers; the last stage 1 micro-batch plus the logits
+    first = train_memory(m, Parallel(pp=2), 1000, TrainSetup(recompute=False, mb_tokens=1000), "first")
+    last = train_memory(m, Parallel(pp=2), 1000, TrainSetup(recompute=False, mb_tokens=1000), "last")
+    assert first["activations"] == pytest.approx(no_rc["activations"])
+    assert last["activations"] == pytest.approx(no_rc["activations"] / 2)
+    assert last["logits"] == pytest.approx(1000 * 152064 * 10 / GiB) and first["logits"] == 0
+
+
+def test_engine_memory_by_hand():
+    m = load_model("Qwen2.5-7B")
+    e = engine_memory(m, EngineSetup(tp=2, mem_fraction=0.8), 10000, 80)
+    assert e["weights"] == pytest.approx(P7 / GiB)  # 2 B x P / tp 2
+    assert e["reserved"] == pytest.approx(64.0)
+    assert e["kv_min"] == pytest.approx(28672 * 10000 / GiB)
+    assert e["kv_tokens"] == pytest.approx((64.0 - P7 / GiB) * GiB / 28672)
+
+
+def test_decode_model_memory_bound_by_hand():
+    m = load_model("Qwen2.5-0.5B")
+    tps, batch = decode_tokens_per_s(m, EngineSetup(), GPUS["h100"], 80, 100, 100, max_running=1)
+    # one sequence at mean context 150: read 2 B x 494,032,768 weights + 150 x 12288 B of KV per token,
+    # at 70% of 3.35 TB/s (the FLOP side is ~2 us, far below)
+    assert batch == 1
+    assert tps == pytest.approx(3.35e12 * 0.7 / (2 * 494_032_768 + 150 * 12288))  # ~2369 tokens/s
+    faster, _ = decode_tokens_per_s(m, EngineSetup(), GPUS["h200"], 80, 100, 100, max_running=1)
+    assert faster > tps
+
+
+def test_infeasible_layouts_are_rejected():
+    slime32 = dict(train=TrainSetup(mb_tokens=20480, optimizer_offload=True), engine=EngineSetup(8, 0.7),
+                   placement="time-shared")  # fmt: skip
+    assert check_feasible("Qwen3-32B", Parallel(tp=8), 8, 64, 9216, **slime32).ok
+    # without the CPU optimizer: 4.1B params per rank x (2 + 4 + 12) B = 69 GiB + activations > 64 GiB
+    no_offload = dict(slime32, train=TrainSetup(mb_tokens=20480))
+    f = check_feasible("Qwen3-32B", Parallel(tp=8), 8, 64, 9216, **no_offload)
+    assert not f.ok and any(p.startswith("train:") for p in f.problems)
+    f = check_feasible("Qwen2.5-7B", Parallel(tp=8), 16, 80, 4096, engine=EngineSetup(tp=1))
+    assert any("num_key_value_heads=4" in p for p in f.problems)  # megatron query groups
+    f = check_feasible("Qwen2.5-32B", Parallel(tp=8), 9, 80, 4096, engine=EngineSetup(tp=1, mem_fraction=0.7))
+    assert any(p.startswith("engine:") for p in f.problems)  # 61 GiB of bf16 weights > 0.7 x 80 GiB
+    f = check_feasible("Qwen3-30B-A3B", Parallel(tp=2, ep=4), 4, 80, 4096, engine=EngineSetup(tp=2))
+    assert any("ep*etp=4 must divide" in p for p in f.problems)
+
+
+# --------------------------------------------------------------------------------------------------- published setups
+@dataclass
+class Published:
+    """A released RL training configuration: facts recorded from the named file (not copied text)."""
+
+    source: str
+    model: str
+    gpus: int
+    gpu_mem: float
+    seq_len: int  # prompt + response budget
+    parallel: Parallel
+    train: TrainSetup
+    engine: EngineSetup
+    placement: str  # time-shared = the framework's colocation (slime --colocate, verl hybrid engine)
+    # train: backend megatron with full recompute unless stated; mb_tokens = one micro-batch before the cp split
+    train_gpus: int = 0  # disaggregated: GPUs of the trainer
+    gpu: str = "h100"
+    optimizer_offload: bool = False
+    notes: str = field(default="")
+
+
+PUBLISHED = [
+    Published("THUDM/slime scripts/run-qwen3-4B.sh", "Qwen3-4B", 8, 80, 8192 + 1024,
+              Parallel(tp=2, dp=4), TrainSetup(mb_tokens=9216), EngineSetup(tp=2, mem_fraction=0.7), "time-shared",
+              notes="SP, full recompute, max-tokens-per-gpu 9216, 2 GPUs per SGLang engine"),
+    Published("THUDM/slime scripts/run-qwen3-30B-A3B.sh", "Qwen3-30B-A3B", 8, 80, 8192 + 1024,
+              Parallel(tp=4, ep=8, etp=1, dp=2), TrainSetup(mb_tokens=20480, optimizer_offload=True),
+              EngineSetup(tp=8, mem_fraction=0.7), "time-shared", optimizer_offload=True,
+              notes="EP 8, optimizer CPU offload, max-tokens-per-gpu 20480"),
+    Published("THUDM/slime scripts/run-qwen3-235B-A22B.sh", "Qwen3-235B-A22B", 128, 80, 8192 + 1024,
+              Parallel(tp=4, pp=4, cp=2, ep=16, etp=1, dp=2), TrainSetup(mb_tokens=2 * 16384, optimizer_offload=True),
+              EngineSetup(tp=32, mem_fraction=0.7, weight_bytes=1), "disaggregated", train_gpus=64,
+              optimizer_offload=True, notes="8x8 actor GPUs + 64 rollout GPUs, FP8 engine weights, 32 GPUs/engine"),
+    Published("THUDM/slime scripts/run-qwen3-32B.sh", "Qwen3-32B", 8, 80, 8192 + 1024,
+              Parallel(tp=8), TrainSetup(mb_tokens=20480, optimizer_offload=True), EngineSetup(tp=8, mem_fraction=0.7),
+              "time-shared", optimizer_offload=True),
+    Published("THUDM/slime scripts/run-llama3.1-8B.sh", "Llama-3.1-8B", 4, 80, 256 + 1792,
+              Parallel(tp=2, dp=2), TrainSetup(mb_tokens=9216), EngineSetup(tp=1, mem_fraction=0.8), "time-shared"),
+    Published("THUDM/slime scripts/run-qwen3-0.6B-single-gpu.sh", "Qwen3-0.6B", 1, 80, 512 + 512,
+              Parallel(), TrainSetup(recompute=False, mb_tokens=4096), EngineSetup(tp=1, mem_fraction=0.45),
+              "time-shared"),
+    Published("volcengine/verl recipe/dapo/run_dapo_qwen2.5_32b.sh", "Qwen2.5-32B", 128, 96, 2048 + 20480,
+              Parallel(cp=8, dp=16), TrainSetup("fsdp", mb_tokens=22528 * 8), EngineSetup(tp=4, mem_fraction=0.8),
+              "time-shared", gpu="h20",
+              notes="the DAPO run: 16 nodes of H20, FSDP + Ulysses sp=8, param/optimizer offload between phases"),
+    Published("volcengine/verl examples/grpo_trainer/run_qwen2_5-7b_math.sh", "Qwen2.5-7B-Instruct", 16, 80,
+              1024 + 1024, Parallel(dp=16), TrainSetup("fsdp", mb_tokens=16 * 2048, offload_in_gen=False),
+              EngineSetup(tp=2, mem_fraction=0.6), "time-shared", notes="micro-batch 16 per GPU, no offload"),
+    Published("volcengine/verl examples/grpo_trainer/run_qwen2_5-7b_math_megatron.sh", "Qwen2.5-7B-Instruct", 16,
+              80, 1024 + 1024, Parallel(tp=4, pp=2, vpp=2, dp=2), TrainSetup(mb_tokens=4 * 2048, offload_in_gen=False),
+              EngineSetup(tp=2, mem_fraction=0.6), "time-shared"),
+    Published("volcengine/verl examples/grpo_trainer/run_qwen3moe-30b_megatron.sh", "Qwen3-30B-A3B", 32, 80,
+              1024 + 2048, Parallel(tp=4, pp=2, ep=4, etp=4, dp=4), TrainSetup(mb_tokens=4 * 3072, offload_in_gen=False),
+              EngineSetup(tp=4, mem_fraction=0.6), "time-shared", notes="etp unset -> Megatron uses etp = tp"),
+    Published("volcengine/verl examples/grpo_trainer/run_qwen3-236b_megatron.sh", "Qwen3-235B-A22B", 256, 96,
+              2048 + 4096, Parallel(tp=4, pp=8, ep=4, etp=4, dp=8), TrainSetup(mb_tokens=6144),
+              EngineSetup(tp=8, mem_fraction=0.8), "time-shared", gpu="h20",
+              notes="32 nodes of H20, param/grad/optimizer offload between phases"),
+    Published("inclusionAI/AReaL examples/math/gsm8k_grpo.yaml", "Qwen2.5-1.5B-Instruct", 8, 80, 1024 + 1024,
+              Parallel(dp=4), TrainSetup("fsdp", mb_tokens=10240), EngineSetup(tp=1, mem_fraction=0.8),
+              "disaggregated", train_gpus=4, notes="allocation sglang:d4p1t1+d4p1t1"),
+    Published("inclusionAI/AReaL examples/math/gsm8k_grpo_megatron.yaml", "Qwen2.5-1.5B-Instruct", 8, 80,
+              1024 + 1024, Parallel(dp=4), TrainSetup(recompute=False, mb_tokens=10240),
+              EngineSetup(tp=1, mem_fraction=0.8), "disaggregated", train_gpus=4),
+    Published("inclusionAI/AReaL examples/math/boba_grpo.yaml", "DeepSeek-R1-Distill-Qwen-1.5B", 8, 80, 1024 + 8192,
+              Parallel(dp=4), TrainSetup("fsdp", mb_tokens=16384), EngineSetup(tp=1, mem_fraction=0.9),
+              "disaggregated", train_gpus=4, notes="allocation vllm:d4+d4"),
+    Published("inclusionAI/AReaL docs/tutorial/megatron.md (Qwen3-30B-A3B example)", "Qwen3-30B-A3B", 32, 80,
+              1024 + 1024, Parallel(tp=2, pp=4, cp=2, ep=4, etp=1, dp=1), TrainSetup(recompute=False, mb_tokens=10240),
+              EngineSetup(tp=4, mem_fraction=0.8), "disaggregated", train_gpus=16,
+              notes="sglang d4t4 + megatron attn:d1p4t2c2|ffn:d1p4t1e4 (MoE parallel folding)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("pub", PUBLISHED, ids=lambda p: p.source.split()[-1].split("/")[-1])
+def test_published_setups_are_feasible(pub):
+    f = check_feasible(pub.model, pub.parallel, pub.gpus, pub.gpu_mem, pub.seq_len, train=pub.train,
+                       engine=pub.engine, placement=pub.placement, train_gpus=pub.train_gpus)  # fmt: skip
+    assert f.ok, f"{pub.source}: {f.problems}"
+    assert 0 < f.peak_gb <= pub.gpu_mem
+    assert f.breakdown["train/total"] > f.breakdown["train/weights"] > 0
+
+
+@pytest.mark.parametrize("pub", PUBLISHED, ids=lambda p: p.source.split()[-1].split("/")[-1])
+def test_proposals_are_feasible_for_published_model_and_gpus(pub):
+    mode = "colocated" if pub.gpus == 1 else "disaggregated"
+    plan = propose(pub.model, pub.gpus, pub.gpu_mem, pub.seq_len, mode=mode, gpu=pub.gpu,
+                   prompt_len=pub.seq_len // 4, allow_offload=pub.optimizer_offload)  # fmt: skip
+    f = check_feasible(plan.model, plan.parallel, pub.gpus, pub.gpu_mem, pub.seq_len, train=plan.train,
+                       engine=plan.engine, placement=plan.placement, train_gpus=plan.train_gpus)  # fmt: skip
+    assert f.ok, f.problems
+    assert plan.parallel.world == plan.train_gpus
+    assert 512 % plan.parallel.dp == 0  # the default mini-batch of 512 samples splits over dp
+    if plan.placement == "disaggregated":
+        assert plan.train_gpus + plan.num_engines * plan.engine.tp <= pub.gpus
+        assert plan.gen_tokens_per_s > 0 and plan.train_tokens_per_s > 0
+    if not pub.optimizer_offload:
+        assert not plan.train.optimizer_offload
+
+
+def test_nothing_fits_raises_a_clear_error():
+    with pytest.raises(PlanError, match="does not fit|no engine"):
+        propose("Qwen3-235B-A22B", 8, 80, 8192)
+    with pytest.raises(PlanError, match="colocated"):
+        propose("Qwen2.5-0.5B", 1, 80, 4096)  # disaggregated needs 2 GPUs
+
+
+# --------------------------------------------------------------------------------------------------- configs + CLI
+def test_written_config_loads_and_matches_the_plan(tmp_path):
+    plan = propose("Qwen2.5-7B", 16, 80, 6144, prompt_len=2048, samples_per_minibatch=512)
+    out = write_config(plan, tmp_path / "q7.yaml", model_path="/ckpt/Qwen2.5-7B")
+    cfg = load_config(out)
+    p = cfg.trainer.parallel
+    assert (p.tp, p.pp, p.cp, p.dp) == (plan.parallel.tp, plan.parallel.pp, plan.parallel.cp, plan.parallel.dp)
+    assert cfg.trainer.world_size == plan.train_gpus and cfg.trainer.backend == plan.train.backend
+    assert (cfg.engine.num_engines, cfg.engine.tp) == (plan.num_engines, plan.engine.tp)
+    assert cfg.model.path == "/ckpt/Qwen2.5-7B" and cfg.rollout.max_new_tokens == 4096
+    assert cfg.algorithm.overlong.cache_len < cfg.rollout.max_new_tokens
+    assert cfg.trainer.lr == 1e-6 and cfg.algorithm.eps_high == 0.28  # from the preset chain via base:
+    assert "base:" in out.read_text() and "# trainer" in out.read_text()
+
+
+def test_colocated_config_shares_gpus(tmp_path):
+    plan = propose("Qwen2.5-0.5B", 1, 80, 6144, mode="colocated", prompt_len=2048, samples_per_minibatch=256)
+    cfg = load_config(write_config(plan, tmp_path / "c.yaml"))
+    assert cfg.weight_sync.mode == "colocated"
+    assert cfg.trainer.gpus_per_rank + cfg.engine.gpus_per_engine == 1.0
+    assert 0.3 <= cfg.engine.mem_fraction <= 0.85
+    f = check_feasible(plan.model, plan.parallel, 1, 80, 6144, train=plan.train, engine=plan.engine,
+                       placement="space-shared")  # fmt: skip
+    assert f.ok and f.peak_gb <= 80 * 0.92
+
+
+def test_plan_main(tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    assert plan_main(["--model", "Qwen3-30B-A3B", "--gpus", "16", "--seq-len", "8192", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "trainer" in text and "engines" in text and "ep=" in text
+    assert load_config(out).trainer.parallel.ep > 1
+    assert plan_main(["--model", "Nope-7B", "--gpus", "8"]) == 2
+    assert "Nope-7B" in capsys.readouterr().err
+    assert plan_main(["--check", str(CONFIGS / "qwen2.5-7b-8gpu.yaml")]) == 0
+    assert math.isfinite(float(capsys.readouterr().out.split("peak per GPU ")[1].split(" /")[0]))
