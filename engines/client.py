@@ -1,0 +1,484 @@
+"""One async HTTP client for SGLang servers and the local CPU engine (they speak the same protocol).
+
+Contract (routes and fields checked against sglang 0.5.5 and 0.5.23; see tests/test_sglang_contract.py):
+- `generate` POSTs /generate {input_ids, sampling_params, return_logprob, rid?} and normalises SGLang's answer
+  into `GenerateOutput`: meta_info.finish_reason {"type": ...} -> "stop" | "length" | "abort", and
+  meta_info.output_token_logprobs [[logprob, token_id, text], ...] -> [logprob, ...].
+- Routing: an explicit `url`; else the engine a `rid` was last sent to (sticky); else the live engine with the
+  fewest outstanding requests (ties rotate). With `router_url` (an sglang-router in front of the engines), unrouted
+  generate calls go to the router instead, and control calls still go to every engine.
+- Retries with exponential backoff on connection errors only; after `max_retries` failed retries the engine is
+  marked dead and `EngineDeadError` (naming its URL) is raised; dead engines get no more traffic until
+  `add_url`. Timeouts and HTTP errors raise `EngineError` (also naming the URL) without retrying.
+- Calls that address all engines (pause, continue, flush, abort_all) run on every live engine concurrently.
+- The API key is sent as `Authorization: Bearer <key>` (SGLang's header) and never appears in logs or reprs.
+- Sync callers (a trainer thread) use `run_sync(coro)` / `submit(coro)`, which run on a private event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "abort")
+_STICKY_MAX = 100_000
+
+
+@dataclass
+class GenerateOutput:
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length" | "abort"
+    weight_version: str
+    url: str
+    prompt_tokens: int
+    rid: str = ""
+    meta_info: dict = field(default_factory=dict, repr=False)
+
+
+class EngineError(RuntimeError):
+    """A request to an engine failed; the message names the engine URL."""
+
+    def __init__(self, message: str, url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class EngineDeadError(EngineError):
+    """The engine stopped answering (connection errors beyond the retry budget) and is marked dead."""
+
+
+def parse_generate_output(obj: dict, url: str) -> GenerateOutput:
+    """Normalise one SGLang /generate result (dict with output_ids and meta_info)."""
+    if not isinstance(obj, dict) or "output_ids" not in obj:
+        raise EngineError(f"{url}/generate: unexpected answer {str(obj)[:200]!r}", url)
+    meta = obj.get("meta_info") or {}
+    reason = meta.get("finish_reason")
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in FINISH_REASONS:
+        raise EngineError(f"{url}/generate: unknown finish_reason {reason!r}", url)
+    output_ids = [int(t) for t in obj["output_ids"]]
+    raw = meta.get("output_token_logprobs")
+    logprobs = [float(item[0]) for item in raw] if raw else []
+    if raw is not None and len(logprobs) != len(output_ids):
+        raise EngineError(f"{url}/generate: {len(logprobs)} logprobs for {len(output_ids)} output tokens", url)
+    return GenerateOutput(
+        output_ids=output_ids,
+        logprobs=logprobs,
+        finish_reason=kind,
+        weight_version=str(meta.get("weight_version", "")),
+        url=url,
+        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        rid=str(meta.get("id", "")),
+        meta_info=meta,
+    )
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class EngineClient:
+    def __init__(
+        self,
+        urls: Iterable[str],
+        api_key: str = "",
+        timeout_s: float = 600.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        connect_timeout_s: float = 10.0,
+        router_url: str | None = None,
+        pool_size: int = 1024,
+    ) -> None:
+        self._urls: list[str] = []
+        self._dead: set[str] = set()
+        self._outstanding: dict[str, int] = {}
+        for url in urls:
+            self.add_url(url)
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.connect_timeout_s = connect_timeout_s
+        self.router_url = router_url.rstrip("/") if router_url else None
+        self.pool_size = pool_size
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._lock = threading.Lock()
+        self._rr = itertools.count()
+        self._sticky: OrderedDict[str, str] = OrderedDict()
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+        self._bg_loop: asyncio.AbstractEventLoop | None = None
+        self._bg_thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:  # never shows the API key
+        return f"EngineClient(urls={self._urls}, dead={sorted(self._dead)}, api_key={'***' if self._headers else ''!r})"
+
+    # ------------------------------------------------------------------ engine set (fault-tolerance hooks)
+    @property
+    def urls(self) -> list[str]:
+        return list(self._urls)
+
+    @property
+    def alive_urls(self) -> list[str]:
+        return [u for u in self._urls if u not in self._dead]
+
+    def add_url(self, url: str) -> None:
+        """Add an engine, or bring a dead one back into rotation."""
+        url = url.rstrip("/")
+        if url not in self._urls:
+            self._urls.append(url)
+        self._outstanding.setdefault(url, 0)
+        self._dead.discard(url)
+
+    def mark_dead(self, url: str) -> None:
+        url = url.rstrip("/")
+        if url not in self._dead:
+            log.warning("engine %s marked dead", url)
+        self._dead.add(url)
+
+    def outstanding(self, url: str) -> int:
+        return self._outstanding.get(url.rstrip("/"), 0)
+
+    def pick_url(self, rid: str | None = None) -> str:
+        with self._lock:
+            if rid is not None:
+                url = self._sticky.get(rid)
+                if url is not None and url not in self._dead:
+                    return url
+            alive = self.alive_urls
+            if not alive:
+                raise EngineDeadError(f"no live engine (dead: {', '.join(sorted(self._dead)) or 'none'})")
+            low = min(self._outstanding[u] for u in alive)
+            candidates = [u for u in alive if self._outstanding[u] == low]
+            return candidates[next(self._rr) % len(candidates)]
+
+    def _remember(self, rid: str, url: str) -> None:
+        with self._lock:
+            self._sticky[rid] = url
+            self._sticky.move_to_end(rid)
+            while len(self._sticky) > _STICKY_MAX:
+                self._sticky.popitem(last=False)
+
+    # ------------------------------------------------------------------ transport
+    def _session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            for old in [lp for lp in self._sessions if lp.is_closed()]:
+                del self._sessions[old]  # left behind by an asyncio.run() that ended without close()
+            connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=0)
+            session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+            self._sessions[loop] = session
+        return session
+
+    async def _request(
+        self,
+        url: str,
+        path: str,
+        body: Any = None,
+        method: str = "POST",
+        timeout_s: float | None = None,
+        retries: int | None = None,
+        parse: str = "json",
+        mark_dead: bool = True,
+    ) -> Any:
+        url = url.rstrip("/")
+        if url in self._dead:
+            raise EngineDeadError(f"engine {url} is marked dead", url)
+        retries = self.max_retries if retries is None else retries
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s, sock_connect=self.connect_timeout_s)
+        for attempt in itertools.count():
+            try:
+                async with self._session().request(method, url + path, json=body, timeout=timeout) as resp:
+                    raw = await resp.read()
+                    if resp.status == 401:
+                        raise EngineError(f"{url}{path}: HTTP 401 unauthorized (wrong or missing API key)", url, 401)
+                    if resp.status >= 400:
+                        text = raw.decode("utf-8", "replace")[:500]
+                        raise EngineError(f"{url}{path}: HTTP {resp.status}: {text}", url, resp.status)
+                    if parse == "json":
+                        return await resp.json(content_type=None) if raw else None
+                    return raw.decode("utf-8", "replace")
+            except (aiohttp.ClientConnectionError, ConnectionError) as e:
+                if isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError):
+                    raise EngineError(f"{url}{path}: no answer within {timeout.total:.0f}s", url) from e
+                if attempt < retries:
+                    await asyncio.sleep(self.backoff_s * 2**attempt)
+                    continue
+                if not mark_dead:
+                    raise EngineError(f"{url}{path}: {type(e).__name__}: {e}", url) from e
+                self.mark_dead(url)
+                raise EngineDeadError(
+                    f"engine {url} unreachable after {attempt + 1} attempts ({type(e).__name__}: {e}); marked dead",
+                    url,
+                ) from e
+            except TimeoutError as e:
+                raise EngineError(f"{url}{path}: no answer within {timeout.total:.0f}s", url) from e
+        raise AssertionError("unreachable")
+
+    async def _on_all(self, path: str, body: Any = None, method: str = "POST", parse: str = "json") -> dict[str, Any]:
+        urls = self.alive_urls
+        results = await asyncio.gather(
+            *(self._request(u, path, body, method=method, parse=parse) for u in urls), return_exceptions=True
+        )
+        failures = {u: r for u, r in zip(urls, results, strict=True) if isinstance(r, BaseException)}
+        if failures:
+            detail = "; ".join(str(e) for e in failures.values())
+            err = EngineError(f"{path} failed on {len(failures)}/{len(urls)} engines: {detail}")
+            err.failures = failures  # type: ignore[attr-defined]
+            raise err
+        return dict(zip(urls, results, strict=True))
+
+    # ------------------------------------------------------------------ generation
+    async def generate(
+        self,
+        input_ids: list[int],
+        sampling_params: dict,
+        rid: str | None = None,
+        return_logprob: bool = True,
+        url: str | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateOutput:
+        if int(sampling_params.get("n", 1) or 1) != 1:
+            raise ValueError("generate: sampling_params.n > 1 returns several outputs; use generate_n")
+        out = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s)
+        return parse_generate_output(out[1], out[0])
+
+    async def generate_n(
+        self,
+        input_ids: list[int],
+        sampling_params: dict,
+        rid: str | None = None,
+        return_logprob: bool = True,
+        url: str | None = None,
+        timeout_s: float | None = None,
+    ) -> list[GenerateOutput]:
+        """n = sampling_params["n"] samples of one prompt in one request (SGLang answers a list)."""
+        target, obj = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s)
+        objs = obj if isinstance(obj, list) else [obj]
+        return [parse_generate_output(o, target) for o in objs]
+
+    async def _generate(self, input_ids, sampling_params, rid, return_logprob, url, timeout_s) -> tuple[str, Any]:
+        if url is not None:
+            target = url.rstrip("/")
+        elif self.router_url is not None:
+            target = self.router_url
+        else:
+            target = self.pick_url(rid)
+        body: dict[str, Any] = {
+            "input_ids": list(input_ids),
+            "sampling_params": sampling_params,
+            "return_logprob": return_logprob,
+        }
+        if rid is not None:
+            body["rid"] = rid
+            self._remember(rid, target)
+        with self._lock:
+            self._outstanding[target] = self._outstanding.get(target, 0) + 1
+        try:
+            return target, await self._request(target, "/generate", body, timeout_s=timeout_s)
+        finally:
+            with self._lock:
+                self._outstanding[target] -= 1
+
+    async def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
+        """Abort one request (on the engine it went to, else everywhere) or, with abort_all, everything."""
+        if abort_all:
+            await self._on_all("/abort_request", {"rid": "", "abort_all": True}, parse="text")
+            return
+        if not rid:
+            raise ValueError("abort: give a rid or abort_all=True")
+        with self._lock:
+            url = self._sticky.get(rid)
+        if url is not None and url not in self._dead:
+            await self._request(url, "/abort_request", {"rid": rid, "abort_all": False}, parse="text")
+        else:
+            await self._on_all("/abort_request", {"rid": rid, "abort_all": False}, parse="text")
+
+    # ------------------------------------------------------------------ control (all engines)
+    async def pause_generation(self, mode: str = "abort") -> dict[str, Any]:
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause_generation: mode must be abort, retract or in_place; got {mode!r}")
+        return await self._on_all("/pause_generation", {"mode": mode})
+
+    async def continue_generation(self) -> dict[str, Any]:
+        return await self._on_all("/continue_generation", {})
+
+    async def flush_cache(self) -> dict[str, Any]:
+        return await self._on_all("/flush_cache", None, parse="text")
+
+    # ------------------------------------------------------------------ info
+    async def health(self, url: str) -> bool:
+        try:
+            await self._request(url, "/health", method="GET", timeout_s=5.0, retries=0, parse="text", mark_dead=False)
+            return True
+        except EngineError:
+            return False
+
+    async def get_model_info(self, url: str) -> dict:
+        return await self._request(url, "/get_model_info", method="GET")
+
+    async def get_server_info(self, url: str) -> dict:
+        return await self._request(url, "/get_server_info", method="GET")
+
+    async def get_weight_version(self, url: str) -> str:
+        # /get_model_info carries weight_version in sglang 0.5.5 and 0.5.23 (0.5.23 dropped /get_weight_version).
+        return str((await self.get_model_info(url))["weight_version"])
+
+    # ------------------------------------------------------------------ weights (one engine each)
+    async def _checked(self, url: str, path: str, body: dict) -> dict:
+        try:
+            res = await self._request(url, path, body)
+        except EngineError as e:
+            if e.status == 400:  # SGLang answers success=false with HTTP 400
+                raise EngineError(f"{url}{path}: {str(e).split(': ', 2)[-1]}", url, 400) from None
+            raise
+        if not isinstance(res, dict) or not res.get("success", False):
+            raise EngineError(f"{url}{path}: {res}", url)
+        return res
+
+    async def init_weights_update_group(
+        self,
+        url: str,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = "weight_update_group",
+        backend: str = "nccl",
+    ) -> dict:
+        body = {
+            "master_address": master_address,
+            "master_port": int(master_port),
+            "rank_offset": int(rank_offset),
+            "world_size": int(world_size),
+            "group_name": group_name,
+            "backend": backend,
+        }
+        return await self._checked(url, "/init_weights_update_group", body)
+
+    async def destroy_weights_update_group(self, url: str, group_name: str = "weight_update_group") -> dict:
+        return await self._checked(url, "/destroy_weights_update_group", {"group_name": group_name})
+
+    async def update_weights_from_distributed(
+        self,
+        url: str,
+        names: list[str],
+        dtypes: list[Any],
+        shapes: list[list[int]],
+        group_name: str = "weight_update_group",
+        flush_cache: bool = False,
+        weight_version: str | None = None,
+        load_format: str | None = None,
+        abort_all_requests: bool = False,
+    ) -> dict:
+        body: dict[str, Any] = {
+            "names": list(names),
+            "dtypes": [_dtype_name(d) for d in dtypes],
+            "shapes": [list(map(int, s)) for s in shapes],
+            "group_name": group_name,
+            "flush_cache": flush_cache,
+            "abort_all_requests": abort_all_requests,
+            "weight_version": weight_version,
+        }
+        if load_format is not None:  # sglang >= 0.5.x with flattened buckets; 0.5.5 has no such field
+            body["load_format"] = load_format
+        return await self._checked(url, "/update_weights_from_distributed", body)
+
+    async def update_weights_from_tensor(
+        self,
+        url: str,
+        serialized_named_tensors: list[str],
+        load_format: str | None = None,
+        flush_cache: bool = True,
+        weight_version: str | None = None,
+        abort_all_requests: bool = False,
+    ) -> dict:
+        body = {
+            "serialized_named_tensors": list(serialized_named_tensors),
+            "load_format": load_format,
+            "flush_cache": flush_cache,
+            "abort_all_requests": abort_all_requests,
+            "weight_version": weight_version,
+        }
+        return await self._checked(url, "/update_weights_from_tensor", body)
+
+    async def update_weight_version(self, url: str, new_version: str, abort_all_requests: bool = False) -> dict:
+        body = {"new_version": str(new_version), "abort_all_requests": abort_all_requests}
+        return await self._checked(url, "/update_weight_version", body)
+
+    async def get_weights_by_name(self, url: str, name: str, truncate_size: int = 100) -> list:
+        return await self._request(url, "/get_weights_by_name", {"name": name, "truncate_size": int(truncate_size)})
+
+    async def weights_checksum(self, url: str, names: list[str] | None = None, dtype: Any = None) -> str:
+        """Our extension (local engine only): sha256 over the named parameters' bytes."""
+        body: dict[str, Any] = {}
+        if names is not None:
+            body["names"] = list(names)
+        if dtype is not None:
+            body["dtype"] = _dtype_name(dtype)
+        return str((await self._request(url, "/weights_checksum", body))["checksum"])
+
+    # ------------------------------------------------------------------ sync use and shutdown
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._bg_loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="engine-client", daemon=True)
+                thread.start()
+                self._bg_loop, self._bg_thread = loop, thread
+            return self._bg_loop
+
+    def submit(self, coro: Awaitable[Any]) -> concurrent.futures.Future:
+        """Run a coroutine of this client on its private loop; returns a concurrent future."""
+        return asyncio.run_coroutine_threadsafe(coro, self._background_loop())  # type: ignore[arg-type]
+
+    def run_sync(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
+        """Blocking call for non-async code (e.g. weight sync from a trainer thread)."""
+        return self.submit(coro).result(timeout)
+
+    async def close(self) -> None:
+        current = asyncio.get_running_loop()
+        for loop, session in list(self._sessions.items()):
+            if loop is current:
+                await session.close()
+            elif loop is self._bg_loop and not loop.is_closed():
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(session.close(), loop))
+        self._sessions.clear()
+        self._stop_background()
+
+    def close_sync(self) -> None:
+        """Close from non-async code (sessions of the private loop only)."""
+        if self._bg_loop is not None:
+            self.run_sync(self.close())
+        self._stop_background()
+
+    def _stop_background(self) -> None:
+        loop, thread = self._bg_loop, self._bg_thread
+        if loop is None or (thread is not None and thread is threading.current_thread()):
+            return
+        if _running_in(loop):
+            return  # close() was awaited on the private loop itself; it stops when the process ends
+        self._bg_loop = self._bg_thread = None
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=5)
+        loop.close()
+
+
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

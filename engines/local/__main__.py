@@ -1,0 +1,102 @@
+"""`python -m engines.local --model-path DIR [--host 127.0.0.1] [--port P] [--api-key K] ...`: serve a HF causal LM
+on CPU under SGLang's HTTP protocol. The API key may also come from env DAPO_ENGINE_API_KEY (kept out of `ps`);
+it is never logged. SIGTERM/SIGINT shut the server down cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+API_KEY_ENV = "DAPO_ENGINE_API_KEY"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engines.local", description=__doc__)
+    p.add_argument("--model-path", required=True, help="HF model directory (tokenizer optional, same dir)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--api-key", default=None, help=f"required Bearer key (default: env {API_KEY_ENV})")
+    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--context-length", type=int, default=0, help="0: the model's max_position_embeddings")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens prefilled per iteration")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
+    p.add_argument("--runner", default="auto", choices=("auto", "slot", "hf"), help="slot: fast Llama-family path")
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--weight-version", default="default")
+    p.add_argument(
+        "--return-original-logprob",
+        action="store_true",
+        help="report log_softmax(logits) at temperature 1 instead of the temperature-scaled distribution",
+    )
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("engines.local")
+
+    import torch
+    from aiohttp import web
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engines.local.engine import Engine
+    from engines.local.server import LocalServer
+
+    torch.set_num_threads(max(1, args.threads))
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    except Exception:  # noqa: BLE001 - a tokenizer is optional: input_ids work without one
+        tokenizer = None
+    engine = Engine(
+        model,
+        max_running=args.max_running_requests,
+        max_len=args.context_length or None,
+        max_prefill_tokens=args.max_prefill_tokens,
+        seed=args.random_seed,
+        runner=args.runner,
+        original_logprob=args.return_original_logprob,
+        weight_version=args.weight_version,
+    ).start()
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, "")
+    server = LocalServer(
+        engine,
+        args.model_path,
+        tokenizer,
+        api_key=api_key,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        dtype=args.dtype,
+    )
+    app = server.app()
+
+    async def _abort_all(_app: web.Application) -> None:
+        # On SIGTERM, in-flight requests end as "abort" with their partial output instead of hanging.
+        engine.abort(abort_all=True)
+
+    async def _stop_engine(_app: web.Application) -> None:
+        engine.stop()
+
+    app.on_shutdown.append(_abort_all)
+    app.on_cleanup.append(_stop_engine)
+    log.info(
+        "serving %s (%s runner, %d threads, api key %s) on http://%s:%d",
+        args.model_path,
+        type(engine.runner).__name__,
+        args.threads,
+        "set" if api_key else "not set",
+        args.host,
+        args.port,
+    )
+    web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The weight-sync process group and tensor (de)serialisation, shared by the engine and the trainer-side sender.
+
+Contract (DESIGN.md contract 2; mirrors SGLang's `init_custom_process_group`, checked against sglang 0.5.5 and
+0.5.23, `sglang/srt/utils/common.py` and `model_runner_components/weight_updater.py`):
+
+- `create_sync_group` builds a NEW process group beside any default group: a TCP rendezvous at
+  `tcp://master_address:master_port` (rank 0 hosts the TCPStore), the store wrapped in a `PrefixStore` named
+  `group_name`, the group made by `_new_process_group_helper`, and the group's rank map set to the identity so
+  `broadcast(src=0, group=pg)` means group rank 0 in every process, whatever its default-group rank.
+  The trainer's source rank calls it with rank 0; an engine calls it with rank `rank_offset` (+ its TP rank).
+  It blocks until all `world_size` ranks have joined (or `timeout_s` passes). No default group is needed.
+- Per-tensor protocol: one `broadcast` from rank 0 per tensor, in the order of `names`.
+  `flattened_bucket` protocol (SGLang's `load_format="flattened_bucket"`): one uint8 broadcast per request,
+  the tensors' raw bytes concatenated in `names` order (`flatten_bucket` / `unflatten_bucket`).
+- `/update_weights_from_tensor` on the CPU engine takes base64 safetensors bytes (`encode_named_tensors`), not
+  SGLang's pickled `MultiprocessingSerializer` payload: no pickle crosses a socket here.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+SAFETENSORS_FORMAT = "safetensors"
+FLATTENED_BUCKET_FORMAT = "flattened_bucket"
+
+
+def create_sync_group(
+    master_address: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    group_name: str,
+    backend: str = "gloo",
+    timeout_s: float = 600.0,
+) -> dist.ProcessGroup:
+    """Join (rank > 0) or host (rank 0) the weight-sync group; blocks until all ranks are in."""
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
+
+    if not group_name:
+        raise ValueError("create_sync_group: group_name must not be empty")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"create_sync_group: rank {rank} outside world_size {world_size}")
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(
+        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    )
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    pg, _ = _new_process_group_helper(
+        world_size, rank, [], Backend(backend), store, group_name=group_name, backend_options=None, timeout=timeout
+    )
+    # Identity rank map (as SGLang does) so src=0 names the trainer in every process.
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'bfloat16' or 'torch.bfloat16' -> torch.bfloat16; anything else raises naming the string."""
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the spelling SGLang's `getattr(torch, dtype)` expects)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def flatten_bucket(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Raw bytes of `tensors`, concatenated in order, as one uint8 tensor (SGLang's FlattenedTensorBucket layout)."""
+    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def bucket_nbytes(dtypes: list[torch.dtype], shapes: list[list[int]]) -> int:
+    return sum(torch.Size(s).numel() * d.itemsize for d, s in zip(dtypes, shapes, strict=True))
+
+
+def unflatten_bucket(
+    buf: torch.Tensor, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]]
+) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of `flatten_bucket`: views into `buf`, one per name."""
+    out, offset = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        size = torch.Size(shape).numel() * dtype.itemsize
+        if offset % dtype.itemsize:
+            raise ValueError(f"tensor {name}: byte offset {offset} not aligned to {dtype}")
+        out.append((name, buf[offset : offset + size].view(dtype).reshape(shape)))
+        offset += size
+    if offset != buf.numel():
+        raise ValueError(f"bucket holds {buf.numel()} bytes but the metadata describes {offset}")
+    return out
+
+
+def encode_named_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """One `serialized_named_tensors` entry for the CPU engine: base64 of safetensors bytes."""
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
+    """Inverse of `encode_named_tensors`; raises ValueError on anything that is not base64 safetensors."""
+    try:
+        return st_load(base64.b64decode(payload, validate=True))
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad request
+        raise ValueError(f"serialized_named_tensors: not base64 safetensors bytes ({e})") from None

@@ -1,0 +1,409 @@
+"""aiohttp server exposing the CPU engine under SGLang's HTTP routes and JSON fields.
+
+Contract (routes and fields checked against sglang 0.5.5 and 0.5.23 `entrypoints/http_server.py` and
+`managers/io_struct.py`; tests/test_sglang_contract.py pins them):
+- POST /generate {input_ids | text, sampling_params, return_logprob, rid, ...} -> {"text"?, "output_ids",
+  "meta_info": {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version",
+  "output_token_logprobs": [[logprob, token_id, null], ...]}}; n > 1 (or a batch of input_ids) -> a list.
+- GET /health, /health_generate, /get_model_info (+ /model_info), /get_server_info (+ /server_info),
+  /get_weight_version; GET|POST /flush_cache; POST /abort_request {rid, abort_all}; POST /pause_generation {mode};
+  POST /continue_generation; POST /init_weights_update_group, /destroy_weights_update_group,
+  /update_weights_from_distributed, /update_weights_from_tensor, /update_weight_version; GET|POST
+  /get_weights_by_name {name, truncate_size}.
+- Our extension, not SGLang's: POST /weights_checksum {names?: [str], dtype?: str} -> {"checksum": hex sha256 over
+  (name, bytes) of the named parameters in order (default: the model's state_dict order)}.
+- With an API key every route except /health* needs `Authorization: Bearer <key>` (SGLang's rule), else 401.
+- Errors: 400 {"error": {"message": ...}} for bad input; weight routes answer {"success", "message"} with 400 when
+  success is false, like SGLang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from typing import Any
+
+import msgspec
+import torch
+from aiohttp import web
+
+from engines.local.dist import parse_dtype
+from engines.local.engine import Engine, Request
+from engines.local.sampling import SamplingParams
+from engines.local.updates import WeightReceiver
+
+log = logging.getLogger(__name__)
+
+VERSION = "dapo-local-0.1"
+PUBLIC_PREFIXES = ("/health", "/ready", "/metrics")
+# GenerateReqInput fields we accept; those we do not implement must keep their neutral value.
+_GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "rid", "stream"}
+_GENERATE_NEUTRAL: dict[str, Any] = {
+    "logprob_start_len": -1,
+    "top_logprobs_num": 0,
+    "token_ids_logprob": None,
+    "return_text_in_logprobs": False,
+    "log_metrics": True,
+    "return_hidden_states": False,
+    "return_entropy": False,
+    "custom_labels": None,
+    "priority": None,
+    "extra_key": None,
+    "no_logs": False,
+    "lora_path": None,
+    "data_parallel_rank": None,
+}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+
+
+def _error(message: str, status: int = 400) -> web.Response:
+    return _json({"error": {"message": message}}, status)
+
+
+def _result(success: bool, message: str, **extra: Any) -> web.Response:
+    return _json({"success": success, "message": message, **extra}, 200 if success else 400)
+
+
+async def _body(request: web.Request) -> dict:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _require(body: dict, *keys: str) -> None:
+    missing = [k for k in keys if k not in body]
+    if missing:
+        raise BadRequest(f"missing field {missing[0]!r}")
+
+
+class LocalServer:
+    def __init__(self, engine: Engine, model_path: str, tokenizer=None, api_key: str = "", **info: Any) -> None:
+        self.engine = engine
+        self.model_path = model_path
+        self.tokenizer = tokenizer
+        self._api_key = api_key
+        self.info = info
+        self.receiver = WeightReceiver(engine)
+
+    # ------------------------------------------------------------------ app
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth, self._errors], client_max_size=2**31)
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_get("/health_generate", self.health_generate)
+        for path in ("/get_model_info", "/model_info"):
+            r.add_get(path, self.model_info)
+        for path in ("/get_server_info", "/server_info"):
+            r.add_get(path, self.server_info)
+        r.add_get("/get_weight_version", self.get_weight_version)
+        r.add_get("/get_load", self.get_load)
+        for method in ("POST", "PUT"):
+            r.add_route(method, "/generate", self.generate)
+        for method in ("GET", "POST"):
+            r.add_route(method, "/flush_cache", self.flush_cache)
+            r.add_route(method, "/get_weights_by_name", self.get_weights_by_name)
+        r.add_post("/abort_request", self.abort_request)
+        r.add_post("/pause_generation", self.pause_generation)
+        r.add_post("/continue_generation", self.continue_generation)
+        r.add_post("/init_weights_update_group", self.init_weights_update_group)
+        r.add_post("/destroy_weights_update_group", self.destroy_weights_update_group)
+        r.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
+        r.add_post("/update_weights_from_tensor", self.update_weights_from_tensor)
+        r.add_post("/update_weight_version", self.update_weight_version)
+        r.add_post("/weights_checksum", self.weights_checksum)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if self._api_key and not request.path.startswith(PUBLIC_PREFIXES):
+            expected = f"Bearer {self._api_key}".encode()
+            got = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(got, expected):
+                return _json({"error": "Unauthorized"}, 401)
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except BadRequest as e:
+            return _error(str(e))
+        except (ValueError, TypeError, KeyError) as e:
+            return _error(f"{type(e).__name__}: {e}")
+
+    async def _on_engine(self, fn) -> Any:
+        return await asyncio.wrap_future(self.engine.call(fn))
+
+    # ------------------------------------------------------------------ info
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.engine.alive else 503)
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        if not self.engine.alive:
+            return web.Response(status=503)
+        load = self.engine.load()
+        if load["paused"] or load["num_running"]:
+            return web.Response(status=200)  # busy or paused: the engine thread is alive, nothing to prove
+        params = SamplingParams(max_new_tokens=1, temperature=0.0)
+        req = Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", prompt=[0], params=params, return_logprob=False)
+        try:
+            await asyncio.wait_for(self._run([req]), timeout=20)
+        except (TimeoutError, RuntimeError):
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    def _model_info(self) -> dict:
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.model_path if self.tokenizer is not None else None,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": self.engine.weight_version,
+            "model_type": getattr(self.engine.model.config, "model_type", None),
+            "architectures": getattr(self.engine.model.config, "architectures", None),
+        }
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return _json(self._model_info())
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                **self.info,
+                "model_path": self.model_path,
+                "weight_version": self.engine.weight_version,
+                "max_running_requests": self.engine.max_running,
+                "context_length": self.engine.max_len,
+                "runner": type(self.engine.runner).__name__,
+                "internal_states": [{**self.engine.load(), "steps": self.engine.steps}],
+                "version": VERSION,
+            }
+        )
+
+    async def get_weight_version(self, request: web.Request) -> web.Response:
+        return _json({"weight_version": self.engine.weight_version})
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        return _json([self.engine.load()])
+
+    # ------------------------------------------------------------------ generation
+    def _build_requests(self, body: dict) -> tuple[list[Request], bool]:
+        for key, value in body.items():
+            if key in _GENERATE_FIELDS:
+                continue
+            if key in _GENERATE_NEUTRAL:
+                if value not in (_GENERATE_NEUTRAL[key], None):
+                    raise BadRequest(f"{key}={value!r} is not supported by the local engine")
+                continue
+            raise BadRequest(f"unknown field {key!r}")
+        if body.get("stream"):
+            raise BadRequest("stream=true is not supported by the local engine")
+        prompts, single = self._prompts(body)
+        sp = body.get("sampling_params")
+        sps = sp if isinstance(sp, list) else [sp] * len(prompts)
+        if len(sps) != len(prompts):
+            raise BadRequest(f"sampling_params has {len(sps)} entries for {len(prompts)} prompts")
+        params = [SamplingParams.from_json(p) for p in sps]
+        n = params[0].n
+        if any(p.n != n for p in params):
+            raise BadRequest("sampling_params.n must be the same for every prompt")
+        if n > 1 and not single:
+            raise BadRequest("n > 1 with a batch of prompts is not supported by the local engine")
+        rid = body.get("rid")
+        rets = body.get("return_logprob")
+        rets = rets if isinstance(rets, list) else [bool(rets)] * len(prompts)
+        reqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            if not prompt or len(prompt) >= self.engine.max_len:
+                raise BadRequest(f"prompt {i} has {len(prompt)} tokens; it must have 1..{self.engine.max_len - 1}")
+            for j in range(n):
+                if isinstance(rid, list):
+                    sub = rid[i]
+                elif rid is None:
+                    sub = uuid.uuid4().hex
+                else:
+                    sub = rid if (single and n == 1) else f"{rid}_{i * n + j}"
+                reqs.append(Request(rid=str(sub), prompt=prompt, params=p, return_logprob=bool(rets[i])))
+        return reqs, single and n == 1
+
+    def _prompts(self, body: dict) -> tuple[list[list[int]], bool]:
+        ids = body.get("input_ids")
+        if ids is None:
+            text = body.get("text")
+            if text is None:
+                raise BadRequest("either input_ids or text is required")
+            if self.tokenizer is None:
+                raise BadRequest("text input needs a tokenizer in the model directory; send input_ids")
+            texts = [text] if isinstance(text, str) else list(text)
+            ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+            return ids, isinstance(text, str)
+        if not isinstance(ids, list) or not ids:
+            raise BadRequest("input_ids must be a non-empty list")
+        single = not isinstance(ids[0], list)
+        prompts = [ids] if single else ids
+        vocab = self.engine.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in p):
+                raise BadRequest(f"input_ids[{i}] must hold integers in [0, {vocab})")
+        return [list(p) for p in prompts], single
+
+    async def _run(self, reqs: list[Request]) -> list[Request]:
+        loop = asyncio.get_running_loop()
+        futs = []
+        for req in reqs:
+            fut = loop.create_future()
+            req.on_done = lambda r, f=fut: loop.call_soon_threadsafe(_set_once, f, r)
+            futs.append(fut)
+        for req in reqs:
+            self.engine.submit(req)
+        try:
+            return list(await asyncio.gather(*futs))
+        except asyncio.CancelledError:
+            for req in reqs:  # the client went away: free the engine (SGLang does the same)
+                self.engine.abort(req.rid)
+            raise
+
+    def _output(self, req: Request) -> dict:
+        if req.error is not None:
+            raise RuntimeError(req.error)
+        meta = {
+            "id": req.rid,
+            "finish_reason": req.finish,
+            "prompt_tokens": len(req.prompt),
+            "completion_tokens": len(req.output_ids),
+            "cached_tokens": 0,
+            "weight_version": req.weight_version,
+        }
+        if req.return_logprob:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(req.logprobs, req.output_ids, strict=True)]
+        out: dict[str, Any] = {"output_ids": req.output_ids, "meta_info": meta}
+        if self.tokenizer is not None:
+            out = {"text": self.tokenizer.decode(req.output_ids), **out}
+        return out
+
+    async def generate(self, request: web.Request) -> web.Response:
+        reqs, single = self._build_requests(await _body(request))
+        done = await self._run(reqs)
+        try:
+            outs = [self._output(r) for r in done]
+        except RuntimeError as e:
+            return _error(f"engine failed: {e}", 500)
+        return _json(outs[0] if single else outs)
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        self.engine.abort(rid=body.get("rid") or None, abort_all=bool(body.get("abort_all", False)))
+        return web.Response(status=200)
+
+    async def pause_generation(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        mode = body.get("mode", "abort")
+        await asyncio.wrap_future(self.engine.pause(mode))
+        return _json({"message": "Generation paused successfully.", "status": "ok"})
+
+    async def continue_generation(self, request: web.Request) -> web.Response:
+        await _body(request)
+        await asyncio.wrap_future(self.engine.resume())
+        return _json({"message": "Generation continued successfully.", "status": "ok"})
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        # No prefix cache to drop: KV lives only as long as its request.
+        return web.Response(text="Cache flushed.\n", status=200)
+
+    # ------------------------------------------------------------------ weights
+    async def init_weights_update_group(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        _require(body, "master_address", "master_port", "rank_offset", "world_size")
+        args = {k: body[k] for k in ("master_address", "master_port", "rank_offset", "world_size")}
+        args["group_name"] = body.get("group_name", "weight_update_group")
+        args["backend"] = body.get("backend", "nccl")
+        loop = asyncio.get_running_loop()
+        ok, msg = await loop.run_in_executor(None, lambda: self.receiver.init_group(**args))
+        return _result(ok, msg)
+
+    async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        group = body.get("group_name", "weight_update_group")
+        ok, msg = await self._on_engine(lambda: self.receiver.destroy_group(group))
+        return _result(ok, msg)
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        _require(body, "names", "dtypes", "shapes")
+        if body.get("abort_all_requests"):
+            self.engine.abort(abort_all=True)
+        ok, msg = await self._on_engine(
+            lambda: self.receiver.update_from_distributed(
+                body["names"],
+                body["dtypes"],
+                body["shapes"],
+                body.get("group_name", "weight_update_group"),
+                body.get("weight_version"),
+                body.get("load_format"),
+            )
+        )
+        return _result(ok, msg)
+
+    async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        _require(body, "serialized_named_tensors")
+        if body.get("abort_all_requests"):
+            self.engine.abort(abort_all=True)
+        ok, msg = await self._on_engine(
+            lambda: self.receiver.update_from_tensor(
+                body["serialized_named_tensors"], body.get("load_format"), body.get("weight_version")
+            )
+        )
+        return _result(ok, msg)
+
+    async def update_weight_version(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        _require(body, "new_version")
+        if body.get("abort_all_requests", True):
+            self.engine.abort(abort_all=True)
+        version = str(body["new_version"])
+
+        def apply() -> None:
+            self.engine.weight_version = version
+
+        await self._on_engine(apply)
+        return _result(True, f"Weight version updated to {version}", new_version=version)
+
+    async def get_weights_by_name(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        _require(body, "name")
+        param = self.engine.params.get(body["name"])
+        if param is None:
+            return _error(f"{body['name']}: no such parameter in the model")
+        size = int(body.get("truncate_size", 100))
+        with torch.no_grad():
+            values = param.detach().float()[:size].tolist() if param.dim() else [param.item()]
+        return _json(values)
+
+    async def weights_checksum(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        dtype = parse_dtype(body["dtype"]) if body.get("dtype") else None
+        names = body.get("names")
+        checksum = await self._on_engine(lambda: self.engine.checksum(names, dtype))
+        return _json({"checksum": checksum})
+
+
+def _set_once(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)

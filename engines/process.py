@@ -1,0 +1,199 @@
+"""Launch an inference server (SGLang or the local CPU engine) as a child process and stop it again.
+
+Contract:
+- `EngineProcess.start()` runs the command in its own session (so it leads its own process group), with stdout
+  and stderr appended to `log_path`; `.pid` and `.url` identify it.
+- `wait_healthy(timeout_s)` polls GET {url}/health until 200; if the child exits first or the time runs out it
+  raises `EngineStartError` quoting the last ~30 lines of the log.
+- `stop(grace_s)` sends SIGTERM to the child's process group, then SIGKILL after the grace period; it only ever
+  signals the group led by our own child PID, and is a no-op once the child has been reaped.
+- `launch_engine(cfg, model_dir, port, log_path)` builds the command for `cfg.backend` (local | sglang), starts it
+  and waits for health (`cfg.startup_timeout_s`). API keys never appear in logs or reprs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.config import EngineConfig
+
+API_KEY_ENV = "DAPO_ENGINE_API_KEY"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class EngineStartError(RuntimeError):
+    """A server did not come up; the message names its URL and quotes its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: str | Path, lines: int = 30) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"<no log: {e}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class EngineProcess:
+    def __init__(
+        self, cmd: list[str], url: str, log_path: str | Path, env: dict[str, str] | None = None, secret: str = ""
+    ) -> None:
+        self.cmd = list(cmd)
+        self.url = url.rstrip("/")
+        self.log_path = Path(log_path)
+        self.env = env
+        self._secret = secret
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"EngineProcess(url={self.url!r}, pid={self.pid}, cmd={self.display_cmd()!r})"
+
+    def display_cmd(self) -> str:
+        """The command line with the API key masked (safe to log)."""
+        shown = ["***" if self._secret and a == self._secret else a for a in self.cmd]
+        return " ".join(shown)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> EngineProcess:
+        if self._proc is not None:
+            raise RuntimeError(f"{self.url}: already started (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_healthy(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.alive():
+                code = self._proc.returncode if self._proc is not None else None
+                raise EngineStartError(
+                    f"engine {self.url} exited with code {code} before becoming healthy; "
+                    f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if _health_ok(self.url):
+                return
+            if time.monotonic() > deadline:
+                raise EngineStartError(
+                    f"engine {self.url} (pid {self.pid}) not healthy after {timeout_s:.0f}s; "
+                    f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            time.sleep(poll_s)
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM our child's process group, SIGKILL after `grace_s`; returns the exit code."""
+        proc = self._proc
+        if proc is None or self._stopped:
+            return proc.returncode if proc is not None else None
+        self._stopped = True
+        if proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                proc.wait(timeout=30)
+            # Leftover children of the session (a server's own workers) go with the group: done only right after
+            # we reaped the leader ourselves, so the group id cannot have been reused.
+            self._signal_group(signal.SIGKILL, only_if_leader_alive=False)
+        return proc.returncode
+
+    def _signal_group(self, sig: int, only_if_leader_alive: bool = True) -> None:
+        pid = self._proc.pid
+        if only_if_leader_alive and self._proc.poll() is not None:
+            return
+        try:
+            # start_new_session made our child the leader of a group whose id is its pid.
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _health_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def engine_api_key(cfg: EngineConfig) -> str:
+    return cfg.api_key or os.environ.get(API_KEY_ENV, "")
+
+
+def local_command(cfg: EngineConfig, model_dir: str, port: int) -> list[str]:
+    """`python -m engines.local ...` (the API key travels in the environment, not on the command line)."""
+    return [
+        sys.executable, "-m", "engines.local",
+        "--model-path", str(model_dir),
+        "--host", cfg.host,
+        "--port", str(port),
+        "--max-running-requests", str(cfg.max_running_requests),
+        "--threads", str(cfg.threads),
+        *cfg.extra_args,
+    ]  # fmt: skip
+
+
+def launch_engine(cfg: EngineConfig, model_dir: str, port: int, log_path: str | Path) -> EngineProcess:
+    """Start one server for `cfg.backend` on `port` and wait until it is healthy."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    url = f"http://{host}:{port}"
+    key = engine_api_key(cfg)
+    env = dict(os.environ)
+    if cfg.backend == "local":
+        cmd = local_command(cfg, model_dir, port)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        if key:
+            env[API_KEY_ENV] = key
+        else:
+            env.pop(API_KEY_ENV, None)
+    elif cfg.backend == "sglang":
+        from engines.sglang.launcher import sglang_command
+
+        cmd = sglang_command(cfg, model_dir, port, api_key=key)
+    else:
+        raise ValueError(f"engine.backend: cannot launch {cfg.backend!r} servers (external servers are given by URL)")
+    proc = EngineProcess(cmd, url, log_path, env=env, secret=key).start()
+    try:
+        proc.wait_healthy(cfg.startup_timeout_s)
+    except BaseException:
+        proc.stop(grace_s=5)
+        raise
+    return proc

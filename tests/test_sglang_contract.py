@@ -1,0 +1,299 @@
+"""Contract 1 (DESIGN.md): SGLang's HTTP routes and JSON fields, pinned as constants read from SGLang's source.
+
+Checked against sglang 0.5.5 and 0.5.23 (`pip download --no-deps sglang==X`), files
+`sglang/srt/entrypoints/http_server.py` (routes), `sglang/srt/managers/io_struct.py` (request dataclasses:
+GenerateReqInput, InitWeightsUpdateGroupReqInput, UpdateWeightsFromDistributedReqInput,
+UpdateWeightsFromTensorReqInput, PauseGenerationReqInput, AbortReq, GetWeightsByNameReqInput,
+DestroyWeightsUpdateGroupReqInput, UpdateWeightVersionReqInput), `sglang/srt/sampling/sampling_params.py`,
+`sglang/srt/utils/auth.py` (0.5.23) / `utils/common.py` (0.5.5) for the API-key header, and
+`sglang/srt/managers/schedule_batch.py` for finish reasons. sglang is never imported here.
+
+The tests assert that (1) our client sends exactly these fields to a fake SGLang server, (2) our local server
+accepts them, (3) SGLang-shaped answers are normalised, (4) the launcher builds SGLang's command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from engines.client import EngineClient, EngineError, parse_generate_output
+from engines.local.dist import encode_named_tensors
+from engines.local.engine import Engine
+from engines.local.server import LocalServer
+from engines.local.testing import build_tiny_model
+from engines.process import free_port
+from engines.sglang.launcher import router_command, sglang_command
+from pipeline.config import EngineConfig
+
+SGLANG_VERSIONS_CHECKED = ("0.5.5", "0.5.23")
+
+# ---- routes (method, path) served by both checked versions
+ROUTES = {
+    "health": ("GET", "/health"),
+    "health_generate": ("GET", "/health_generate"),
+    "get_model_info": ("GET", "/get_model_info"),
+    "get_server_info": ("GET", "/get_server_info"),
+    "generate": ("POST", "/generate"),
+    "abort_request": ("POST", "/abort_request"),
+    "pause_generation": ("POST", "/pause_generation"),
+    "continue_generation": ("POST", "/continue_generation"),
+    "flush_cache": ("POST", "/flush_cache"),
+    "init_weights_update_group": ("POST", "/init_weights_update_group"),
+    "destroy_weights_update_group": ("POST", "/destroy_weights_update_group"),
+    "update_weights_from_distributed": ("POST", "/update_weights_from_distributed"),
+    "update_weights_from_tensor": ("POST", "/update_weights_from_tensor"),
+    "update_weight_version": ("POST", "/update_weight_version"),
+    "get_weights_by_name": ("POST", "/get_weights_by_name"),
+}
+
+# ---- request fields (io_struct.py); the subsets our client sends
+GENERATE_FIELDS = {"input_ids", "sampling_params", "return_logprob", "rid"}  # GenerateReqInput
+SAMPLING_PARAMS_FIELDS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "n"}
+INIT_WEIGHTS_UPDATE_GROUP_FIELDS = {
+    "master_address",
+    "master_port",
+    "rank_offset",
+    "world_size",
+    "group_name",
+    "backend",
+}
+UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS = {
+    "names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version",
+}  # fmt: skip
+UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS_0_5_23 = {"load_format"}  # e.g. "flattened_bucket"; absent in 0.5.5
+UPDATE_WEIGHTS_FROM_TENSOR_FIELDS = {
+    "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
+}  # fmt: skip
+DESTROY_WEIGHTS_UPDATE_GROUP_FIELDS = {"group_name"}
+UPDATE_WEIGHT_VERSION_FIELDS = {"new_version", "abort_all_requests"}
+GET_WEIGHTS_BY_NAME_FIELDS = {"name", "truncate_size"}
+ABORT_REQ_FIELDS = {"rid", "abort_all"}
+PAUSE_GENERATION_FIELDS = {"mode"}  # PauseGenerationReqInput (0.5.23); 0.5.5 ignores the body (always abort)
+PAUSE_MODES = ("abort", "retract", "in_place")
+DEFAULT_GROUP_NAME = "weight_update_group"
+
+# ---- responses
+GENERATE_RESPONSE_KEYS = {"output_ids", "meta_info"}
+META_INFO_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version"}
+META_INFO_LOGPROB_KEY = "output_token_logprobs"  # [[logprob, token_id, text|None], ...]
+FINISH_TYPES = {"stop", "length", "abort"}  # FINISH_MATCHED_TOKEN / FINISH_LENGTH / FINISH_ABORT .to_json()["type"]
+WEIGHT_RESULT_KEYS = {"success", "message"}
+MODEL_INFO_WEIGHT_VERSION_KEY = "weight_version"  # /get_model_info carries it in both versions
+API_KEY_HEADER, API_KEY_PREFIX = "Authorization", "Bearer "
+PUBLIC_PATH_PREFIX = "/health"  # exempt from the API key
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ------------------------------------------------------------------ (1) the client sends exactly these fields
+def _fake_sglang() -> tuple[web.Application, list]:
+    seen: list[tuple[str, str, dict | None, str | None]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else None
+        seen.append((request.method, request.path, body, request.headers.get(API_KEY_HEADER)))
+        path = request.path
+        if path == "/generate":
+            meta = {
+                "id": "x_0", "finish_reason": {"type": "stop", "matched": 2}, "prompt_tokens": 2,
+                "completion_tokens": 2, "cached_tokens": 0, "weight_version": "7",
+                META_INFO_LOGPROB_KEY: [[-0.5, 9, "a"], [-1.25, 2, None]],
+            }  # fmt: skip
+            out = {"text": "a", "output_ids": [9, 2], "meta_info": meta}
+            n = body["sampling_params"].get("n", 1)
+            return web.json_response([out] * n if n > 1 else out)
+        if path == "/get_model_info":
+            return web.json_response({"model_path": "m", MODEL_INFO_WEIGHT_VERSION_KEY: "7"})
+        if path in ("/pause_generation", "/continue_generation"):
+            return web.json_response({"message": "ok", "status": "ok"})
+        if path in ("/abort_request", "/flush_cache"):
+            return web.Response(text="Cache flushed.\n" if path == "/flush_cache" else "")
+        if path == "/get_weights_by_name":
+            return web.json_response([[0.5, 0.25]])
+        return web.json_response({"success": True, "message": "ok"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app, seen
+
+
+def test_client_sends_exactly_sglang_fields():
+    async def go():
+        app, seen = _fake_sglang()
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        url = str(server.make_url("")).rstrip("/")
+        c = EngineClient([url], api_key="k")
+        try:
+            sp = {"max_new_tokens": 2, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "stop_token_ids": [2],
+                  "ignore_eos": False}  # fmt: skip
+            one = await c.generate([1, 2], sp, rid="x")
+            many = await c.generate_n([1, 2], {**sp, "n": 2}, rid="x")
+            await c.abort("x")
+            await c.abort(abort_all=True)
+            await c.pause_generation("retract")
+            await c.continue_generation()
+            await c.flush_cache()
+            await c.init_weights_update_group(url, "127.0.0.1", 1234, 1, 2, "g", "gloo")
+            await c.update_weights_from_distributed(url, ["w"], [torch.bfloat16], [[2, 3]], "g", weight_version="v")
+            await c.update_weights_from_distributed(url, ["w"], ["float32"], [[2]], "g", load_format="flattened_bucket")
+            await c.update_weights_from_tensor(url, ["AAAA"], weight_version="v")
+            await c.get_weights_by_name(url, "w", 1)
+            await c.destroy_weights_update_group(url, "g")
+            await c.update_weight_version(url, "v2")
+            version = await c.get_weight_version(url)
+        finally:
+            await c.close()
+            await server.close()
+        return one, many, version, seen
+
+    one, many, version, seen = run(go())
+    assert all(auth == API_KEY_PREFIX + "k" for *_, auth in seen)
+    by_path: dict[str, list] = {}
+    for method, path, body, _ in seen:
+        by_path.setdefault(path, []).append((method, body))
+    for name, (method, path) in ROUTES.items():
+        if path in by_path:
+            assert all(m == method for m, _ in by_path[path]), name
+    gen_bodies = [b for _, b in by_path["/generate"]]
+    assert all(set(b) == GENERATE_FIELDS for b in gen_bodies)
+    assert all(set(b["sampling_params"]) <= SAMPLING_PARAMS_FIELDS for b in gen_bodies)
+    assert [set(b) for _, b in by_path["/abort_request"]] == [ABORT_REQ_FIELDS, ABORT_REQ_FIELDS]
+    assert by_path["/abort_request"][1][1] == {"rid": "", "abort_all": True}
+    assert by_path["/pause_generation"] == [("POST", {"mode": "retract"})] and "retract" in PAUSE_MODES
+    assert set(by_path["/pause_generation"][0][1]) == PAUSE_GENERATION_FIELDS
+    assert set(by_path["/init_weights_update_group"][0][1]) == INIT_WEIGHTS_UPDATE_GROUP_FIELDS
+    dist_bodies = [b for _, b in by_path["/update_weights_from_distributed"]]
+    assert set(dist_bodies[0]) == UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS  # what sglang 0.5.5 accepts
+    assert dist_bodies[0]["dtypes"] == ["bfloat16"] and dist_bodies[0]["shapes"] == [[2, 3]]
+    assert set(dist_bodies[1]) == UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS | UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS_0_5_23
+    assert set(by_path["/update_weights_from_tensor"][0][1]) == UPDATE_WEIGHTS_FROM_TENSOR_FIELDS
+    assert set(by_path["/get_weights_by_name"][0][1]) == GET_WEIGHTS_BY_NAME_FIELDS
+    assert set(by_path["/destroy_weights_update_group"][0][1]) == DESTROY_WEIGHTS_UPDATE_GROUP_FIELDS
+    assert set(by_path["/update_weight_version"][0][1]) == UPDATE_WEIGHT_VERSION_FIELDS
+    # (3) normalisation of SGLang's answer
+    assert (one.output_ids, one.logprobs, one.finish_reason) == ([9, 2], [-0.5, -1.25], "stop")
+    assert one.weight_version == "7" and one.prompt_tokens == 2 and len(many) == 2 and version == "7"
+
+
+def test_parse_rejects_unknown_finish_reason_and_logprob_mismatch():
+    ok = {"output_ids": [1], "meta_info": {"finish_reason": {"type": "length", "length": 1}, "weight_version": "3"}}
+    assert parse_generate_output(ok, "http://e:1").finish_reason == "length"
+    with pytest.raises(EngineError, match="http://e:1.*finish_reason"):
+        parse_generate_output({"output_ids": [1], "meta_info": {"finish_reason": {"type": "??"}}}, "http://e:1")
+    bad = {"output_ids": [1, 2], "meta_info": {"finish_reason": "stop", META_INFO_LOGPROB_KEY: [[-1.0, 1, None]]}}
+    with pytest.raises(EngineError, match="1 logprobs for 2 output tokens"):
+        parse_generate_output(bad, "http://e:1")
+
+
+# ------------------------------------------------------------------ (2) the local server accepts them
+@pytest.fixture(scope="module")
+def local_app():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one compute thread per process
+    model = build_tiny_model(seed=0, max_position=256)
+    engine = Engine(model, max_running=4).start()
+    server = LocalServer(engine, "tiny", api_key="k")
+    yield server
+    engine.stop()
+    torch.set_num_threads(before)
+
+
+def test_local_server_accepts_sglang_payloads(local_app):
+    auth = {API_KEY_HEADER: API_KEY_PREFIX + "k"}
+    name = "model.norm.weight"
+    shape = list(local_app.engine.params[name].shape)
+
+    async def go():
+        client = TestClient(TestServer(local_app.app(), host="127.0.0.1"))
+        await client.start_server()
+        got = {}
+
+        async def call(key, body=None, **kw):
+            method, path = ROUTES[key]
+            async with client.request(method, path, json=body, headers=auth, **kw) as r:
+                got[key] = (r.status, await r.json() if r.content_type == "application/json" else await r.text())
+                return got[key]
+
+        try:
+            sp = {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "stop_token_ids": [],
+                  "ignore_eos": True, "n": 1}  # fmt: skip
+            assert set(sp) == SAMPLING_PARAMS_FIELDS
+            await call("generate", {"input_ids": [3, 4], "sampling_params": sp, "return_logprob": True, "rid": "q"})
+            await call("abort_request", {"rid": "q", "abort_all": False})
+            for mode in PAUSE_MODES:
+                await call("pause_generation", {"mode": mode})
+                await call("continue_generation", {})
+            await call("flush_cache")
+            port = free_port()
+            init = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 0, "world_size": 1,
+                    "group_name": "g1", "backend": "gloo"}  # fmt: skip
+            assert set(init) == INIT_WEIGHTS_UPDATE_GROUP_FIELDS
+            await call("init_weights_update_group", init)
+            upd = {"names": [name], "dtypes": ["float32"], "shapes": [shape], "group_name": "g1",
+                   "flush_cache": True, "abort_all_requests": False, "weight_version": "d1"}  # fmt: skip
+            assert set(upd) == UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS
+            await call("update_weights_from_distributed", upd)
+            payload = encode_named_tensors({name: torch.ones(shape)})
+            tens = {"serialized_named_tensors": [payload], "load_format": None, "flush_cache": True,
+                    "abort_all_requests": False, "weight_version": "t1"}  # fmt: skip
+            await call("update_weights_from_tensor", tens)
+            await call("get_weights_by_name", {"name": name, "truncate_size": 3})
+            await call("destroy_weights_update_group", {"group_name": "g1"})
+            await call("update_weight_version", {"new_version": "u1", "abort_all_requests": True})
+            for key in ("get_model_info", "get_server_info", "health", "health_generate"):
+                await call(key)
+        finally:
+            await client.close()
+        return got
+
+    got = run(go())
+    assert {k: s for k, (s, _) in got.items()} == {k: 200 for k in got}
+    status, gen = got["generate"]
+    assert set(gen) >= GENERATE_RESPONSE_KEYS and set(gen["meta_info"]) >= META_INFO_KEYS | {META_INFO_LOGPROB_KEY}
+    assert gen["meta_info"]["finish_reason"]["type"] in FINISH_TYPES
+    assert [len(t) for t in gen["meta_info"][META_INFO_LOGPROB_KEY]] == [3, 3]
+    for key in ("init_weights_update_group", "update_weights_from_distributed", "update_weights_from_tensor"):
+        assert set(got[key][1]) >= WEIGHT_RESULT_KEYS and got[key][1]["success"], got[key]
+    assert got["get_weights_by_name"][1] == [1.0, 1.0, 1.0]  # the tensor update landed
+    assert got["get_model_info"][1][MODEL_INFO_WEIGHT_VERSION_KEY] == "u1"
+
+
+def test_local_server_api_key_rule(local_app):
+    async def go():
+        client = TestClient(TestServer(local_app.app(), host="127.0.0.1"))
+        await client.start_server()
+        try:
+            codes = []
+            for path in (PUBLIC_PATH_PREFIX, "/get_model_info", "/get_server_info"):
+                async with client.get(path) as r:
+                    codes.append(r.status)
+            return codes
+        finally:
+            await client.close()
+
+    assert run(go()) == [200, 401, 401]
+
+
+# ------------------------------------------------------------------ (4) launcher command lines
+def test_sglang_command_line():
+    cfg = EngineConfig(backend="sglang", tp=2, mem_fraction=0.8, max_running_requests=128, host="0.0.0.0",
+                       extra_args=["--skip-tokenizer-init"])  # fmt: skip
+    cmd = sglang_command(cfg, "/models/qwen", 30001, api_key="k")
+    assert cmd[1:] == [
+        "-m", "sglang.launch_server", "--model-path", "/models/qwen", "--tp-size", "2",
+        "--mem-fraction-static", "0.8", "--max-running-requests", "128", "--host", "0.0.0.0", "--port", "30001",
+        "--api-key", "k", "--skip-tokenizer-init",
+    ]  # fmt: skip
+    assert "--api-key" not in sglang_command(cfg, "/m", 1)
+    assert router_command(["http://a:1", "http://b:2"], "127.0.0.1", 9000)[1:] == [
+        "-m", "sglang_router.launch_router", "--worker-urls", "http://a:1", "http://b:2",
+        "--policy", "cache_aware", "--host", "127.0.0.1", "--port", "9000",
+    ]  # fmt: skip
