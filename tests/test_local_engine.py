@@ -349,3 +349,29 @@ def test_hf_fallback_runner_matches_reference_in_process():
         assert max(abs(a - b) for a, b in zip(r.logprobs, expected, strict=True)) < 1e-4
     assert reqs[1].output_ids == reference_greedy(model, PROMPTS[1], 4)
     assert reqs[2].output_ids == reference_greedy(model, PROMPTS[3], 7)
+
+
+def test_two_lanes_match_reference_in_process():
+    model = build_tiny_model(seed=4, **MODEL)
+    engine = Engine(model, max_running=8, lanes=2).start()
+    try:
+        done = threading.Semaphore(0)
+        specs = [(p, n, t) for p in PROMPTS for n, t in ((9, 0.0), (6, 1.0))]
+        reqs = [
+            Request(rid=f"l{i}", prompt=p, params=SamplingParams(max_new_tokens=n, temperature=t, ignore_eos=True))
+            for i, (p, n, t) in enumerate(specs)
+        ]
+        for r in reqs:
+            r.on_done = lambda _r: done.release()
+            engine.submit(r)
+        for _ in reqs:
+            assert done.acquire(timeout=30)
+    finally:
+        engine.stop()
+    assert len(engine.lanes) == 2 and all(lane.admitted > 0 for lane in engine.lanes)
+    assert sum(lane.admitted for lane in engine.lanes) == len(reqs)
+    for r in reqs:
+        expected = teacher_forced_logprobs(model, r.prompt, r.output_ids, r.params.temperature)
+        assert max(abs(a - b) for a, b in zip(r.logprobs, expected, strict=True)) < 1e-4
+        if r.params.greedy:
+            assert r.output_ids == reference_greedy(model, r.prompt, r.params.max_new_tokens)

@@ -19,7 +19,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help=f"required Bearer key (default: env {API_KEY_ENV})")
     p.add_argument("--max-running-requests", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (split among lanes)")
+    p.add_argument(
+        "--lanes",
+        type=int,
+        default=0,
+        help="row groups stepped in parallel, one torch thread each (0: one per thread with the fast runner)",
+    )
     p.add_argument("--context-length", type=int, default=0, help="0: the model's max_position_embeddings")
     p.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens prefilled per iteration")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     from engines.local.engine import Engine
     from engines.local.server import LocalServer
 
-    torch.set_num_threads(max(1, args.threads))
+    threads = max(1, args.threads)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype)
     try:
@@ -63,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         runner=args.runner,
         original_logprob=args.return_original_logprob,
         weight_version=args.weight_version,
-    ).start()
+        lanes=args.lanes or threads,
+    )
+    torch.set_num_threads(max(1, threads // len(engine.lanes)))  # the generic runner gets one lane, all threads
+    engine.start()
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, "")
     server = LocalServer(
         engine,
@@ -87,10 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     app.on_shutdown.append(_abort_all)
     app.on_cleanup.append(_stop_engine)
     log.info(
-        "serving %s (%s runner, %d threads, api key %s) on http://%s:%d",
+        "serving %s (%s runner, %d lanes x %d torch threads, api key %s) on http://%s:%d",
         args.model_path,
         type(engine.runner).__name__,
-        args.threads,
+        len(engine.lanes),
+        torch.get_num_threads(),
         "set" if api_key else "not set",
         args.host,
         args.port,

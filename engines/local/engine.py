@@ -14,7 +14,11 @@ Contract:
 - `pause(mode)`: "abort" ends every queued and running request with abort; "in_place" freezes running requests
   with their KV; "retract" frees their KV and re-queues them first, to be recomputed from prompt + output on
   continue. Requests submitted while paused wait. `resume()` continues.
-- Weight updates (`update_weights`) run between iterations, so no forward ever sees half-updated weights.
+- Weight updates (`load_tensors`) run between iterations, so no forward ever sees half-updated weights.
+- Lanes: with `lanes` > 1 the running batch is split into that many independent row groups (own KV cache and
+  sampler), stepped concurrently on a thread pool with one torch thread each. On a few CPU cores this uses every
+  core without OpenMP barriers on the many small ops of a decode step. Control semantics are unchanged: lanes
+  only run inside an iteration, never alongside control operations.
 """
 
 from __future__ import annotations
@@ -25,13 +29,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from engines.local.runner import make_runner
+from engines.local.runner import make_runner, supports_fast_path
 from engines.local.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,42 @@ class Request:
     created: float = field(default_factory=time.monotonic)
 
 
+class _Lane:
+    """A group of rows with its own runner (KV cache) and sampler; `running[i]` is the runner's row i."""
+
+    def __init__(self, runner, generator: torch.Generator) -> None:
+        self.runner = runner
+        self.generator = generator
+        self.running: list[Request] = []
+        self.admitted = 0
+
+    def step(self, new: list[Request], original_logprob: bool) -> list[tuple[Request, int, float]]:
+        """Decode the running rows, prefill `new` (appended as rows), sample one token for every row."""
+        logits = []
+        if self.running:
+            logits.append(self.runner.decode([r.output_ids[-1] for r in self.running]))
+        if new:
+            logits.append(self.runner.prefill([r.prompt + r.output_ids for r in new]))
+            self.running.extend(new)
+            self.admitted += len(new)
+        if not logits:
+            return []
+        tokens, logprobs = sample(torch.cat(logits), [r.params for r in self.running], self.generator, original_logprob)
+        return list(zip(self.running, tokens.tolist(), logprobs.tolist(), strict=True))
+
+    def remove(self, row: int) -> Request:
+        req = self.running[row]
+        self.runner.remove(row)
+        self.running[row] = self.running[-1]
+        self.running.pop()
+        return req
+
+    def reset(self) -> list[Request]:
+        reqs, self.running = self.running, []
+        self.runner.reset()
+        return reqs
+
+
 class Engine:
     def __init__(
         self,
@@ -66,21 +106,27 @@ class Engine:
         runner: str = "auto",
         original_logprob: bool = False,
         weight_version: str = "default",
+        lanes: int = 1,
     ) -> None:
         self.model = model.eval()
         cfg = model.config
         self.max_len = int(max_len or getattr(cfg, "max_position_embeddings", 2048))
         self.max_running = max_running
         self.max_prefill_tokens = max_prefill_tokens
-        self.runner = make_runner(model, max_running, self.max_len, runner)
+        if runner == "hf" or (runner == "auto" and not supports_fast_path(model)):
+            lanes = 1  # the generic runner recomputes every row on each join: lanes would not pay off
+        lanes = max(1, min(lanes, max_running))
+        self.lane_capacity = -(-max_running // lanes)
+        runners = [make_runner(model, self.lane_capacity, self.max_len, runner) for _ in range(lanes)]
+        self.lanes = [_Lane(r, torch.Generator().manual_seed(seed + i)) for i, r in enumerate(runners)]
+        self.runner = runners[0]
+        self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="local-engine-lane") if lanes > 1 else None
         self.original_logprob = original_logprob
         self.eos_ids = _eos_ids(model)
         self.weight_version = weight_version
-        self.generator = torch.Generator().manual_seed(seed)
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []  # index == runner row
         self._ops: deque[tuple[Callable[[], Any], Future]] = deque()
         self._aborts: list[str | None] = []  # None = abort all
         self._paused: str | None = None
@@ -99,6 +145,8 @@ class Engine:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     @property
     def alive(self) -> bool:
@@ -110,7 +158,8 @@ class Engine:
 
     def load(self) -> dict:
         with self._cv:
-            return {"num_running": len(self._running), "num_waiting": len(self._waiting), "paused": self._paused}
+            running = sum(len(lane.running) for lane in self.lanes)
+            return {"num_running": running, "num_waiting": len(self._waiting), "paused": self._paused}
 
     def submit(self, req: Request) -> None:
         with self._cv:
@@ -169,49 +218,54 @@ class Engine:
             self._drain_ops()
 
     def _has_work(self) -> bool:
-        return self._paused is None and bool(self._waiting or self._running)
+        return self._paused is None and bool(self._waiting or any(lane.running for lane in self.lanes))
 
     def _step(self) -> None:
         new = self._admit()
-        logits = []
-        if self._running:
-            logits.append(self.runner.decode([r.output_ids[-1] for r in self._running]))
-        if new:
-            logits.append(self.runner.prefill([r.prompt + r.output_ids for r in new]))
-            self._running.extend(new)
-        if not logits:
+        jobs = [(lane, new[i]) for i, lane in enumerate(self.lanes) if lane.running or new[i]]
+        if not jobs:
             return
         self.steps += 1
-        tokens, logprobs = sample(
-            torch.cat(logits), [r.params for r in self._running], self.generator, self.original_logprob
-        )
-        finished = []
-        for row, (req, tok, lp) in enumerate(zip(self._running, tokens.tolist(), logprobs.tolist(), strict=True)):
-            req.output_ids.append(tok)
-            if req.return_logprob:
-                req.logprobs.append(lp)
-            req.finish = self._finish_reason(req, tok)
-            if req.finish is not None:
-                finished.append(row)
-        for row in reversed(finished):
-            self._deliver(self._remove_row(row))
+        if len(jobs) == 1 or self._pool is None:
+            results = [lane.step(reqs, self.original_logprob) for lane, reqs in jobs]
+        else:
+            futures = [self._pool.submit(lane.step, reqs, self.original_logprob) for lane, reqs in jobs]
+            results = [f.result() for f in futures]
+        for (lane, _), rows in zip(jobs, results, strict=True):
+            finished = []
+            for row, (req, tok, lp) in enumerate(rows):
+                req.output_ids.append(tok)
+                if req.return_logprob:
+                    req.logprobs.append(lp)
+                req.finish = self._finish_reason(req, tok)
+                if req.finish is not None:
+                    finished.append(row)
+            for row in reversed(finished):
+                self._deliver(lane.remove(row))
 
-    def _admit(self) -> list[Request]:
-        new: list[Request] = []
-        budget = self.max_prefill_tokens
+    def _admit(self) -> list[list[Request]]:
+        """Take waiting requests while there is room, each to the lane with the fewest rows."""
+        new: list[list[Request]] = [[] for _ in self.lanes]
+        sizes = [len(lane.running) for lane in self.lanes]
+        budget, admitted = self.max_prefill_tokens, 0
         with self._cv:
-            while self._waiting and len(self._running) + len(new) < self.max_running:
+            while self._waiting:
+                lane = min(range(len(self.lanes)), key=sizes.__getitem__)
+                if sizes[lane] >= self.lane_capacity:
+                    break
                 req = self._waiting[0]
                 size = len(req.prompt) + len(req.output_ids)
-                if new and size > budget:
+                if admitted and size > budget:
                     break  # the rest waits for the next iteration; a single long prompt always fits
                 self._waiting.popleft()
                 if req.params.max_new_tokens == 0 or len(req.output_ids) >= req.params.max_new_tokens:
                     req.finish = {"type": "length", "length": req.params.max_new_tokens}
                     self._deliver(req)
                     continue
-                new.append(req)
+                new[lane].append(req)
+                sizes[lane] += 1
                 budget -= size
+                admitted += 1
         return new
 
     def _finish_reason(self, req: Request, tok: int) -> dict | None:
@@ -224,13 +278,6 @@ class Engine:
             return {"type": "length", "length": len(req.output_ids)}
         return None
 
-    def _remove_row(self, row: int) -> Request:
-        req = self._running[row]
-        self.runner.remove(row)
-        self._running[row] = self._running[-1]
-        self._running.pop()
-        return req
-
     def _deliver(self, req: Request) -> None:
         req.weight_version = self.weight_version
         try:
@@ -242,9 +289,10 @@ class Engine:
         def hit(req: Request) -> bool:
             return any(a is None or req.rid.startswith(a) for a in aborts)
 
-        for row in reversed(range(len(self._running))):
-            if hit(self._running[row]):
-                self._abort_req(self._remove_row(row))
+        for lane in self.lanes:
+            for row in reversed(range(len(lane.running))):
+                if hit(lane.running[row]):
+                    self._abort_req(lane.remove(row))
         with self._cv:
             keep = deque(r for r in self._waiting if not hit(r))
             dropped = [r for r in self._waiting if hit(r)]
@@ -261,11 +309,10 @@ class Engine:
         if mode == "abort":
             self._apply_aborts([None])
         elif mode == "retract":
-            retracted, self._running = self._running, []
-            self.runner.reset()
+            retracted = [req for lane in self.lanes for req in lane.reset()]
             with self._cv:
                 self._waiting.extendleft(reversed(retracted))
-        return {"mode": mode, "running": len(self._running)}
+        return {"mode": mode}
 
     def _do_resume(self) -> None:
         self._paused = None
@@ -273,8 +320,10 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         with self._cv:
             self.error = message
-            reqs = list(self._running) + list(self._waiting)
-            self._running, self._waiting = [], deque()
+            reqs = [req for lane in self.lanes for req in lane.running] + list(self._waiting)
+            for lane in self.lanes:
+                lane.running = []
+            self._waiting = deque()
         for req in reqs:
             req.error = message
             self._deliver(req)

@@ -85,9 +85,14 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     return weight, bias
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _fused_weights(model: torch.nn.Module, layers: list) -> tuple[list, list]:
+    """Fuse once per model (every runner of an engine shares the same fused tensors)."""
+    fused = getattr(model, "_slot_runner_fused", None)
+    if fused is None:
+        qkv = [_fuse([lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj]) for lay in layers]
+        gate_up = [_fuse([lay.mlp.gate_proj, lay.mlp.up_proj]) for lay in layers]
+        fused = model._slot_runner_fused = (qkv, gate_up)
+    return fused
 
 
 class SlotRunner:
@@ -104,8 +109,7 @@ class SlotRunner:
         self.scaling = float(attn.scaling)
         self.qk_norm = hasattr(attn, "q_norm")
         self.dtype = self.lm_head.weight.dtype
-        self.qkv = [_fuse([lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj]) for lay in self.layers]
-        self.gate_up = [_fuse([lay.mlp.gate_proj, lay.mlp.up_proj]) for lay in self.layers]
+        self.qkv, self.gate_up = _fused_weights(model, self.layers)
         self.capacity, self.max_len = capacity, max_len
         self.n = 0
         self.lens = torch.zeros(capacity, dtype=torch.long)
@@ -230,8 +234,15 @@ class SlotRunner:
         pos = self.lens[:b].clone()
         span = int(pos.max()) + 1
         self._ensure(span)
-        rows = torch.arange(b)
         kv, group, d = self.n_kv, self.n_heads // self.n_kv, self.head_dim
+        # Flat row index of (k|v, row, kv head, pos) in the (2, slots, KV, L, D) cache, in new_kv's order; one
+        # index_copy_ per layer stores keys and values (cheaper than advanced-index assignment).
+        half = torch.arange(2).view(1, 2, 1)
+        head = torch.arange(kv).view(1, 1, kv)
+        flat_idx = ((half * self.capacity + torch.arange(b).view(b, 1, 1)) * kv + head) * self.cache_len + pos.view(
+            b, 1, 1
+        )
+        flat_idx = flat_idx.reshape(-1)
         # Additive mask over the cache span, shared by every layer: -inf beyond each row's length.
         bias = torch.zeros(b, span, dtype=self.dtype).masked_fill_(
             torch.arange(span)[None, :] > pos[:, None], -torch.inf
@@ -239,7 +250,7 @@ class SlotRunner:
         bias = bias[:, None, :].expand(b, kv * group, span).reshape(b * kv, group, span)
 
         def write(i: int, new_kv: torch.Tensor) -> torch.Tensor:  # new_kv (B, 1, 2KV, D)
-            self.kv[i][:, rows, :, pos] = new_kv.view(b, 2, kv, d)  # the indexed (B) dimension comes first
+            self.kv[i].view(-1, d).index_copy_(0, flat_idx, new_kv.reshape(b * 2 * kv, d))
             return self.kv[i][:, :b, :, :span]
 
         def attend(q: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
