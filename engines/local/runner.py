@@ -117,17 +117,25 @@ class SlotRunner:
         self._alloc(min(init_len, max_len))
 
     def _rope_tables(self) -> None:
-        """cos/sin for every position, from the model's own rotary module, widened to the fused q|k|v heads:
-        v heads get cos 1, sin 0 so one pass rotates q and k and leaves v alone. rotate_half(x) * sin equals
-        roll(x, D/2) * [-sin_1, sin_2], which needs no concatenation per step."""
-        h, kv, d = self.n_heads, self.n_kv, self.head_dim
-        probe = torch.zeros(1, 1, d, dtype=self.dtype)
-        cos, sin = self.inner.rotary_emb(probe, torch.arange(self.max_len)[None, :])  # (1, L, D)
-        cos, sin = cos[0], sin[0].clone()
-        sin[:, : d // 2] = -sin[:, : d // 2]
-        is_v = (torch.arange(h + 2 * kv) >= h + kv)[None, :, None]  # (1, heads, 1)
-        self.cos = torch.where(is_v, 1.0, cos[:, None, :]).to(self.dtype)  # (L, H + 2KV, D)
-        self.sin = torch.where(is_v, 0.0, sin[:, None, :]).to(self.dtype)
+        """cos/sin for every position from the model's own rotary module (shared by an engine's runners), with
+        sin's first half negated: rotate_half(x) * sin == roll(x, D/2) * [-sin_1, sin_2], no concatenation."""
+        tables = getattr(self.model, "_slot_runner_rope", None)
+        if tables is None or tables[0].shape[0] < self.max_len:
+            d = self.head_dim
+            probe = torch.zeros(1, 1, d, dtype=self.dtype)
+            cos, sin = self.inner.rotary_emb(probe, torch.arange(self.max_len)[None, :])  # (1, L, D)
+            sin = sin[0].clone()
+            sin[:, : d // 2] = -sin[:, : d // 2]
+            tables = self.model._slot_runner_rope = (cos[0].to(self.dtype), sin.to(self.dtype))
+        self.cos_table, self.sin_table = tables
+        # Over the fused q|k|v heads, v heads get cos 1 and sin 0: one pass rotates q and k and leaves v alone.
+        self.is_v = (torch.arange(self.n_heads + 2 * self.n_kv) >= self.n_heads + self.n_kv)[:, None]
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., heads, D) cos and signed sin for `positions` (...)."""
+        cos = torch.where(self.is_v, 1.0, self.cos_table[positions].unsqueeze(-2))
+        sin = torch.where(self.is_v, 0.0, self.sin_table[positions].unsqueeze(-2))
+        return cos, sin
 
     # ------------------------------------------------------------------ cache storage
     def _alloc(self, length: int) -> None:
@@ -219,7 +227,7 @@ class SlotRunner:
             return o.transpose(1, 2).reshape(n, t_max, -1)
 
         h = self._embed(ids)
-        cos, sin = self.cos[:t_max][None], self.sin[:t_max][None]
+        cos, sin = self._rope(pos[None, :])
         for i in range(len(self.layers)):
             h = self._layer(i, h, cos, sin, write, attend)
         self.lens[rows] = lens
@@ -262,7 +270,7 @@ class SlotRunner:
             return torch.bmm(torch.softmax(scores, dim=-1), values).view(b, 1, kv * group * d)
 
         h = self._embed(torch.tensor(tokens)[:, None])
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+        cos, sin = self._rope(pos[:, None])
         for i in range(len(self.layers)):
             h = self._layer(i, h, cos, sin, write, attend)
         self.lens[:b] += 1
