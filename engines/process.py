@@ -167,6 +167,7 @@ def local_command(cfg: EngineConfig, model_dir: str, port: int) -> list[str]:
         "--port", str(port),
         "--max-running-requests", str(cfg.max_running_requests),
         "--threads", str(cfg.threads),
+        "--parent-pid", str(os.getpid()),
         *cfg.extra_args,
     ]  # fmt: skip
 

@@ -165,7 +165,8 @@ def test_abort_by_rid_returns_partial_output(eng):
     out = run(_with_client(eng.url, go))
     assert out.finish_reason == "abort" and out.rid == "victim"
     assert 0 < len(out.output_ids) < 1800 and len(out.logprobs) == len(out.output_ids)
-    assert out.output_ids == reference_greedy(eng.ref, PROMPTS[2], len(out.output_ids))[: len(out.output_ids)]
+    k = min(len(out.output_ids), 40)  # the reference is cache-free (quadratic): compare a prefix
+    assert out.output_ids[:k] == reference_greedy(eng.ref, PROMPTS[2], k)
 
 
 def test_pause_abort_then_requests_wait_until_continue(eng):
@@ -188,7 +189,7 @@ def test_pause_abort_then_requests_wait_until_continue(eng):
 
 @pytest.mark.parametrize("mode", ["in_place", "retract"])
 def test_pause_keeps_requests_and_continue_finishes_them(eng, mode):
-    n = 300
+    n = 120
 
     async def go(c):
         task = asyncio.create_task(c.generate(PROMPTS[3], greedy(n)))

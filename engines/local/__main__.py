@@ -1,6 +1,7 @@
 """`python -m engines.local --model-path DIR [--host 127.0.0.1] [--port P] [--api-key K] ...`: serve a HF causal LM
 on CPU under SGLang's HTTP protocol. The API key may also come from env DAPO_ENGINE_API_KEY (kept out of `ps`);
-it is never logged. SIGTERM/SIGINT shut the server down cleanly.
+it is never logged. SIGTERM/SIGINT shut the server down cleanly (in-flight requests end as "abort"); with
+--parent-pid the server also exits when its launcher is gone.
 """
 
 from __future__ import annotations
@@ -38,7 +39,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="report log_softmax(logits) at temperature 1 instead of the temperature-scaled distribution",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument("--parent-pid", type=int, default=0, help="shut down when this process (our launcher) is gone")
     return p.parse_args(argv)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """An orphaned engine (its launcher crashed or was killed) terminates itself instead of lingering."""
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype,
     )
     app = server.app()
+    if args.parent_pid:
+        _exit_with_parent(args.parent_pid)
 
     async def _abort_all(_app: web.Application) -> None:
         # On SIGTERM, in-flight requests end as "abort" with their partial output instead of hanging.
