@@ -19,8 +19,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from engines.client import EngineClient
-from engines.local.dist import create_sync_group, dtype_name, encode_named_tensors, flatten_bucket
-from engines.local.engine import Engine, Request, weights_checksum
+from engines.local.dist import create_sync_group, dtype_name, encode_named_tensors, flatten_bucket, weights_checksum
+from engines.local.engine import Engine, Request
 from engines.local.sampling import SamplingParams
 from engines.local.testing import (
     build_tiny_model,

@@ -12,6 +12,7 @@ Contract (DESIGN.md contract 2; mirrors SGLang's `init_custom_process_group`, ch
 - Per-tensor protocol: one `broadcast` from rank 0 per tensor, in the order of `names`.
   `flattened_bucket` protocol (SGLang's `load_format="flattened_bucket"`): one uint8 broadcast per request,
   the tensors' raw bytes concatenated in `names` order (`flatten_bucket` / `unflatten_bucket`).
+- `weights_checksum` is what `POST /weights_checksum` (our extension) answers, so a sender can compare.
 - `/update_weights_from_tensor` on the CPU engine takes base64 safetensors bytes (`encode_named_tensors`), not
   SGLang's pickled `MultiprocessingSerializer` payload: no pickle crosses a socket here.
 """
@@ -19,6 +20,8 @@ Contract (DESIGN.md contract 2; mirrors SGLang's `init_custom_process_group`, ch
 from __future__ import annotations
 
 import base64
+import hashlib
+from collections.abc import Iterable
 from datetime import timedelta
 
 import torch
@@ -116,3 +119,20 @@ def decode_named_tensors(payload: str | bytes) -> dict[str, torch.Tensor]:
         return st_load(base64.b64decode(payload, validate=True))
     except Exception as e:  # noqa: BLE001 - any decoding failure is a bad request
         raise ValueError(f"serialized_named_tensors: not base64 safetensors bytes ({e})") from None
+
+
+def weights_checksum(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> str:
+    """sha256 over (name, raw bytes) in the given order; tensors cast to `dtype` first when given.
+
+    Our extension (`POST /weights_checksum`), not SGLang's. A sender holding bf16 weights passes dtype=bfloat16
+    so an engine that stores them in float32 hashes the same bytes.
+    """
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no extra copy
+    return h.hexdigest()

@@ -23,7 +23,6 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from engines.local.dist import weights_checksum
 from engines.local.runner import make_runner, supports_fast_path
 from engines.local.sampling import SamplingParams, sample
 
@@ -360,23 +360,6 @@ class Engine:
         if missing:
             raise ValueError(f"{missing[0]}: no such parameter in the model")
         return weights_checksum([(n, self.params[n]) for n in names], dtype)
-
-
-def weights_checksum(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> str:
-    """sha256 over (name, raw bytes) in the given order; tensors cast to `dtype` first when given.
-
-    Our extension (`POST /weights_checksum`), not SGLang's. A sender holding bf16 weights passes dtype=bfloat16
-    so an engine that stores them in float32 hashes the same bytes.
-    """
-    h = hashlib.sha256()
-    for name, t in named:
-        t = t.detach()
-        if dtype is not None:
-            t = t.to(dtype)
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _run_op(fn: Callable[[], Any], fut: Future) -> None:
