@@ -268,15 +268,22 @@ class WeightSyncConfig:
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
     bucket_mb: float = 512.0
-    """Bucket size in MiB; each bucket is one metadata request and one flat broadcast."""
+    """Bucket size in MiB; each bucket is one metadata request and one flat broadcast (a larger tensor goes alone)."""
+    flatten: bool = True
+    """Send each bucket as one uint8 broadcast (SGLang `load_format="flattened_bucket"`, which needs an SGLang whose
+    /update_weights_from_distributed takes `load_format`); false: one broadcast per tensor (every SGLang version)."""
+    dtype: str = ""
+    """Cast floating-point tensors to this dtype before sending (bfloat16 | float16 | float32); empty: as trained."""
+    prefetch: int = 1
+    """Buckets prepared (gathered, cast, flattened) ahead of the one on the wire; 0 prepares each in turn."""
     master_address: str = "127.0.0.1"
     """Address the trainer's source rank listens on for the sync group."""
     master_port: int = 0
     """Port of the sync group's store; 0 picks a free one."""
     checksum: bool = False
-    """Verify a per-bucket checksum on the engines after each sync."""
+    """After each sync compare a sha256 of the sent tensors with each engine's /weights_checksum (CPU engine only)."""
     timeout_s: float = 600.0
-    """A sync that does not finish in this time fails, naming the engine."""
+    """A sync (or the group set-up) that does not finish in this time fails, naming the engines that did not finish."""
     pause_mode: str = "abort"
     """/pause_generation mode around a sync: abort | retract | in_place."""
 

@@ -1,0 +1,31 @@
+"""Weight sync from the trainer's source rank(s) to the inference engines (DESIGN.md contract 2).
+
+`WeightSyncSender` (sender.py) drives SGLang's protocol: pause, a dedicated process group (NCCL on GPU, gloo on
+CPU), bucketed broadcasts with per-bucket metadata over HTTP, continue, verified `weight_version`. Buckets are
+planned and prepared ahead of the wire in buckets.py; colocated payloads (/update_weights_from_tensor) are in
+colocated.py.
+"""
+
+from pipeline.weight_sync.buckets import (
+    Bucket,
+    BucketPlan,
+    BucketStream,
+    BufferPool,
+    Checksums,
+    plan_buckets,
+    prepare_bucket,
+)
+from pipeline.weight_sync.sender import SyncStats, WeightSyncError, WeightSyncSender
+
+__all__ = [
+    "Bucket",
+    "BucketPlan",
+    "BucketStream",
+    "BufferPool",
+    "Checksums",
+    "SyncStats",
+    "WeightSyncError",
+    "WeightSyncSender",
+    "plan_buckets",
+    "prepare_bucket",
+]

@@ -1,0 +1,336 @@
+"""Weight sync: bucket planning and preparation without engines, then real syncs into two CPU engines (subprocesses)
+over gloo, checked by checksums, reported versions and greedy generations against HF references."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engines.client import EngineClient
+from engines.local.dist import flatten_bucket, unflatten_bucket
+from engines.local.engine import weights_checksum
+from engines.local.testing import build_tiny_model, reference_greedy, save_tiny_model
+from engines.process import free_port, launch_engine
+from pipeline.config import ConfigError, EngineConfig, WeightSyncConfig
+from pipeline.weight_sync import (
+    BucketStream,
+    BufferPool,
+    Checksums,
+    WeightSyncError,
+    WeightSyncSender,
+    plan_buckets,
+    prepare_bucket,
+)
+
+MODEL = dict(init_std=0.3, max_position=256)  # vocab 128, hidden 64, 2 layers: ~90k parameters
+PROMPTS = [[5, 6, 7], [40, 41, 42, 43]]
+BUCKET_MB = 0.03  # 31,457 bytes: the 32 KiB embedding and MLP matrices go alone, the rest share buckets
+
+
+def _t(n: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float32).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------- planning, no engines
+def test_plan_buckets_sizes_order_and_oversize_tensor():
+    named = [("a", _t(10)), ("b", _t(20)), ("c", _t(100)), ("d", _t(5)), ("e", _t(30))]  # 40, 80, 400, 20, 120 B
+    plans = list(plan_buckets(named, bucket_bytes=128))
+    assert [[n for n, _ in p.items] for p in plans] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert [p.nbytes for p in plans] == [120, 400, 20, 120]
+    assert [p.last for p in plans] == [False, False, False, True]
+    assert [p.index for p in plans] == [0, 1, 2, 3]
+    assert list(plan_buckets([], 128)) == []
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        list(plan_buckets(named, 0))
+
+
+def test_plan_buckets_counts_the_wire_dtype_and_keeps_integer_tensors():
+    named = [("a", _t(10)), ("b", _t(20)), ("c", _t(100)), ("ids", torch.arange(4)), ("e", _t(30))]
+    plans = list(plan_buckets(named, bucket_bytes=128, dtype=torch.bfloat16))
+    # bf16: a 20 + b 40 = 60; c 200 alone; ids stays int64 (32 B) + e 60 = 92
+    assert [[n for n, _ in p.items] for p in plans] == [["a", "b"], ["c"], ["ids", "e"]]
+    assert [p.nbytes for p in plans] == [60, 200, 92]
+
+
+def test_plan_buckets_splits_where_a_flat_view_would_be_misaligned():
+    named = [("h", _t(3, torch.bfloat16)), ("f", _t(2)), ("g", _t(2))]  # 6 B, then fp32 at offset 6
+    assert [len(p.items) for p in plan_buckets(named, 1000, align=True)] == [1, 2]
+    assert [len(p.items) for p in plan_buckets(named, 1000, align=False)] == [3]
+
+
+def test_prepared_flat_bucket_has_sglang_layout_and_round_trips():
+    named = [("w", torch.randn(3, 4)), ("b", torch.randn(4)), ("i", torch.arange(6))]  # int64 lands at byte 32
+    (plan,) = plan_buckets(named, 1 << 20, dtype=torch.bfloat16)
+    bucket = prepare_bucket(plan, torch.device("cpu"), torch.bfloat16, flatten=True)
+    cast = [named[0][1].bfloat16(), named[1][1].bfloat16(), named[2][1]]
+    assert bucket.flat.dtype == torch.uint8 and bucket.flat.numel() == 12 * 2 + 4 * 2 + 6 * 8 == bucket.nbytes
+    assert torch.equal(bucket.flat, flatten_bucket(cast))
+    assert bucket.dtypes == [torch.bfloat16, torch.bfloat16, torch.int64] and bucket.shapes == [[3, 4], [4], [6]]
+    back = unflatten_bucket(bucket.flat.clone(), bucket.names, bucket.dtypes, bucket.shapes)
+    assert all(torch.equal(t, c) for (_, t), c in zip(back, cast, strict=True))
+    per_tensor = prepare_bucket(plan, torch.device("cpu"), torch.bfloat16, flatten=False)
+    assert per_tensor.flat is None and all(torch.equal(t, c) for t, c in zip(per_tensor.tensors, cast, strict=True))
+
+
+def test_lone_wire_ready_tensor_is_sent_without_a_copy_and_pool_reuses_buffers():
+    big, small = torch.randn(64), torch.randn(4)  # 256 B and 16 B
+    plans = list(plan_buckets([("big", big), ("s1", small), ("s2", small.clone())], bucket_bytes=64))
+    pool = BufferPool(size=1)
+    lone = prepare_bucket(plans[0], torch.device("cpu"), pool=pool)
+    assert lone.base is None and lone.flat.data_ptr() == big.data_ptr() and lone.flat.numel() == 256
+    (bf16_plan,) = plan_buckets([("big", big)], bucket_bytes=64, dtype=torch.bfloat16)
+    cast = prepare_bucket(bf16_plan, torch.device("cpu"), torch.bfloat16, pool=pool)  # a cast needs a buffer
+    assert cast.base is not None and cast.flat.numel() == 128
+    pool.give(cast.base)
+    pair = prepare_bucket(plans[1], torch.device("cpu"), pool=pool)  # 32 B: reuses the 128 B buffer
+    assert pair.base.data_ptr() == cast.base.data_ptr() and pair.flat.numel() == 32
+    pool.give(torch.empty(8, dtype=torch.uint8))  # the pool keeps the largest `size` buffers
+    assert [b.numel() for b in pool._free] == [8]
+    pool.give(pair.base)
+    assert [b.numel() for b in pool._free] == [128]
+    assert pool.take(200, torch.device("cpu")).numel() == 200 and len(pool._free) == 1  # too small: fresh one
+
+
+def test_checksums_match_the_engine_hash_per_dtype():
+    f = [("x", torch.randn(4, 3)), ("y", torch.randn(7))]
+    h = [("z", torch.randn(5).bfloat16())]
+    sums = Checksums()
+    sums.update([n for n, _ in f[:1]], [t for _, t in f[:1]])
+    sums.update(["z", "y"], [h[0][1], f[1][1]])
+    digests = sums.hexdigests()
+    assert sums.names == {torch.float32: ["x", "y"], torch.bfloat16: ["z"]}
+    assert digests[torch.float32] == weights_checksum(f)
+    assert digests[torch.bfloat16] == weights_checksum(h)
+    assert digests[torch.float32] != weights_checksum(f[::-1])
+
+
+def test_stream_prefetches_at_most_one_bucket_ahead_and_matches_the_sequential_order():
+    named = [(f"t{i}", torch.full((8,), float(i))) for i in range(6)]  # 32 B each, one per 32 B bucket
+    prepared: list[int] = []
+
+    def encode(bucket):
+        prepared.append(bucket.index)
+        return []
+
+    stream = BucketStream(iter(named), 32, torch.device("cpu"), prefetch=1, encode=encode)
+    it = iter(stream)
+    first = next(it)
+    time.sleep(0.3)  # the producer would run ahead here if it were unbounded
+    assert first.index == 0 and prepared == [0, 1]
+    seen = [first.names]
+    stream.release(first)
+    for bucket in it:
+        seen.append(bucket.names)
+        stream.release(bucket)
+    stream.close()
+    assert seen == [[f"t{i}"] for i in range(6)]
+    sequential = [b.names for b in BucketStream(iter(named), 32, torch.device("cpu"), prefetch=0)]
+    assert sequential == seen
+
+
+def test_stream_reraises_source_errors_and_drains_on_close():
+    def failing():
+        yield "a", torch.zeros(8)
+        raise RuntimeError("gather failed on rank 3")
+
+    with pytest.raises(RuntimeError, match="gather failed on rank 3"):
+        for _ in BucketStream(failing(), 32, torch.device("cpu"), prefetch=1):
+            pass
+
+    done = threading.Event()
+
+    def source():
+        for i in range(5):
+            yield f"t{i}", torch.zeros(8)
+        done.set()  # reached only if the whole source is consumed
+
+    stream = BucketStream(source(), 32, torch.device("cpu"), prefetch=1)
+    next(iter(stream))
+    stream.close()  # the consumer gives up after one bucket: the source must still be walked to the end
+    assert done.wait(5)
+
+
+def test_sender_validates_config_and_lays_out_ranks():
+    with pytest.raises(ConfigError, match="weight_sync.dtype"):
+        WeightSyncSender(["http://x:1"], WeightSyncConfig(dtype="int8"))
+    with pytest.raises(ValueError, match="engine_tp"):
+        WeightSyncSender(["http://x:1", "http://y:2"], WeightSyncConfig(), engine_tp=[1])
+    s = WeightSyncSender(["http://x:1/", "http://y:2", "http://z:3"], WeightSyncConfig(), engine_tp=[1, 2, 1])
+    assert s.urls == ["http://x:1", "http://y:2", "http://z:3"]
+    assert s.rank_offsets == [1, 2, 4] and s.world_size == 5
+
+
+# ----------------------------------------------------------------------------------------- two CPU engines
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weight_sync")
+    model_dir = save_tiny_model(root / "model", seed=0, **MODEL)
+    cfg = EngineConfig(backend="local", startup_timeout_s=90, max_running_requests=8, threads=1)
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda i: launch_engine(cfg, str(model_dir), free_port(), root / f"e{i}.log"), (0, 1)))
+    yield SimpleNamespace(procs=procs, urls=[p.url for p in procs])
+    for p in procs:
+        p.stop(grace_s=2)  # one may sit in a group rendezvous that will never complete
+
+
+@pytest.fixture(scope="module")
+def sender(engines):
+    cfg = WeightSyncConfig(backend="gloo", bucket_mb=BUCKET_MB, checksum=True, timeout_s=30)
+    s = WeightSyncSender(engines.urls, cfg)
+    yield s
+    s.close()
+
+
+def _state(model) -> list[tuple[str, torch.Tensor]]:
+    return [(n, t) for n, t in model.state_dict().items() if n != "lm_head.weight"]  # tied to the embedding
+
+
+def _ask(urls, fn):
+    async def go():
+        client = EngineClient(urls, backoff_s=0.05)
+        try:
+            return await asyncio.gather(*(fn(client, u) for u in urls))
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def _greedy(urls, prompt, n=12):
+    params = {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+    return _ask(urls, lambda c, u: c.generate(prompt, params, url=u))
+
+
+def _assert_engines_run(urls, model, version):
+    for prompt in PROMPTS:
+        ref = reference_greedy(model, prompt, 12)
+        for out in _greedy(urls, prompt):
+            assert out.output_ids == ref, out.url
+            assert out.weight_version == str(version)
+
+
+def test_sync_into_two_engines_in_several_buckets(engines, sender):
+    model = build_tiny_model(seed=7, **MODEL)
+    state = _state(model)
+    old = _greedy(engines.urls, PROMPTS[1])
+    sender.connect()
+    group = sender.group_name
+    sender.connect()  # idempotent
+    assert sender.group_name == group and sender.world_size == 3
+
+    stats = sender.sync(iter(state), version=1)
+
+    assert stats.bytes == sum(t.numel() * 4 for _, t in state) == 4 * sum(p.numel() for p in model.parameters())
+    assert stats.buckets == len(list(plan_buckets(state, int(BUCKET_MB * 2**20)))) >= 6
+    assert stats.version == 1 and stats.gbps == pytest.approx(stats.bytes / stats.seconds / 1e9)
+    assert _ask(engines.urls, lambda c, u: c.get_weight_version(u)) == ["1", "1"]
+    names = [n for n, _ in state]
+    assert _ask(engines.urls, lambda c, u: c.weights_checksum(u, names)) == [weights_checksum(state)] * 2
+    _assert_engines_run(engines.urls, model, 1)
+    assert old[0].output_ids != reference_greedy(model, PROMPTS[1], 12)  # the sync changed something
+
+
+def test_per_tensor_broadcast_with_bf16_cast(engines, sender):
+    model = build_tiny_model(seed=11, **MODEL)
+    sender.cfg = replace(sender.cfg, flatten=False, dtype="bfloat16")
+    try:
+        stats = sender.sync(_state(model), version=2)
+    finally:
+        sender.cfg = replace(sender.cfg, flatten=True, dtype="")
+    assert stats.bytes == 2 * sum(p.numel() for p in model.parameters())
+    with torch.no_grad():  # what the fp32 engines hold now: the weights rounded to bf16
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    _assert_engines_run(engines.urls, model, 2)
+
+
+def test_colocated_mode_sends_safetensors_buckets(engines):
+    model = build_tiny_model(seed=13, **MODEL)
+    cfg = WeightSyncConfig(mode="colocated", bucket_mb=BUCKET_MB, checksum=True, timeout_s=30)
+    s = WeightSyncSender(engines.urls, cfg)
+    try:
+        s.connect()
+        assert s.group is None  # no process group in colocated mode
+        stats = s.sync(_state(model), version=3)
+    finally:
+        s.close()
+    assert stats.buckets >= 6
+    _assert_engines_run(engines.urls, model, 3)
+
+
+def test_two_sources_one_per_pipeline_stage(engines):
+    model = build_tiny_model(seed=17, **MODEL)
+    state = _state(model)
+    half = len(state) // 2
+    cfg = WeightSyncConfig(backend="gloo", bucket_mb=BUCKET_MB, checksum=True, timeout_s=30)
+    stages = [WeightSyncSender(engines.urls, cfg, stage=0), WeightSyncSender(engines.urls, cfg, stage=1)]
+    try:
+        for s in stages:
+            s.connect()
+        assert stages[0].group_name.startswith("dapo_wsync_s0_") and stages[1].group_name.startswith("dapo_wsync_s1_")
+        stages[0].pause()
+        stages[0].sync(state[:half], version=4, pause=False)
+        stages[1].sync(state[half:], version=4, pause=False)
+        stages[0].resume(4)
+    finally:
+        for s in stages:
+            s.close()
+    _assert_engines_run(engines.urls, model, 4)
+
+
+def test_refused_tensor_names_the_engine_and_its_message(engines, sender):
+    with pytest.raises(WeightSyncError) as err:
+        sender.sync([("model.nope.weight", torch.ones(3))], version=5)
+    assert set(err.value.urls) == set(engines.urls)
+    assert engines.urls[0] in str(err.value) and "model.nope.weight" in str(err.value)
+    assert _ask(engines.urls, lambda c, u: c.get_weight_version(u)) == ["4", "4"]  # nothing changed
+
+
+def test_hung_engine_is_named_within_the_timeout(engines):
+    hung = engines.procs[1]
+    cfg = WeightSyncConfig(backend="gloo", bucket_mb=BUCKET_MB, timeout_s=4)
+    s = WeightSyncSender(engines.urls, cfg)
+    s.connect()
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError) as err:
+            s.sync(_state(build_tiny_model(seed=19, **MODEL)), version=6, pause=False)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+        s.close()
+    assert err.value.urls == [hung.url] and hung.url in str(err.value)
+    assert "no answer within" in str(err.value)
+    assert elapsed < cfg.timeout_s + 2
+    assert s.group is None  # dropped: its state is unknown after a timeout
+
+
+def test_killed_engine_is_named_within_the_timeout(engines, sender):
+    dead = engines.procs[1]
+    dead.stop(grace_s=0)
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError) as err:
+        sender.sync(_state(build_tiny_model(seed=23, **MODEL)), version=7)
+    assert time.monotonic() - t0 < sender.cfg.timeout_s
+    assert err.value.urls == [dead.url] and dead.url in str(err.value)
+    with pytest.raises(WeightSyncError) as again:  # rebuilding the group names it too
+        sender.reconnect()
+    assert dead.url in str(again.value)
