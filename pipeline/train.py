@@ -22,6 +22,7 @@ import ray
 from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
 from pipeline.config import Config, ConfigError, engine_api_key, to_yaml
+from pipeline.live_eval import live_eval_or_none
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import prepare_model_dir
 from pipeline.orchestrator import Cluster
@@ -71,6 +72,7 @@ def train(cfg: Config) -> RunResult:
             ray.get([a.sync_weights.remote(version) for a in trainers])
         rollout = cluster.launch_rollout(model_dir, buffer.address, rollout_state, version)
         logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
+        evaluator = live_eval_or_none(cfg, urls, model_dir)
         history: list[dict[str, float]] = []
         try:
             while step < t.total_steps and not stop.requested:
@@ -87,15 +89,20 @@ def train(cfg: Config) -> RunResult:
                     metrics.update(_sync(rollout, trainers, version))
                 metrics.update(buffer.metrics())
                 metrics.update(ray.get(rollout.stats.remote()))
+                if evaluator is not None:
+                    metrics.update(evaluator.poll(wait=step == t.total_steps))
+                    evaluator.maybe_start(step, version)
                 metrics["time/step(s)"] = time.perf_counter() - t0
                 metrics["weight_version"] = version
                 logger.log(step, metrics)
                 history.append(metrics)
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or stop.requested or step == t.total_steps:
                     _save(cfg, run_dir, step, version, trainers, rollout, buffer)
-            accounting = ray.get(rollout.stats.remote())
+            accounting = buffer.accounting()
             engine_versions = _engine_versions(cfg, urls)
         finally:
+            if evaluator is not None:
+                evaluator.close()
             logger.close()
             buffer.close()
     return RunResult(str(run_dir), step, version, history, accounting, engine_versions)
