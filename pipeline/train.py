@@ -41,6 +41,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     accounting: dict[str, float] = field(default_factory=dict)
     engine_versions: list[str] = field(default_factory=list)
+    trained_prompts: list[list[str]] = field(default_factory=list)
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -74,6 +75,7 @@ def train(cfg: Config) -> RunResult:
         logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
         evaluator = live_eval_or_none(cfg, urls, model_dir)
         history: list[dict[str, float]] = []
+        trained: list[list[str]] = []
         try:
             while step < t.total_steps and not stop.requested:
                 step += 1
@@ -96,6 +98,7 @@ def train(cfg: Config) -> RunResult:
                 metrics["weight_version"] = version
                 logger.log(step, metrics)
                 history.append(metrics)
+                trained.append([g.prompt_id for g in groups])
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or stop.requested or step == t.total_steps:
                     _save(cfg, run_dir, step, version, trainers, rollout, buffer)
             accounting = buffer.accounting()
@@ -105,7 +108,7 @@ def train(cfg: Config) -> RunResult:
                 evaluator.close()
             logger.close()
             buffer.close()
-    return RunResult(str(run_dir), step, version, history, accounting, engine_versions)
+    return RunResult(str(run_dir), step, version, history, accounting, engine_versions, trained)
 
 
 def _resume(cfg: Config, run_dir: Path, trainers: list, buffer: RolloutBuffer) -> tuple[int, int, dict | None]:
@@ -121,6 +124,7 @@ def _resume(cfg: Config, run_dir: Path, trainers: list, buffer: RolloutBuffer) -
     state, buffered = checkpoint.load(path)
     ray.get([a.load.remote(str(path / "trainer")) for a in trainers])
     buffer.restore(buffered)
+    buffer.load_state_dict(state["buffer"])
     log.info("resumed from %s (step %d, weights v%d)", path, state["step"], state["version"])
     return state["step"], state["version"], state["rollout"]
 
@@ -131,8 +135,10 @@ def _save(cfg: Config, run_dir: Path, step: int, version: int, trainers: list, r
     def save_trainer(path: str) -> None:
         ray.get([a.save.remote(path) for a in trainers])
 
-    state = {"version": version, "rollout": rollout_state, "buffer": buffer.state_dict()}
-    checkpoint.save(run_dir, step, state, buffer.snapshot(), save_trainer, cfg.checkpoint.keep_last)
+    # The manager's `pushed` count is the consistent cut: groups pushed after it are regenerated on resume.
+    cut = rollout_state["pushed"]
+    state = {"version": version, "rollout": rollout_state, "buffer": buffer.state_dict(cut)}
+    checkpoint.save(run_dir, step, state, buffer.snapshot(cut), save_trainer, cfg.checkpoint.keep_last)
 
 
 def _engine_versions(cfg: Config, urls: list[str]) -> list[str]:

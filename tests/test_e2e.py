@@ -47,3 +47,32 @@ def test_embedded_default_runs_end_to_end(tmp_path):
     events = list((Path(result.run_dir) / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert (Path(result.run_dir) / "checkpoints" / "latest").is_file()  # the final checkpoint
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run(tmp_path):
+    """N steps, stop, resume from the checkpoint, N more: versions continue, no prompt is trained twice,
+    the accounting identity holds across the restart, and the TensorBoard step continues."""
+    B, N = 2, 2
+    base = [
+        f"trainer.batch_size={B}",
+        "rollout.n_samples_per_prompt=4",
+        "trainer.micro_batch_size=8",
+        f"logging.dir={tmp_path}",
+        "logging.run_name=resume",
+        "checkpoint.every=1",
+        "eval.every=0",
+    ]
+    first = train(load_config(ROOT / "configs" / "tiny-cpu.yaml", [*base, f"trainer.total_steps={N}"]))
+    assert first.version == N
+    second = train(
+        load_config(
+            ROOT / "configs" / "tiny-cpu.yaml", [*base, f"trainer.total_steps={2 * N}", "checkpoint.resume=auto"]
+        )
+    )
+    assert second.steps == 2 * N and len(second.history) == N  # only the remaining steps ran
+    assert [m["weight_version"] for m in second.history] == [N + 1, 2 * N]
+    assert second.engine_versions == [str(2 * N)]
+    prompts = [p for step in first.trained_prompts + second.trained_prompts for p in step]
+    assert len(prompts) == 2 * N * B and len(set(prompts)) == len(prompts)
+    assert second.accounting["balanced"] == 1 and second.accounting["trained"] == 2 * N * B, second.accounting
