@@ -1,0 +1,140 @@
+"""Evaluation: avg@k / pass@k arithmetic, the engine-client path with fakes, HF generate, and `dapo eval`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines.client import GenerateOutput
+from pipeline.config import ModelConfig, TinyModelConfig, load_config
+from pipeline.evaluate import PromptResult, eval_main, eval_sampling, evaluate, evaluate_hf, generate_hf, summarize
+from pipeline.modeling import build_tiny_model
+from pipeline.tasks import answer_matches
+from pipeline.tokenizer import build_char_tokenizer
+from pipeline.types import Prompt
+
+TINY_CPU = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+
+
+def test_summarize_hand_computed():
+    results = [
+        PromptResult("a", "1", accs=[True, False], rewards=[1.0, -1.0], lengths=[4, 6], truncated=[False, True]),
+        PromptResult("b", "2", accs=[False, False], rewards=[-1.0, -1.0], lengths=[2, 4], truncated=[False, False]),
+        PromptResult("c", "3", accs=[True, True], rewards=[1.0, 1.0], lengths=[3, 5], truncated=[False, False]),
+    ]
+    m = summarize(results)
+    assert m["acc"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert m["pass"] == pytest.approx(2 / 3)
+    assert m["reward"] == pytest.approx(0.0)
+    assert m["response_len"] == pytest.approx(24 / 6)
+    assert m["truncated"] == pytest.approx(1 / 6)
+    assert (m["n_prompts"], m["k"], len(m["per_prompt"])) == (3, 2, 3)
+
+
+class FakeClient:
+    """Answers prompt i's j-th request with a canned response; records concurrency and request ids."""
+
+    def __init__(self, tok, responses: dict[str, list[str]]):
+        self.tok, self.responses = tok, responses
+        self.in_flight = self.max_in_flight = 0
+        self.rids: list[str] = []
+        self.sampling: list[dict] = []
+
+    async def generate(self, input_ids, sampling_params, rid=None, return_logprob=True):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(0.001)
+        self.in_flight -= 1
+        self.rids.append(rid)
+        self.sampling.append(sampling_params)
+        text = self.tok.decode(input_ids)
+        n = sum(r.startswith(f"eval-{text}-") for r in self.rids) - 1
+        out = self.tok.encode(self.responses[text][n]) + [self.tok.eos_token_id]
+        limit = sampling_params["max_new_tokens"]
+        finish = "length" if len(out) > limit else "stop"
+        out = out[:limit]
+        return GenerateOutput(out, [0.0] * len(out), finish, "0", "http://fake", len(input_ids))
+
+
+class SyncRunner:
+    def score(self, response, answer):
+        ok = answer_matches(response, answer)
+        return {"score": 1.0 if ok else -1.0, "acc": ok}
+
+
+class AsyncRunner:
+    async def score_async(self, response, answer):
+        return SyncRunner().score(response, answer)
+
+
+@pytest.mark.parametrize("runner", [SyncRunner(), AsyncRunner()], ids=["sync", "async"])
+def test_evaluate_through_client(runner):
+    tok = build_char_tokenizer()
+    prompts = [Prompt(prompt_id=pid, prompt_ids=tok.encode(pid), answer=ans) for pid, ans in (("p", "7"), ("q", "3"))]
+    responses = {"p": ["Answer: 7", "Answer: 8", "Answer: 7"], "q": ["Answer: 4", "no answer at all, rambling"]}
+    responses["q"].append("Answer: 5")
+    client = FakeClient(tok, responses)
+    sampling = {"max_new_tokens": 20, "temperature": 1.0}
+    m = asyncio.run(evaluate(client, prompts, tok, runner, k=3, sampling=sampling, max_concurrency=2))
+    # p: 2 of 3 right; q: none right -> avg@3 = (2/3 + 0) / 2, pass@3 = 1/2.
+    assert m["acc"] == pytest.approx(1 / 3) and m["pass"] == pytest.approx(0.5)
+    assert m["reward"] == pytest.approx((1 - 1 + 1 - 1 - 1 - 1) / 6)
+    assert m["truncated"] == pytest.approx(1 / 6)  # the 26-character rambling hit max_new_tokens=20
+    assert m["response_len"] == pytest.approx((10 + 10 + 10 + 10 + 20 + 10) / 6)  # 9 chars + eos, or 20 cut
+    assert client.max_in_flight == 2
+    assert sorted(client.rids) == [f"eval-{p}-{j}" for p in "pq" for j in range(3)]
+    assert all(s == sampling for s in client.sampling)
+    assert [r["prompt_id"] for r in m["per_prompt"]] == ["p", "q"]
+    assert m["per_prompt"][0]["responses"] == ["Answer: 7"]  # decoded without the eos
+
+
+def test_generate_hf_left_padding_matches_one_by_one():
+    tok = build_char_tokenizer()
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, intermediate_size=64), init_seed=3)
+    model = build_tiny_model(cfg, len(tok))
+    prompts = [tok.encode(s) for s in ("Compute 1+2.", "Hi", "A longer prompt here")]
+    batched = generate_hf(model, prompts, eos_id=1, pad_id=0, max_new_tokens=8)
+    for p, out in zip(prompts, batched, strict=True):
+        ids = torch.tensor([p])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             eos_token_id=1, pad_token_id=0)[0, len(p):].tolist()  # fmt: skip
+        assert out == (ref[: ref.index(1) + 1] if 1 in ref else ref)
+
+
+def test_evaluate_hf_sampling_is_seeded():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(ModelConfig(tiny=TinyModelConfig(hidden_size=32, intermediate_size=64)), len(tok))
+    prompts = [Prompt(prompt_id=str(i), prompt_ids=tok.encode(f"Compute {i}+1."), answer=str(i + 1)) for i in range(3)]
+    a = evaluate_hf(model, tok, prompts, answer_matches, k=2, temperature=1.0, max_new_tokens=6, seed=4)
+    b = evaluate_hf(model, tok, prompts, answer_matches, k=2, temperature=1.0, max_new_tokens=6, seed=4)
+    c = evaluate_hf(model, tok, prompts, answer_matches, k=2, temperature=1.0, max_new_tokens=6, seed=5)
+    assert a == b and a["per_prompt"] != c["per_prompt"]
+    assert a["k"] == 2 and all(len(r["accs"]) == 2 for r in a["per_prompt"])
+    assert a["acc"] == 0.0  # a random model does not write "Answer: n"
+
+
+def test_eval_sampling_from_config():
+    cfg = load_config(TINY_CPU, ["eval.temperature=0.6", "rollout.top_p=0.9", "rollout.max_new_tokens=32"])
+    assert eval_sampling(cfg, eos_id=1) == {
+        "max_new_tokens": 32, "temperature": 0.6, "top_p": 0.9, "top_k": -1, "stop_token_ids": [1],
+    }  # fmt: skip
+
+
+def test_eval_main_on_a_local_engine(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DAPO_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(TINY_CPU, [
+        "data.eval_path=synthetic:arith?split=test&n=6", "eval.n_samples=2", "rollout.max_new_tokens=12",
+        f"logging.dir={tmp_path}", "logging.run_name=ev", "engine.startup_timeout_s=120",
+        "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.warm_start_steps=0",
+    ])  # fmt: skip
+    assert eval_main(cfg) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert line["n_prompts"] == saved["n_prompts"] == 6 and line["k"] == 2
+    assert line["acc"] == 0.0  # an untrained model
+    assert all(len(r["lengths"]) == 2 and max(r["lengths"]) <= 12 for r in saved["per_prompt"])
+    assert (tmp_path / "ev" / "init_model" / "config.json").is_file()
