@@ -119,6 +119,8 @@ class EngineConfig:
     """Extra command-line arguments for the server."""
     threads: int = 1
     """CPU threads per local engine (torch.set_num_threads)."""
+    max_restarts: int = 3
+    """A crashed engine is restarted (and given the current weights) up to this many times, then dropped."""
 
 
 # --------------------------------------------------------------------------------------------------- rollout

@@ -45,6 +45,11 @@ class EngineActor:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()
 
+    def restart(self, model_dir: str) -> str:
+        """A fresh server (new port) from the initial weights; the caller sends it the current ones."""
+        self.stop()
+        return self.start(model_dir)
+
     def pid(self) -> int:
         return self.proc.pid if self.proc is not None else -1
 
@@ -99,6 +104,11 @@ class TrainerActor:
             urls, self.cfg.weight_sync, api_key=engine_api_key(self.cfg), engine_tp=engine_tp
         )
         self.sender.connect()
+
+    def reconnect_weight_sync(self, urls: list[str], engine_tp: list[int]) -> None:
+        """Rebuild the sync group after an engine restart (a process group's membership is fixed)."""
+        if self.sender is not None:
+            self.sender.reconnect(urls, engine_tp)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         tensors = self.worker.backend.named_hf_weights()  # every rank runs it: it may gather across ranks
@@ -161,6 +171,13 @@ class RolloutActor:
     async def after_weight_update(self, version: int) -> None:
         await self.manager.after_weight_update(version)
 
+    async def replace_engines(self, replaced: dict[str, str | None]) -> None:
+        """Route away from dead engines; a restarted one (new URL) joins the rotation."""
+        for old, new in replaced.items():
+            self.manager.client.mark_dead(old)
+            if new:
+                self.manager.client.add_url(new)
+
     async def stats(self) -> dict[str, Any]:
         return self.manager.stats()
 
@@ -187,6 +204,7 @@ class Cluster:
         self.urls: list[str] = []
         self.trainers: list[Any] = []
         self.rollout: Any = None
+        self.restarts: list[int] = []
         self._started_ray = False
 
     def __enter__(self) -> Cluster:
@@ -239,7 +257,32 @@ class Cluster:
             self._track(EngineActor.options(**opts).remote(self.cfg, i, log_dir)) for i in range(e.num_engines)
         ]
         self.urls = ray.get([a.start.remote(model_dir) for a in self.engines])
+        self.restarts = [0] * len(self.engines)
         return self.urls
+
+    def heal_engines(self, model_dir: str) -> dict[str, str | None]:
+        """Restart engines whose process died (dropping one after engine.max_restarts). Returns old url -> new url
+        (None: dropped). The caller rebuilds the weight-sync group and sends the current weights."""
+        replaced: dict[str, str | None] = {}
+        alive = ray.get([a.alive.remote() for a in self.engines]) if self.engines else []
+        for i, ok in enumerate(alive):
+            if ok or self.urls[i] is None:
+                continue
+            old = self.urls[i]
+            if self.restarts[i] >= self.cfg.engine.max_restarts:
+                log.error("engine %s died %d times: dropped", old, self.restarts[i] + 1)
+                self.urls[i] = None
+                replaced[old] = None
+                continue
+            self.restarts[i] += 1
+            self.urls[i] = ray.get(self.engines[i].restart.remote(model_dir))
+            log.warning("engine %s died: restarted as %s (restart %d)", old, self.urls[i], self.restarts[i])
+            replaced[old] = self.urls[i]
+        return replaced
+
+    @property
+    def live_urls(self) -> list[str]:
+        return [u for u in self.urls if u]
 
     def launch_trainer(self, model_dir: str) -> list[Any]:
         t = self.cfg.trainer

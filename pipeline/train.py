@@ -80,12 +80,16 @@ def train(cfg: Config) -> RunResult:
             while step < t.total_steps and not stop.requested:
                 step += 1
                 t0 = time.perf_counter()
-                groups = buffer.get_batch(trainer_version=version, timeout_s=cfg.engine.request_timeout_s)
+                groups, healed = _next_batch(
+                    cfg, buffer, version, lambda v=version: _heal(cfg, cluster, rollout, trainers, model_dir, v)
+                )
                 t_wait = time.perf_counter() - t0
                 per_rank = _shard(make_step_batches(groups, cfg, t.parallel.dp), cfg)
                 rank_metrics = ray.get([a.train_step.remote(mbs) for a, mbs in zip(trainers, per_rank, strict=True)])
                 t_train = time.perf_counter() - t0 - t_wait
                 metrics = step_metrics(groups, rank_metrics, version, t_wait, t_train)
+                metrics.update(healed)
+                metrics.update(_heal(cfg, cluster, rollout, trainers, model_dir, version))
                 if step % every == 0:
                     version += 1
                     metrics.update(_sync(rollout, trainers, version))
@@ -183,6 +187,36 @@ def _sync(rollout: ray.actor.ActorHandle, trainers: list, version: int) -> dict[
     for s in stats:
         out.update(s)
     return out
+
+
+def _next_batch(cfg: Config, buffer: RolloutBuffer, version: int, heal) -> tuple[list[Group], dict[str, float]]:
+    """Wait for the next batch, checking engine health every few seconds (a dead engine stalls generation)."""
+    deadline = time.monotonic() + cfg.engine.request_timeout_s
+    healed: dict[str, float] = {}
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return buffer.get_batch(trainer_version=version, timeout_s=max(min(5.0, remaining), 0.01)), healed
+        except TimeoutError:
+            if remaining <= 5.0:
+                raise
+            healed.update(heal())
+
+
+def _heal(cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str, version: int) -> dict[str, float]:
+    """Restart crashed engines, rebuild the sync group, give every engine the current weights, re-route."""
+    replaced = cluster.heal_engines(model_dir)
+    if not replaced:
+        return {}
+    if not cluster.live_urls:
+        raise RuntimeError(f"every engine is dead (after engine.max_restarts={cfg.engine.max_restarts} restarts)")
+    ray.get(rollout.replace_engines.remote(replaced))
+    urls = cluster.live_urls
+    ray.get([a.reconnect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls)) for a in trainers])
+    ray.get(rollout.before_weight_update.remote())
+    ray.get([a.sync_weights.remote(version) for a in trainers])
+    ray.get(rollout.after_weight_update.remote(version))
+    return {"engine/restarts": float(sum(cluster.restarts)), "engine/alive": float(len(urls))}
 
 
 def _shard(minibatches: list[list[list]], cfg: Config) -> list[list[list]]:

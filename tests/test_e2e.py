@@ -76,3 +76,53 @@ def test_resume_continues_the_run(tmp_path):
     prompts = [p for step in first.trained_prompts + second.trained_prompts for p in step]
     assert len(prompts) == 2 * N * B and len(set(prompts)) == len(prompts)
     assert second.accounting["balanced"] == 1 and second.accounting["trained"] == 2 * N * B, second.accounting
+
+
+@pytest.mark.slow
+def test_engine_crash_mid_run_is_survived(tmp_path):
+    """Chaos: the engine process is SIGKILLed mid-run; it is restarted, gets the current weights, the run finishes
+    and every prompt is still accounted for."""
+    import os
+    import signal
+    import threading
+    import time
+
+    killed: list[int] = []
+
+    def chaos() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if list((tmp_path / "chaos" / "tb").glob("events.*")):  # the loop is about to start
+                time.sleep(1)
+                for proc in Path("/proc").glob("[0-9]*"):
+                    try:
+                        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    except OSError:
+                        continue
+                    if "engines.local" in cmd and str(tmp_path) in cmd:
+                        os.kill(int(proc.name), signal.SIGKILL)
+                        killed.append(int(proc.name))
+                return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    cfg = load_config(
+        ROOT / "configs" / "tiny-cpu.yaml",
+        [
+            "trainer.total_steps=10",
+            "trainer.batch_size=2",
+            "rollout.n_samples_per_prompt=4",
+            f"logging.dir={tmp_path}",
+            "logging.run_name=chaos",
+            "trainer.micro_batch_size=8",
+            "eval.every=0",
+            "engine.request_timeout_s=120",
+        ],
+    )
+    result = train(cfg)
+    thread.join(timeout=5)
+    assert killed, "the chaos thread found no engine to kill"
+    assert result.steps == 10 and result.engine_versions == ["10"]  # the restarted engine holds the latest weights
+    assert max(m.get("engine/restarts", 0) for m in result.history) == 1
+    assert result.accounting["balanced"] == 1 and result.accounting["trained"] == 20, result.accounting

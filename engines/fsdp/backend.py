@@ -66,7 +66,9 @@ class FSDPBackend:
             position_ids=mb.position_ids.to(self.device),
             use_cache=False,
         )
-        logits = out.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        # (B, T-1, V): position t predicts token t+1. The engines report logprobs of softmax(logits / T) (SGLang's
+        # default), so the trainer scores at the same temperature for the ratio to be 1 on-policy.
+        logits = out.logits[:, :-1].float() / self.cfg.rollout.temperature
         lp = logprobs_from_logits(logits, ids[:, 1:])  # (B, T-1)
         pad = lp.new_zeros(lp.shape[0], 1)
         logprobs = torch.cat([pad, lp], dim=1)  # (B, T), aligned with input_ids
