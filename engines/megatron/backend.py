@@ -1,0 +1,574 @@
+"""Megatron-core trainer backend: TP/PP/DP (and EP for MoE) over a GPTModel built from a Hugging Face checkpoint.
+
+Contract (pipeline/backend.py's TrainerBackend), one object per rank:
+- `build_backend(cfg, rank, world_size)`; the caller has already initialised torch.distributed's default group
+  (env:// or tcp:// rendezvous; gloo on CPU, nccl on GPU) with this rank and world size (a Ray actor per rank, or
+  torchrun / mp.spawn in tests). `setup(hf_model_dir)` requires `torch.distributed.is_initialized()`, enables the
+  CPU compatibility layer when there is no CUDA, calls `parallel_state.initialize_model_parallel(tp, pp, vpp,
+  context_parallel_size=cp, expert_model_parallel_size=ep, order="tp-cp-ep-pp-dp")`, builds the model chunks
+  (engines/megatron/model.py), streams this rank's HF weights in from safetensors (engines/megatron/convert.py),
+  wraps the chunks in megatron DDP and builds `get_megatron_optimizer` (AdamW; weight decay on matrices only,
+  megatron's convention; distributed optimizer when `trainer.distributed_optimizer`).
+- Rank layout: DP is the outermost dimension, `dp_rank = rank // (tp * cp * pp)`, as pipeline/train.py shards
+  the batch; TP/CP/PP peers of one DP replica receive the same micro-batches.
+- LR: constant after a linear warm-up, `lr * min(1, (k + 1) / warmup_steps)` at optimizer step k (as the fsdp
+  backend), applied with each group's `lr_mult`/`wd_mult`.
+- `train_minibatch(micro_batches, loss_fn)`: each micro-batch is packed into one row without padding (THD:
+  sequences back to back, `PackedSeqParams(cu_seqlens)`, RoPE positions restarting per sequence, attention within
+  each sequence only), run through megatron's `get_forward_backward_func()` (no pipelining, 1F1B, or interleaved
+  with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches to a multiple of pp). On the last
+  stage the logits stay vocabulary-parallel: `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and
+  entropies, which are unpacked to the (B, T) layout of the MicroBatch before calling `loss_fn(logprobs, entropy,
+  mb)`. Gradient = the exact SUM of the loss shares over micro-batches and DP ranks: the model runs with
+  `calculate_per_token_loss=True` (megatron then neither divides by the number of micro-batches nor averages over
+  DP: DDP's gradient scaling factor is 1) and every micro-batch reports 0 tokens, so `finalize_model_grads` skips
+  its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, packing statistics
+  and the loss_fn metric shares summed over micro-batches and all-reduced (SUM) over DP, on every rank.
+- `forward_logprobs`: the same forward without grad; the result is broadcast from the last pipeline stage.
+- `named_hf_weights()`: `convert.megatron_to_hf_named_tensors` (TP-gathered, HF names, one source per PP stage).
+- `save(path)` / `load(path)`: megatron dist_checkpointing (torch_dist format) of model, optimizer (distributed
+  optimizer state in megatron's `dp_reshardable` format, so a different DP size can resume; TP/PP must match), step counter (the LR
+  schedule is a function of it) and per-(pp, tp) RNG states, under `path/megatron`.
+- Not supported: context parallelism (cp > 1 raises; it needs TE attention and CP-aware packing) and EP > 1 together
+  with PP > 1 (the DP-outermost rank order cannot express it). bf16 (`model.dtype`) is meant for GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engines.megatron.convert import (
+    chunk_layers,
+    hf_to_megatron,
+    is_sync_source,
+    megatron_to_hf_named_tensors,
+)
+from engines.megatron.cpu_compat import enable_cpu_compat
+from engines.megatron.vocab_parallel import vocab_parallel_logprobs
+from pipeline.backend import LossFn, MicroBatch
+from pipeline.config import Config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RANK_ORDER = "tp-cp-ep-pp-dp"
+
+
+# --------------------------------------------------------------------------------------------------- HF weights
+class HFWeights:
+    """Lazy reader of a HF checkpoint directory: safetensors shards, else transformers' loader."""
+
+    def __init__(self, model_dir: str):
+        from safetensors import safe_open
+
+        self.model_dir = model_dir
+        self._where: dict[str, str] = {}
+        self._full: dict[str, torch.Tensor] | None = None
+        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+        for f in files:
+            with safe_open(os.path.join(model_dir, f), framework="pt") as h:
+                for k in h.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+                    self._where[k] = os.path.join(model_dir, f)
+        if not files:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+            self._full = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._full is not None:
+            if name not in self._full:
+                raise KeyError(f"model.path: {self.model_dir} has no tensor {name!r}")
+            return self._full[name]
+        if name not in self._where:
+            raise KeyError(f"model.path: {self.model_dir} has no tensor {name!r} in its safetensors files")
+        from safetensors import safe_open
+
+        with safe_open(self._where[name], framework="pt") as h:
+            return h.get_tensor(name)
+
+
+# --------------------------------------------------------------------------------------------------- packing
+@dataclass
+class PackedMicroBatch:
+    """One MicroBatch as a single packed row (THD) plus the indices to unpack per-token results to (B, T)."""
+
+    mb: MicroBatch
+    input_ids: torch.Tensor  # (1, t)
+    position_ids: torch.Tensor  # (1, t), restarting at 0 for every sequence
+    target: torch.Tensor  # (1, t): the next token of the same sequence (0 at a sequence's last token)
+    gather_idx: torch.Tensor  # (B, T): packed position whose prediction is about token (b, s)
+    valid: torch.Tensor  # (B, T) bool: s >= 1 and s < len(b)
+    cu_seqlens: torch.Tensor  # (n + 1,) int32
+    max_seqlen: int
+    real_tokens: int
+
+
+def pack_micro_batch(mb: MicroBatch, device: torch.device, pad_to: int = 0, align: int = 1) -> PackedMicroBatch:
+    """Pack a right-padded (B, T) MicroBatch into one row without padding. With `pad_to` > the packed length, or a
+    length that is not a multiple of `align`, pad tokens are appended as one extra segment (attending only to itself;
+    never a loss position): every micro-batch of a pipeline-parallel mini-batch gets the same shape, and sequence
+    parallelism gets a length divisible by tp."""
+    lengths = mb.attention_mask.sum(dim=1).tolist()
+    T = mb.input_ids.shape[1]
+    offsets = []
+    for b, n in enumerate(lengths):
+        if not bool(mb.attention_mask[b, :n].all()):
+            raise ValueError(f"MicroBatch row {b}: attention_mask must be right-padded (ones then zeros)")
+        offsets.append(sum(lengths[:b]))
+    real = int(sum(lengths))
+    total = max(real, pad_to, 1)
+    total = -(-total // align) * align
+    ids = torch.zeros(total, dtype=torch.long)
+    target = torch.zeros(total, dtype=torch.long)  # a sequence's last token predicts nothing in this batch
+    pos = torch.zeros(total, dtype=torch.long)
+    bounds = [0]
+    for b, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
+        if n == 0:
+            continue
+        ids[o : o + n] = mb.input_ids[b, :n]
+        target[o : o + n - 1] = mb.input_ids[b, 1:n]
+        pos[o : o + n] = torch.arange(n)
+        bounds.append(o + n)
+    if total > bounds[-1]:  # padding segment
+        pos[bounds[-1] :] = torch.arange(total - bounds[-1])
+        bounds.append(total)
+    s = torch.arange(T)
+    valid = (s >= 1) & (s < torch.tensor(lengths).unsqueeze(1))  # (B, T)
+    gather_idx = torch.where(valid, torch.tensor(offsets).unsqueeze(1) + s - 1, 0)
+    return PackedMicroBatch(
+        mb=mb,
+        input_ids=ids.view(1, -1).to(device),
+        position_ids=pos.view(1, -1).to(device),
+        target=target.view(1, -1).to(device),
+        gather_idx=gather_idx.to(device),
+        valid=valid.to(device),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
+        max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)),
+        real_tokens=real,
+    )
+
+
+def _empty_micro_batch(like: MicroBatch) -> MicroBatch:
+    """A one-token micro-batch with no loss tokens (pads the interleaved schedule's micro-batch count)."""
+    z = torch.zeros(1, 1)
+    return MicroBatch(
+        input_ids=torch.zeros(1, 1, dtype=torch.long),
+        attention_mask=torch.ones(1, 1, dtype=torch.long),
+        position_ids=torch.zeros(1, 1, dtype=torch.long),
+        loss_mask=z.clone(),
+        old_logprobs=z.clone(),
+        advantages=z.clone(),
+        prox_logprobs=z.clone() if like.prox_logprobs is not None else None,
+        global_tokens=like.global_tokens,
+        global_seqs=like.global_seqs,
+        max_new_tokens=like.max_new_tokens,
+    )
+
+
+def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    if device.type == "cpu":
+        return mb
+    fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()}
+    return MicroBatch(**fields)
+
+
+# --------------------------------------------------------------------------------------------------- backend
+class MegatronBackend:
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        p = cfg.trainer.parallel
+        dp = p.dp or world_size // (p.tp * p.pp * p.cp)
+        if p.tp * p.pp * p.cp * dp != world_size:
+            raise ValueError(f"trainer.parallel: tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{dp} != world size {world_size}")
+        if p.cp > 1:
+            raise NotImplementedError("trainer.parallel.cp > 1 is not supported by the megatron backend yet")
+        if p.ep > 1 and p.pp > 1:
+            raise NotImplementedError("trainer.parallel: ep > 1 together with pp > 1 is not supported")
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.dp_size = dp
+        self.dp_rank = rank // (p.tp * p.cp * p.pp)
+        self.tp_rank = rank % p.tp
+        self.pp_rank = (rank // (p.tp * p.cp)) % p.pp
+        self.is_sync_source = self.tp_rank == 0 and self.dp_rank == 0 and (rank // p.tp) % p.cp == 0
+        self.optimizer_steps = 0
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():  # torchrun: one GPU per local rank; a Ray actor sees only its own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, hf_model_dir: str) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        from transformers import AutoConfig
+
+        from engines.megatron.model import BuildOptions, build_model, te_available
+
+        enable_cpu_compat()
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "the megatron backend needs torch.distributed initialised by the caller "
+                "(init_process_group with this rank and world size) before setup()"
+            )
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise RuntimeError(
+                f"torch.distributed has rank {dist.get_rank()}/{dist.get_world_size()}, "
+                f"the backend was built for {self.rank}/{self.world_size}"
+            )
+        p = self.cfg.trainer.parallel
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
+            context_parallel_size=p.cp,
+            expert_model_parallel_size=p.ep,
+            order=RANK_ORDER,
+        )
+        assert ps.get_data_parallel_rank() == self.dp_rank and ps.get_tensor_model_parallel_rank() == self.tp_rank
+        assert ps.get_pipeline_model_parallel_rank() == self.pp_rank
+        model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
+
+        hf_config = AutoConfig.from_pretrained(hf_model_dir)
+        self.use_te = te_available() and torch.cuda.is_available()
+        opts = BuildOptions(
+            dtype=_DTYPES[self.cfg.model.dtype], recompute=self.cfg.trainer.recompute, use_te=self.use_te
+        )
+        chunks, self.tconfig, self.arch = build_model(hf_config, p, opts)
+        self._aux_coeff = float(self.tconfig.moe_aux_loss_coeff or 0.0)
+        self._load_hf(chunks, HFWeights(hf_model_dir))
+        self.chunks = self._wrap_ddp(chunks)
+        self.optimizer = self._build_optimizer()
+
+    def _load_hf(self, chunks: list[torch.nn.Module], weights: HFWeights) -> None:
+        from megatron.core import parallel_state as ps
+
+        p = self.cfg.trainer.parallel
+        for v, chunk in enumerate(chunks):
+            layers = chunk_layers(self.arch, p.pp, p.vpp, self.pp_rank, v)
+            if len(chunk.decoder.layers) and chunk.decoder.layers[0].layer_number - 1 != layers.start:
+                raise RuntimeError(
+                    f"layer offset mismatch: megatron {chunk.decoder.layers[0].layer_number - 1}, ours {layers.start}"
+                )
+            sd = hf_to_megatron(
+                weights.get, self.arch, tp_rank=self.tp_rank, tp=p.tp, pp_rank=self.pp_rank, pp=p.pp, vp_stage=v,
+                vpp=p.vpp, ep_rank=ps.get_expert_model_parallel_rank(), ep=p.ep, te=self.use_te,
+            )  # fmt: skip
+            missing, unexpected = chunk.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise RuntimeError(f"HF -> megatron load: missing {missing}, unexpected {unexpected}")
+
+    def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.cfg.trainer.distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        wrapped = [
+            DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=c, disable_bucketing=v > 0)
+            for v, c in enumerate(chunks)
+        ]
+        for w in wrapped:
+            w.broadcast_params()
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+        return wrapped
+
+    def _build_optimizer(self) -> Any:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        t = self.cfg.trainer
+        dtype = _DTYPES[self.cfg.model.dtype]
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=float(t.betas[0]),
+            adam_beta2=float(t.betas[1]),
+            adam_eps=1e-8,
+            clip_grad=t.grad_clip,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=t.distributed_optimizer,
+        )
+        return get_megatron_optimizer(config, self.chunks)
+
+    # ------------------------------------------------------------------ schedule
+    def current_lr(self) -> float:
+        t = self.cfg.trainer
+        if t.warmup_steps <= 0:
+            return t.lr
+        return t.lr * min(1.0, (self.optimizer_steps + 1) / t.warmup_steps)
+
+    def _apply_schedule(self) -> float:
+        lr, wd = self.current_lr(), self.cfg.trainer.weight_decay
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+            g["weight_decay"] = wd * g.get("wd_mult", 1.0)
+        return lr
+
+    # ------------------------------------------------------------------ compute
+    def _logprobs(self, packed: PackedMicroBatch, logits: torch.Tensor, with_entropy: bool):
+        """(B, T) logprobs and entropies (or None) from this TP rank's vocabulary slice of the packed logits."""
+        from megatron.core import parallel_state as ps
+
+        lp, ent = vocab_parallel_logprobs(
+            logits, packed.target, self.arch.vocab_size, ps.get_tensor_model_parallel_group(), with_entropy
+        )
+        lp = torch.where(packed.valid, lp[0][packed.gather_idx], 0.0)
+        if ent is not None:
+            if self.cfg.algorithm.entropy_coef == 0:
+                ent = ent.detach()
+            ent = torch.where(packed.valid, ent[0][packed.gather_idx], 0.0)
+        return lp, ent
+
+    def _forward_step(self, loss_fn: LossFn | None, data_iterator: Iterator[PackedMicroBatch], model: Any):
+        packed = next(data_iterator)
+        psp = _packed_seq_params(packed)
+        logits = model(
+            input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, packed_seq_params=psp
+        )
+        return logits, partial(self._loss, loss_fn, packed)
+
+    def _loss(self, loss_fn: LossFn | None, packed: PackedMicroBatch, logits: torch.Tensor):
+        """Megatron's loss_func: (loss share, 0 tokens, reported dict); see the module docstring for the 0."""
+        no_tokens = torch.zeros((), dtype=torch.int, device=logits.device)
+        if loss_fn is None:  # forward_logprobs
+            lp, _ = self._logprobs(packed, logits, with_entropy=False)
+            return logits.new_zeros(()), no_tokens, {"logprobs": lp.detach()}
+        lp, ent = self._logprobs(packed, logits, with_entropy=True)
+        loss, metrics = loss_fn(lp, ent, _to_device(packed.mb, logits.device))
+        return loss, no_tokens, {k: v.detach().float() for k, v in metrics.items()}
+
+    def _run(
+        self, micro_batches: list[MicroBatch], loss_fn: LossFn | None
+    ) -> tuple[list[dict], list[PackedMicroBatch]]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        p = self.cfg.trainer.parallel
+        mbs = list(micro_batches)
+        if p.vpp > 1 and len(mbs) % p.pp:
+            mbs += [_empty_micro_batch(mbs[0]) for _ in range(p.pp - len(mbs) % p.pp)]
+        # Pipeline stages exchange activations of one fixed shape: pad every pack to the longest one (megatron's
+        # variable_seq_lengths shape exchange broke the interleaved schedule at pp=2 on gloo).
+        pad_to = max(int(mb.attention_mask.sum()) for mb in mbs) if p.pp > 1 else 0
+        align = p.tp if self.tconfig.sequence_parallel else 1
+        packed = [pack_micro_batch(mb, self.device, pad_to, align) for mb in mbs]
+        if self.arch.num_experts:
+            # Megatron adds each micro-batch's MoE aux loss unscaled under calculate_per_token_loss, and DDP sums
+            # over DP: divide the coefficient so the aux term is the mean over micro-batches and DP ranks.
+            self.tconfig.moe_aux_loss_coeff = self._aux_coeff / (len(micro_batches) * self.dp_size)
+        iters: Any = [iter(packed) for _ in self.chunks] if len(self.chunks) > 1 else iter(packed)
+        out = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_fn),
+            data_iterator=iters,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(packed),
+            seq_length=max(pk.input_ids.shape[1] for pk in packed),
+            micro_batch_size=1,
+            forward_only=loss_fn is None,
+        )
+        return out, packed[: len(micro_batches)]
+
+    @torch.no_grad()
+    def forward_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+        from megatron.core import parallel_state as ps
+
+        enable_cpu_compat()
+        for c in self.chunks:
+            c.eval()
+        out, _ = self._run(micro_batches, None)
+        result = []
+        for i, mb in enumerate(micro_batches):
+            lp = out[i]["logprobs"] if out else torch.zeros(mb.input_ids.shape, device=self.device)
+            result.append(self._from_last_stage(lp.float().contiguous(), ps).cpu())
+        return result
+
+    def train_minibatch(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
+        enable_cpu_compat()
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self._apply_schedule()
+        out, packed = self._run(micro_batches, loss_fn)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError("megatron optimizer step failed (non-finite gradients)")
+        self.optimizer_steps += 1
+        sums: dict[str, float] = {}
+        for d in out[: len(micro_batches)]:
+            for k, v in d.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        metrics = self._reduce_metrics(sums)
+        real = sum(pk.real_tokens for pk in packed)
+        padded = sum(pk.mb.input_ids.numel() for pk in packed)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["lr"] = lr
+        metrics["packed_tokens"] = float(real)
+        metrics["packing_efficiency"] = real / max(sum(pk.input_ids.shape[1] for pk in packed), 1)
+        metrics["padded_layout_efficiency"] = real / max(padded, 1)
+        return metrics
+
+    # ------------------------------------------------------------------ metric plumbing
+    def _from_last_stage(self, t: torch.Tensor, ps: Any) -> torch.Tensor:
+        """Broadcast a tensor of known shape from the last pipeline stage to the other stages."""
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return t
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        return t
+
+    def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Last stage: SUM over DP; then every pipeline stage receives the result."""
+        from megatron.core import parallel_state as ps
+
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        keys = sorted(sums)
+        if last and keys and self.dp_size > 1:
+            vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(vec, group=ps.get_data_parallel_group())
+            sums = dict(zip(keys, vec.tolist(), strict=True))
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return sums
+        payload = json.dumps(sums if last else {}).encode()
+        n = self._from_last_stage(torch.tensor([len(payload)], dtype=torch.int64, device=self.device), ps)
+        buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=self.device)
+        if last:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        buf = self._from_last_stage(buf, ps)
+        return json.loads(bytes(buf.cpu().tolist()).decode())
+
+    # ------------------------------------------------------------------ weights and state
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        enable_cpu_compat()
+        assert is_sync_source() == self.is_sync_source
+        yield from megatron_to_hf_named_tensors(self.chunks, self.arch, te=self.use_te)
+
+    def _sharded_state(self, is_loading: bool) -> dict[str, Any]:
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
+        state: dict[str, Any] = {}
+        for v, c in enumerate(self.chunks):
+            state["model" if len(self.chunks) == 1 else f"model{v}"] = c.module.sharded_state_dict(metadata=metadata)
+        model_sd = state if len(self.chunks) > 1 else state["model"]
+        state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+        pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+        rng = {"cpu": torch.get_rng_state(), "tracker": _tracker_states()}
+        state["rng_state"] = ShardedObject(
+            "rng_state", rng, (pp, tp), (self.pp_rank, self.tp_rank), replica_id=self.dp_rank
+        )
+        state["optimizer_steps"] = self.optimizer_steps
+        return state
+
+    def _materialise_optimizer_state(self) -> None:
+        """Give a fresh optimizer its Adam state (step 1, zero moments) with a zero-gradient, lr=0, wd=0 step, which
+        leaves the parameters unchanged: megatron's distributed-optimizer state_dict (needed to build the loading
+        template) requires a step count, and torch's AdamW only creates one at its first step."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            if inner is None or any(len(st) for st in inner.state.values()):
+                continue
+            saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+            for g in inner.param_groups:
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+                for p in g["params"]:
+                    p.grad = torch.zeros_like(p)
+            inner.step()
+            for g, (lr, wd) in zip(inner.param_groups, saved, strict=True):
+                g["lr"], g["weight_decay"] = lr, wd
+            inner.zero_grad(set_to_none=True)
+
+    def _unshare_adam_steps(self) -> None:
+        """megatron's loader gives every torch-AdamW state the same `step` tensor object; torch increments each
+        state's step in place, so a shared one would advance once per parameter per step. Give each its own copy."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            for st in inner.state.values() if inner is not None else ():
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].clone()
+
+    def save(self, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        enable_cpu_compat()
+        _shim_psutil_memory_log()
+        target = os.path.join(path, "megatron")
+        if self.rank == 0:
+            os.makedirs(target, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(is_loading=False), target)
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        enable_cpu_compat()
+        self._materialise_optimizer_state()
+        state = dist_checkpointing.load(self._sharded_state(is_loading=True), os.path.join(path, "megatron"))
+        for v, c in enumerate(self.chunks):
+            c.module.load_state_dict(state["model" if len(self.chunks) == 1 else f"model{v}"])
+        with torch.no_grad():  # megatron's dp_reshardable loader copies into leaf parameters without no_grad
+            self.optimizer.load_state_dict(state["optimizer"])
+        self._unshare_adam_steps()
+        rng = state["rng_state"]
+        torch.set_rng_state(rng["cpu"])
+        _set_tracker_states(rng["tracker"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+
+def _shim_psutil_memory_log() -> None:
+    """megatron's torch_dist writer logs process memory with psutil and raises when psutil is missing; it is only
+    a log line, so without psutil report 0 bytes instead (install psutil to get the real numbers)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not getattr(filesystem_async, "HAVE_PSUTIL", True):
+        filesystem_async._process_memory = lambda: 0
+
+
+def _packed_seq_params(packed: PackedMicroBatch) -> Any:
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=packed.cu_seqlens,
+        cu_seqlens_kv=packed.cu_seqlens,
+        max_seqlen_q=packed.max_seqlen,
+        max_seqlen_kv=packed.max_seqlen,
+    )
+
+
+def _tracker_states() -> dict[str, torch.Tensor]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker().get_states()
+
+
+def _set_tracker_states(states: dict[str, torch.Tensor]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(states)
+
+
+def build_backend(cfg: Config, rank: int, world_size: int) -> MegatronBackend:
+    """One trainer rank (see the module docstring); torch.distributed must already be initialised."""
+    return MegatronBackend(cfg, rank, world_size)

@@ -1,0 +1,198 @@
+"""Helpers for the megatron tests and benchmark: tiny HF checkpoints, configs, and multi-process gloo runs.
+
+Contract:
+- `save_tiny_hf(path, model_type=..., vocab_size=..., tie=..., seed=...)` writes a tiny random HF causal LM
+  (safetensors + config.json) with non-trivial biases and norm weights, and returns the model (float32, eval).
+- `tiny_config(tp, pp, dp, vpp=1, **trainer)` returns a `Config` for the megatron backend (dropout is always 0).
+- `spawn(fn, world_size, *args, timeout_s)` runs `fn(rank, world_size, port, *args)` in `world_size` fresh
+  processes (start method forkserver with megatron preloaded; a free 127.0.0.1 port for the rendezvous), and raises if one fails or the run
+  exceeds the timeout. `init_dist(rank, world_size, port)` is what `fn` calls first (gloo, 1 thread).
+- `random_micro_batches(...)` builds right-padded MicroBatches with variable lengths, advantages and behaviour
+  logprobs, deterministic in a seed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+
+from pipeline.backend import MicroBatch
+from pipeline.config import Config
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_dist(rank: int, world_size: int, port: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+# Imported once by the forkserver, then inherited by every worker it forks: a worker starts in well under a second
+# instead of paying ~10 s of megatron/transformers imports each time.
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "transformers",
+    "megatron.core.models.gpt",
+    "megatron.core.optimizer",
+    "megatron.core.distributed",
+    "megatron.core.pipeline_parallel",
+    "megatron.core.dist_checkpointing",
+    "engines.megatron.backend",
+    "pipeline.algorithm.losses",
+]
+
+
+def spawn(fn: Any, world_size: int, *args: Any, timeout_s: float = 120.0) -> None:
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    ctx = mp.start_processes(
+        fn, args=(world_size, free_port(), *args), nprocs=world_size, join=False, start_method="forkserver"
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"distributed run of {fn.__name__} exceeded {timeout_s} s")
+
+
+_EXTRA: dict[str, dict[str, Any]] = {
+    "qwen3": {"head_dim": 24},
+    "qwen3_moe": {
+        "head_dim": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "router_aux_loss_coef": 0.0,
+        "norm_topk_prob": True,
+    },  # fmt: skip
+}
+
+
+def save_tiny_hf(
+    path: str,
+    model_type: str = "qwen2",
+    vocab_size: int = 200,
+    tie: bool = True,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,  # logits of order 1, so that a 1e-4 comparison means something
+        **_EXTRA.get(model_type, {}),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).float().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.3)
+                elif "norm" in name:
+                    p.uniform_(0.6, 1.4)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def tiny_config(tp: int = 1, pp: int = 1, dp: int = 1, vpp: int = 1, **trainer: Any) -> Config:
+    cfg = Config()
+    cfg.data.train_path = "synthetic:arith"
+    t = cfg.trainer
+    t.backend = "megatron"
+    t.world_size = tp * pp * dp
+    t.parallel.tp, t.parallel.pp, t.parallel.dp, t.parallel.vpp = tp, pp, dp, vpp
+    t.lr, t.warmup_steps, t.weight_decay, t.grad_clip = 1e-2, 0, 0.1, 1.0
+    for k, v in trainer.items():
+        setattr(t, k, v)
+    return cfg
+
+
+def random_micro_batches(
+    n: int, rows: int, vocab_size: int, seed: int = 0, min_len: int = 4, max_len: int = 24
+) -> list[MicroBatch]:
+    """n right-padded micro-batches of `rows` sequences; prompt = first third, response = the rest."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n, rows), generator=g)
+    total_tokens = 0.0
+    out = []
+    for i in range(n):
+        T = int(lengths[i].max())
+        ids = torch.zeros(rows, T, dtype=torch.long)
+        att = torch.zeros(rows, T, dtype=torch.long)
+        loss_mask = torch.zeros(rows, T)
+        for r in range(rows):
+            L = int(lengths[i, r])
+            ids[r, :L] = torch.randint(1, vocab_size, (L,), generator=g)
+            att[r, :L] = 1
+            loss_mask[r, max(L // 3, 1) : L] = 1.0
+        adv = torch.randn(rows, 1, generator=g).expand(rows, T) * loss_mask
+        old = (-torch.rand(rows, T, generator=g) * 3 - 2.5) * loss_mask  # near uniform over ~200 tokens
+        total_tokens += float(loss_mask.sum())
+        out.append(
+            MicroBatch(
+                input_ids=ids,
+                attention_mask=att,
+                position_ids=torch.arange(T).expand(rows, T).contiguous(),
+                loss_mask=loss_mask,
+                old_logprobs=old,
+                advantages=adv.contiguous(),
+            )
+        )
+    for mb in out:
+        mb.global_tokens = total_tokens
+        mb.global_seqs = float(n * rows)
+    return out
+
+
+def merge_micro_batches(mbs: list[MicroBatch]) -> MicroBatch:
+    """One right-padded micro-batch holding every row of `mbs` (same global counts): a different split of the
+    same mini-batch."""
+    T = max(mb.input_ids.shape[1] for mb in mbs)
+
+    def cat(name: str) -> torch.Tensor:
+        parts = [getattr(mb, name) for mb in mbs]
+        return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1])) for p in parts], dim=0)
+
+    rows = sum(mb.input_ids.shape[0] for mb in mbs)
+    return MicroBatch(
+        input_ids=cat("input_ids"),
+        attention_mask=cat("attention_mask"),
+        position_ids=torch.arange(T).expand(rows, T).contiguous(),
+        loss_mask=cat("loss_mask"),
+        old_logprobs=cat("old_logprobs"),
+        advantages=cat("advantages"),
+        global_tokens=mbs[0].global_tokens,
+        global_seqs=mbs[0].global_seqs,
+        max_new_tokens=mbs[0].max_new_tokens,
+    )
