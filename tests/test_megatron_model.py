@@ -17,7 +17,7 @@ def _logits_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from transformers import AutoConfig
 
-    from engines.megatron.backend import HFWeights, build_backend
+    from engines.megatron.backend import HFWeights, MegatronBackend, build_backend
     from engines.megatron.convert import hf_to_megatron
     from engines.megatron.cpu_compat import enable_cpu_compat
     from engines.megatron.model import build_model
@@ -41,10 +41,13 @@ def _logits_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
         results[kind] = (tuple(out.shape), (out[..., : arch.vocab_size] - ref).abs().max().item())
     ps.destroy_model_parallel()
 
+    mbs = random_micro_batches(2, 3, 200, seed=5)
     backend = build_backend(tiny_config(), 0, 1)
     backend.setup(os.path.join(tmp, "qwen2"))
-    mbs = random_micro_batches(2, 3, 200, seed=5)
     results["logprobs"] = backend.forward_logprobs(mbs)
+    padded = MegatronBackend(tiny_config(), 0, 1, packing=False)  # the unpacked (B, T) baseline layout
+    padded.setup(os.path.join(tmp, "qwen2"))
+    results["padded_logprobs"] = padded.forward_logprobs(mbs)
     torch.save(results, os.path.join(tmp, "results.pt"))
 
 
@@ -86,8 +89,9 @@ def test_packed_forward_logprobs_equal_hf(run):
     results, models = run
     mbs = random_micro_batches(2, 3, 200, seed=5)
     assert any((mb.attention_mask == 0).any() for mb in mbs)  # padding present: packing is exercised
-    for mb, got in zip(mbs, results["logprobs"], strict=True):
+    for mb, got, unpacked in zip(mbs, results["logprobs"], results["padded_logprobs"], strict=True):
         want = _hf_logprobs(models["qwen2"], mb)
+        assert (unpacked - want).abs().max().item() < 1e-4
         assert got.shape == mb.input_ids.shape
         assert (got[:, 0] == 0).all() and (got[mb.attention_mask == 0] == 0).all()
         assert (got - want).abs().max().item() < 1e-4

@@ -13,22 +13,31 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   the batch; TP/CP/PP peers of one DP replica receive the same micro-batches.
 - LR: constant after a linear warm-up, `lr * min(1, (k + 1) / warmup_steps)` at optimizer step k (as the fsdp
   backend), applied with each group's `lr_mult`/`wd_mult`.
-- `train_minibatch(micro_batches, loss_fn)`: each micro-batch is packed into one row without padding (THD:
-  sequences back to back, `PackedSeqParams(cu_seqlens)`, RoPE positions restarting per sequence, attention within
-  each sequence only), run through megatron's `get_forward_backward_func()` (no pipelining, 1F1B, or interleaved
-  with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches to a multiple of pp). On the last
-  stage the logits stay vocabulary-parallel: `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and
+- `train_minibatch(micro_batches, loss_fn)`: each micro-batch (the trainer groups samples by count, or by token
+  budget with `trainer.max_tokens_per_micro_batch`) is packed into one row without padding (THD: sequences back to
+  back, `PackedSeqParams(cu_seqlens)`, RoPE positions restarting per sequence, attention within each sequence only;
+  on CPU via `model.SDPACoreAttention`, on GPU via TE). With pp > 1 every pack of the mini-batch is padded to the
+  longest one (stages exchange one activation shape) and with sequence parallelism to a multiple of tp; the padding
+  is one extra segment that no loss position reads. Then megatron's `get_forward_backward_func()` runs them (no
+  pipelining, 1F1B, or interleaved with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches
+  to a multiple of pp). On the last stage the logits stay vocabulary-parallel: `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and
   entropies, which are unpacked to the (B, T) layout of the MicroBatch before calling `loss_fn(logprobs, entropy,
   mb)`. Gradient = the exact SUM of the loss shares over micro-batches and DP ranks: the model runs with
   `calculate_per_token_loss=True` (megatron then neither divides by the number of micro-batches nor averages over
   DP: DDP's gradient scaling factor is 1) and every micro-batch reports 0 tokens, so `finalize_model_grads` skips
-  its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, packing statistics
-  and the loss_fn metric shares summed over micro-batches and all-reduced (SUM) over DP, on every rank.
+  its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, the loss_fn metric
+  shares summed over micro-batches and all-reduced (SUM) over DP, on every rank, and this rank's packing numbers:
+  `packed_tokens` (real tokens), `packing_efficiency` (real tokens / positions the model computed; 1.0 unless pp > 1
+  or sequence parallelism padded the packs) and `padded_layout_efficiency` (real tokens / B*T of the micro-batches
+  as given: what the padded layout would have computed). `MegatronBackend(..., packing=False)` runs the padded
+  layout instead (benchmarks/bench_megatron.py's baseline; pp = 1 only).
 - `forward_logprobs`: the same forward without grad; the result is broadcast from the last pipeline stage.
-- `named_hf_weights()`: `convert.megatron_to_hf_named_tensors` (TP-gathered, HF names, one source per PP stage).
+- `named_hf_weights()`: `convert.megatron_to_hf_named_tensors` (TP-gathered, HF names). Sources: `is_sync_source`
+  ranks (tp = dp = cp rank 0), one per PP stage, `pp_rank` being the stage; each yields its own stage's tensors.
+  Every rank must iterate it (TP peers take part in the gathers). Replicated tensors are live views of parameters.
 - `save(path)` / `load(path)`: megatron dist_checkpointing (torch_dist format) of model, optimizer (distributed
-  optimizer state in megatron's `dp_reshardable` format, so a different DP size can resume; TP/PP must match), step counter (the LR
-  schedule is a function of it) and per-(pp, tp) RNG states, under `path/megatron`.
+  optimizer state in megatron's `dp_reshardable` format, so a different DP size can resume; TP/PP must match),
+  step counter (the LR schedule is a function of it) and per-(pp, tp) RNG states, under `path/megatron`.
 - Not supported: context parallelism (cp > 1 raises; it needs TE attention and CP-aware packing) and EP > 1 together
   with PP > 1 (the DP-outermost rank order cannot express it). bf16 (`model.dtype`) is meant for GPUs.
 """
@@ -97,15 +106,16 @@ class HFWeights:
 # --------------------------------------------------------------------------------------------------- packing
 @dataclass
 class PackedMicroBatch:
-    """One MicroBatch as a single packed row (THD) plus the indices to unpack per-token results to (B, T)."""
+    """A MicroBatch as the model sees it, plus the indices to unpack per-token results to its (B, T) layout: one
+    packed row (THD, `cu_seqlens` set), or the padded (B, T) layout itself (`cu_seqlens` None; `packing=False`)."""
 
     mb: MicroBatch
-    input_ids: torch.Tensor  # (1, t)
-    position_ids: torch.Tensor  # (1, t), restarting at 0 for every sequence
-    target: torch.Tensor  # (1, t): the next token of the same sequence (0 at a sequence's last token)
-    gather_idx: torch.Tensor  # (B, T): packed position whose prediction is about token (b, s)
+    input_ids: torch.Tensor  # (1, t) packed, or (B, T)
+    position_ids: torch.Tensor  # same shape; restarting at 0 for every sequence
+    target: torch.Tensor  # same shape: the next token of the same sequence (0 at a sequence's last token)
+    gather_idx: torch.Tensor  # (B, T): flat model position whose prediction is about token (b, s)
     valid: torch.Tensor  # (B, T) bool: s >= 1 and s < len(b)
-    cu_seqlens: torch.Tensor  # (n + 1,) int32
+    cu_seqlens: torch.Tensor | None  # (n + 1,) int32
     max_seqlen: int
     real_tokens: int
 
@@ -155,6 +165,28 @@ def pack_micro_batch(mb: MicroBatch, device: torch.device, pad_to: int = 0, alig
     )
 
 
+def padded_micro_batch(mb: MicroBatch, device: torch.device) -> PackedMicroBatch:
+    """The unpacked baseline: the right-padded (B, T) layout as is (causal attention; padding computed and ignored)."""
+    B, T = mb.input_ids.shape
+    lengths = mb.attention_mask.sum(dim=1)
+    target = torch.zeros(B, T, dtype=torch.long)
+    target[:, :-1] = mb.input_ids[:, 1:]
+    s = torch.arange(T)
+    valid = (s >= 1) & (s < lengths.unsqueeze(1))
+    gather_idx = torch.where(valid, torch.arange(B).unsqueeze(1) * T + s - 1, 0)
+    return PackedMicroBatch(
+        mb=mb,
+        input_ids=mb.input_ids.to(device),
+        position_ids=s.expand(B, T).contiguous().to(device),
+        target=target.to(device),
+        gather_idx=gather_idx.to(device),
+        valid=valid.to(device),
+        cu_seqlens=None,
+        max_seqlen=T,
+        real_tokens=int(lengths.sum()),
+    )
+
+
 def _empty_micro_batch(like: MicroBatch) -> MicroBatch:
     """A one-token micro-batch with no loss tokens (pads the interleaved schedule's micro-batch count)."""
     z = torch.zeros(1, 1)
@@ -181,8 +213,13 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
 
 # --------------------------------------------------------------------------------------------------- backend
 class MegatronBackend:
-    def __init__(self, cfg: Config, rank: int, world_size: int):
+    def __init__(self, cfg: Config, rank: int, world_size: int, packing: bool = True):
+        """`packing=False` runs the padded (B, T) layout instead of THD packing: the benchmark's baseline (pp=1
+        only, as pipeline stages need one activation shape)."""
         p = cfg.trainer.parallel
+        if not packing and p.pp > 1:
+            raise ValueError("the padded layout (packing=False) needs trainer.parallel.pp = 1")
+        self.packing = packing
         dp = p.dp or world_size // (p.tp * p.pp * p.cp)
         if p.tp * p.pp * p.cp * dp != world_size:
             raise ValueError(f"trainer.parallel: tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{dp} != world size {world_size}")
@@ -333,16 +370,16 @@ class MegatronBackend:
         lp, ent = vocab_parallel_logprobs(
             logits, packed.target, self.arch.vocab_size, ps.get_tensor_model_parallel_group(), with_entropy
         )
-        lp = torch.where(packed.valid, lp[0][packed.gather_idx], 0.0)
+        lp = torch.where(packed.valid, lp.reshape(-1)[packed.gather_idx], 0.0)
         if ent is not None:
             if self.cfg.algorithm.entropy_coef == 0:
                 ent = ent.detach()
-            ent = torch.where(packed.valid, ent[0][packed.gather_idx], 0.0)
+            ent = torch.where(packed.valid, ent.reshape(-1)[packed.gather_idx], 0.0)
         return lp, ent
 
     def _forward_step(self, loss_fn: LossFn | None, data_iterator: Iterator[PackedMicroBatch], model: Any):
         packed = next(data_iterator)
-        psp = _packed_seq_params(packed)
+        psp = _packed_seq_params(packed) if packed.cu_seqlens is not None else None
         logits = model(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, packed_seq_params=psp
         )
@@ -371,7 +408,10 @@ class MegatronBackend:
         # variable_seq_lengths shape exchange broke the interleaved schedule at pp=2 on gloo).
         pad_to = max(int(mb.attention_mask.sum()) for mb in mbs) if p.pp > 1 else 0
         align = p.tp if self.tconfig.sequence_parallel else 1
-        packed = [pack_micro_batch(mb, self.device, pad_to, align) for mb in mbs]
+        if self.packing:
+            packed = [pack_micro_batch(mb, self.device, pad_to, align) for mb in mbs]
+        else:
+            packed = [padded_micro_batch(mb, self.device) for mb in mbs]
         if self.arch.num_experts:
             # Megatron adds each micro-batch's MoE aux loss unscaled under calculate_per_token_loss, and DDP sums
             # over DP: divide the coefficient so the aux term is the mean over micro-batches and DP ranks.
@@ -383,7 +423,7 @@ class MegatronBackend:
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(packed),
             seq_length=max(pk.input_ids.shape[1] for pk in packed),
-            micro_batch_size=1,
+            micro_batch_size=packed[0].input_ids.shape[0],
             forward_only=loss_fn is None,
         )
         return out, packed[: len(micro_batches)]
@@ -424,7 +464,7 @@ class MegatronBackend:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["lr"] = lr
         metrics["packed_tokens"] = float(real)
-        metrics["packing_efficiency"] = real / max(sum(pk.input_ids.shape[1] for pk in packed), 1)
+        metrics["packing_efficiency"] = real / max(sum(pk.input_ids.numel() for pk in packed), 1)
         metrics["padded_layout_efficiency"] = real / max(padded, 1)
         return metrics
 
