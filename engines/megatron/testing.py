@@ -6,7 +6,7 @@ Contract:
 - `tiny_config(tp, pp, dp, vpp=1, **trainer)` returns a `Config` for the megatron backend (dropout is always 0).
 - `spawn(fn, world_size, *args, timeout_s)` runs `fn(rank, world_size, port, *args)` in `world_size` fresh
   processes (start method forkserver with megatron preloaded; a free 127.0.0.1 port for the rendezvous), and raises if one fails or the run
-  exceeds the timeout. `init_dist(rank, world_size, port)` is what `fn` calls first (gloo, 1 thread).
+  exceeds the timeout. `init_dist(rank, world_size, port)` is what `fn` calls first (gloo unless told, 1 thread).
 - `random_micro_batches(...)` builds right-padded MicroBatches with variable lengths, advantages and behaviour
   logprobs, deterministic in a seed.
 """
@@ -30,12 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_dist(rank: int, world_size: int, port: int) -> None:
+def init_dist(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    os.environ.update(LOCAL_RANK=str(rank))
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
 
 
 # Imported once by the forkserver, then inherited by every worker it forks: a worker starts in well under a second
