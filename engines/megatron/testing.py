@@ -13,7 +13,9 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -33,6 +35,7 @@ def free_port() -> int:
 def init_dist(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
     import torch.distributed as dist
 
+    os.setpgrp()  # own process group: a timed-out run is killed with its helpers (megatron's checkpoint writers)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.update(LOCAL_RANK=str(rank))
@@ -69,6 +72,8 @@ def spawn(fn: Any, world_size: int, *args: Any, timeout_s: float = 120.0) -> Non
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(p.pid, signal.SIGKILL)
                     p.kill()
             raise TimeoutError(f"distributed run of {fn.__name__} exceeded {timeout_s} s")
 
