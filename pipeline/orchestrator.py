@@ -93,6 +93,9 @@ class TrainerActor:
     def is_sync_source(self) -> bool:
         return self.worker.backend.is_sync_source
 
+    def pp_stage(self) -> int:
+        return getattr(self.worker.backend, "pp_rank", 0)
+
     def connect_weight_sync(self, urls: list[str], engine_tp: list[int]) -> None:
         if not self.worker.backend.is_sync_source:
             return
@@ -101,7 +104,7 @@ class TrainerActor:
         if self.sender is not None:
             self.sender.close()
         self.sender = WeightSyncSender(
-            urls, self.cfg.weight_sync, api_key=engine_api_key(self.cfg), engine_tp=engine_tp
+            urls, self.cfg.weight_sync, api_key=engine_api_key(self.cfg), engine_tp=engine_tp, stage=self.pp_stage()
         )
         self.sender.connect()
 
@@ -110,14 +113,24 @@ class TrainerActor:
         if self.sender is not None:
             self.sender.reconnect(urls, engine_tp)
 
-    def sync_weights(self, version: int) -> dict[str, float]:
-        tensors = self.worker.backend.named_hf_weights()  # every rank runs it: it may gather across ranks
+    def sync_weights(self, version: int, pause: bool = True) -> dict[str, float]:
+        """Every rank of a stage calls this together (the HF tensors are gathered across TP); the stage's source
+        sends them. With several stages the driver pauses once, syncs stage by stage, then resumes."""
+        tensors = self.worker.backend.named_hf_weights()
         if self.sender is None:
             for _ in tensors:
                 pass
             return {}
-        stats = self.sender.sync(tensors, version)
+        stats = self.sender.sync(tensors, version, pause=pause)
         return {"time/weight_sync(s)": stats.seconds, "perf/weight_sync_gbps": stats.gbps}
+
+    def pause_engines(self) -> None:
+        if self.sender is not None:
+            self.sender.pause()
+
+    def resume_engines(self, version: int) -> None:
+        if self.sender is not None:
+            self.sender.resume(version)
 
     def save(self, path: str) -> None:
         self.worker.backend.save(path)

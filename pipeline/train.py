@@ -70,7 +70,7 @@ def train(cfg: Config) -> RunResult:
         )
         step, version, rollout_state = _resume(cfg, run_dir, trainers, buffer)
         if version > 0:  # engines start from the initial weights: bring them to the checkpoint's
-            ray.get([a.sync_weights.remote(version) for a in trainers])
+            _broadcast(trainers, version)
         rollout = cluster.launch_rollout(model_dir, buffer.address, rollout_state, version)
         logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
         evaluator = live_eval_or_none(cfg, urls, model_dir)
@@ -181,11 +181,29 @@ class _StopFlag:
 def _sync(rollout: ray.actor.ActorHandle, trainers: list, version: int) -> dict[str, float]:
     """pause/abort in-flight work -> broadcast -> engines at `version` -> rollout resumes under it."""
     ray.get(rollout.before_weight_update.remote())
-    stats = ray.get([a.sync_weights.remote(version) for a in trainers])
+    out = _broadcast(trainers, version)
     ray.get(rollout.after_weight_update.remote(version))
+    return out
+
+
+def _broadcast(trainers: list, version: int) -> dict[str, float]:
+    """One stage: its source pauses, sends and resumes the engines. Several pipeline stages: pause once, then each
+    stage in turn (an engine receives on one group at a time), then resume once."""
+    stages = ray.get([a.pp_stage.remote() for a in trainers])
     out: dict[str, float] = {}
-    for s in stats:
-        out.update(s)
+    if max(stages) == 0:
+        for stats in ray.get([a.sync_weights.remote(version) for a in trainers]):
+            out.update(stats)
+        return out
+    first = trainers[stages.index(0)]
+    ray.get(first.pause_engines.remote())
+    seconds = 0.0
+    for stage in range(max(stages) + 1):
+        members = [a for a, s in zip(trainers, stages, strict=True) if s == stage]
+        for stats in ray.get([a.sync_weights.remote(version, pause=False) for a in members]):
+            seconds += stats.get("time/weight_sync(s)", 0.0)
+    ray.get(first.resume_engines.remote(version))
+    out["time/weight_sync(s)"] = seconds
     return out
 
 
@@ -214,7 +232,7 @@ def _heal(cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str
     urls = cluster.live_urls
     ray.get([a.reconnect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls)) for a in trainers])
     ray.get(rollout.before_weight_update.remote())
-    ray.get([a.sync_weights.remote(version) for a in trainers])
+    _broadcast(trainers, version)
     ray.get(rollout.after_weight_update.remote(version))
     return {"engine/restarts": float(sum(cluster.restarts)), "engine/alive": float(len(urls))}
 

@@ -55,7 +55,7 @@ def test_base_chain_and_missing_file(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"base: {TINY}\ntrainer: {{total_steps: 3}}\n")
     cfg = load_config(child)
-    assert cfg.trainer.total_steps == 3 and cfg.data.train_path == "synthetic:arith"
+    assert cfg.trainer.total_steps == 3 and cfg.data.train_path == "synthetic:arith?split=train"
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=r"^data.train_path: required"):
