@@ -12,12 +12,28 @@ are views into a preallocated buffer. To keep the machine's memory in bounds the
 copies it in; only the final resting place is shared). The flat baseline: each receiver posts one broadcast of
 the whole payload straight into that buffer while the sender broadcasts its flat buffer on the same group.
 
-Measured per run (best of `repeats`, modes alternating because the machine is shared): sync wall time (pause to
-verified version) and GB/s for bucket sizes 64/256/512 MiB, pipelined (prefetch 1: the next bucket is flattened
-while the current one is on the wire) and sequential (prefetch 0); flat baseline time. Ratios: bucketed/flat
-(GB/s; target >= 0.8) and pipelined/sequential. One untimed sync per layout verifies, per receiver, a sha256 of
-what it received against the sender's (weight_sync.checksum). Memory: sender payload + at most 2 buckets;
-receivers: one shared payload + one bucket each (1.5B at 512 MiB: ~8.2 GB in all).
+Measured (best of `repeats`; modes alternate because the machine is shared), for bucket sizes 64/256/512 MiB:
+- pipelined: `WeightSyncSender.sync` (pause to verified version), prefetch 1 (the next bucket is flattened while
+  the current one is on the wire), receivers as the engine receives;
+- sequential: the same with prefetch 0;
+- pipelined_reuse: pipelined, but the receivers reuse one receive buffer instead of the engine's fresh allocation
+  per bucket (see `_ReuseReceiveBuffer`): what the engine would reach with a cached buffer;
+- wire_only: the sender's bucket stream and broadcast without the per-bucket HTTP and without the engine's receive
+  path (receivers take every bucket into one reused buffer and apply nothing): the cost of bucketing itself;
+and the flat baseline: one broadcast of all bytes, received in place. Ratios: bucketed/flat in GB/s (target >= 0.8)
+for each receive path, pipelined/sequential. One untimed sync per layout verifies, per receiver, a sha256 of what
+it received against the sender's (weight_sync.checksum). Memory: sender payload + at most 2 pooled buckets;
+receivers: one shared payload + one bucket each. Measured peak (sum of RSS, the shared payload counted once):
+~3.3 GB for 0.5B, ~9.0 GB for 1.5B (sender 4.8 GB, payload 3.1 GB, receivers ~0.5 GB each); --quick runs 0.5B only.
+
+Measured on the shared 2-core CPU VM (gloo over loopback, best of 3, 2026-11-25), bucketed/flat in GB/s:
+  1.5B (flat 1.88 s = 1.64 GB/s)  64 MiB: engine path 0.33, reused receive buffer 0.60, wire only 0.95
+                                  256 MiB: 0.33 / 0.64 / 0.84     512 MiB: 0.35 / 0.66 / 0.85
+  0.5B (flat 0.88 s = 1.13 GB/s)  64 MiB: 0.30 / 0.59 / 0.90     256 MiB: 0.47 / 0.60 / 0.92   512 MiB: 0.29 / 0.44 / 0.88
+  pipelined/sequential: 0.93-1.03 (1.5B), 0.99-1.48 (0.5B): no consistent gain on 2 busy cores, where the
+  producer's copy competes for the same CPU as the gloo threads and both receivers.
+Where the rest goes: the engine's receive path allocates a fresh buffer per bucket (first-touch page faults cost
+~2x here) and copies each bucket into the parameters before answering, while the wire waits for that answer.
 
 Run: .venv/bin/python -m benchmarks.bench_weight_sync [--quick] [--repeats R]
 """
@@ -43,7 +59,7 @@ import torch.distributed as dist
 
 from engines.process import free_port
 from pipeline.config import WeightSyncConfig
-from pipeline.weight_sync import WeightSyncSender
+from pipeline.weight_sync import WeightSyncSender, plan_buckets
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = {  # hidden, layers, heads, kv heads, intermediate, vocab
@@ -103,19 +119,31 @@ class _ReuseReceiveBuffer:
     a time and nothing keeps a view of the buffer after an update returns."""
 
     def __init__(self) -> None:
-        self.on = False
+        self._on = False
         self._buf: torch.Tensor | None = None
         self._empty = torch.empty
         torch.empty = self  # type: ignore[assignment]
 
+    @property
+    def on(self) -> bool:
+        return self._on
+
+    @on.setter
+    def on(self, value: bool) -> None:
+        self._on = value
+        if not value:
+            self._buf = None  # memory: the kept buffer lives only while a reuse or wire-only mode runs
+
+    def get(self, n: int) -> torch.Tensor:
+        if self._buf is None or self._buf.numel() < n:
+            self._buf = None
+            self._buf = self._empty(n, dtype=torch.uint8)
+        return self._buf[:n]
+
     def __call__(self, *size, **kwargs):
-        if self.on and kwargs.get("dtype") is torch.uint8 and len(kwargs) == 1 and len(size) == 1:
-            n = size[0]
-            if isinstance(n, int) and n >= MiB:
-                if self._buf is None or self._buf.numel() < n:
-                    self._buf = None
-                    self._buf = self._empty(n, dtype=torch.uint8)
-                return self._buf[:n]
+        if self._on and kwargs.get("dtype") is torch.uint8 and len(kwargs) == 1 and len(size) == 1:
+            if isinstance(size[0], int) and size[0] >= MiB:
+                return self.get(size[0])
         return self._empty(*size, **kwargs)
 
 
@@ -191,7 +219,10 @@ def serve_receiver(port: int, layout_name: str, shm: str) -> None:
         return web.json_response({"checksum": engine.received.hexdigest() if engine.received else ""})
 
     async def set_reuse(req):
-        reuse.on = bool((await body(req)).get("on"))
+        b = await body(req)
+        reuse.on = bool(b.get("on"))
+        if reuse.on and b.get("warm_bytes"):  # touch it once, as an engine's cached buffer would have been
+            await on_engine(lambda: reuse.get(int(b["warm_bytes"])).fill_(0))
         return web.json_response({})
 
     async def verify(req):
@@ -204,6 +235,17 @@ def serve_receiver(port: int, layout_name: str, shm: str) -> None:
         def recv() -> None:
             dist.broadcast(flat.view(torch.uint8), group_src=0, group=receiver.groups[b["group_name"]])
             engine.weight_version = str(b["weight_version"])
+
+        await on_engine(recv)
+        return web.json_response({"success": True})
+
+    async def recv_buckets(req):  # wire-only mode: receive each bucket into one reused buffer, apply nothing
+        b = await body(req)
+
+        def recv() -> None:
+            buf = reuse.get(max(b["sizes"]))
+            for n in b["sizes"]:
+                dist.broadcast(buf[:n], group_src=0, group=receiver.groups[b["group_name"]])
 
         await on_engine(recv)
         return web.json_response({"success": True})
@@ -225,6 +267,7 @@ def serve_receiver(port: int, layout_name: str, shm: str) -> None:
     app.router.add_post("/bench/verify", verify)
     app.router.add_post("/bench/reuse", set_reuse)
     app.router.add_post("/bench/recv_flat", recv_flat)
+    app.router.add_post("/bench/recv_buckets", recv_buckets)
     app.router.add_post("/bench/probe", probe)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
@@ -311,13 +354,17 @@ class Bench:
                 raise RuntimeError(f"{url}: markers {p['marks']} after sync {self.version}, expected {value}")
         return [p["max_rss_gb"] for p in probes]
 
+    def _set_reuse(self, reuse: bool, bucket_mb: float = 0) -> None:
+        if reuse != self.reuse:
+            warm = max(p.nbytes for p in plan_buckets(self.params.items(), int(bucket_mb * MiB))) if reuse else 0
+            for u in self.urls:
+                _post(u, "/bench/reuse", {"on": reuse, "warm_bytes": warm})
+            self.reuse = reuse
+
     def bucketed(
         self, bucket_mb: float, prefetch: int, reuse: bool = False, checksum: bool = False
     ) -> tuple[float, int]:
-        if reuse != self.reuse:
-            for u in self.urls:
-                _post(u, "/bench/reuse", {"on": reuse})
-            self.reuse = reuse
+        self._set_reuse(reuse, bucket_mb)
         self.sender.cfg = replace(self.sender.cfg, bucket_mb=bucket_mb, prefetch=prefetch, checksum=checksum)
         value = self._mark()
         stats = self.sender.sync(list(self.params.items()), self.version)
@@ -327,6 +374,7 @@ class Bench:
         return stats.seconds, stats.buckets
 
     def flat_broadcast(self) -> float:
+        self._set_reuse(False)
         value = self._mark()
         t0 = time.perf_counter()
         body = {"group_name": self.sender.group_name, "weight_version": self.version}
@@ -337,6 +385,27 @@ class Bench:
         seconds = time.perf_counter() - t0
         self._check(value)
         return seconds
+
+    def wire_only(self, bucket_mb: float, prefetch: int) -> tuple[float, int]:
+        """The sender's bucket stream (planning, preparation, prefetch) and broadcast, minus the per-bucket HTTP
+        and the engine's receive path: receivers take every bucket into one reused buffer and apply nothing."""
+        self._set_reuse(True, bucket_mb)
+        self.sender.cfg = replace(self.sender.cfg, bucket_mb=bucket_mb, prefetch=prefetch, checksum=False)
+        sizes = [p.nbytes for p in plan_buckets(self.params.items(), int(bucket_mb * MiB))]
+        body = {"group_name": self.sender.group_name, "sizes": sizes}
+        t0 = time.perf_counter()
+        futures = [self.pool.submit(_post, u, "/bench/recv_buckets", body) for u in self.urls]
+        stream = self.sender._stream(list(self.params.items()), None)
+        deadline = time.monotonic() + self.sender.cfg.timeout_s
+        try:
+            for bucket in stream:
+                self.sender._broadcast(bucket, deadline)
+                stream.release(bucket)
+        finally:
+            stream.close()
+        for f in futures:
+            f.result()
+        return time.perf_counter() - t0, len(sizes)
 
     def verify(self, bucket_mb: float) -> None:
         """One untimed sync whose bytes every receiver hashes as they arrive (weight_sync.checksum compares)."""
@@ -349,10 +418,11 @@ class Bench:
                 _post(u, "/bench/verify", {"on": False})
 
 
-MODES = {  # name: (prefetch, receivers reuse their receive buffer)
-    "pipelined": (1, False),
-    "sequential": (0, False),
-    "pipelined_reuse": (1, True),
+MODES = {  # name: how one timed run of `bucket_mb` goes
+    "pipelined": lambda b, mb: b.bucketed(mb, prefetch=1),
+    "sequential": lambda b, mb: b.bucketed(mb, prefetch=0),
+    "pipelined_reuse": lambda b, mb: b.bucketed(mb, prefetch=1, reuse=True),
+    "wire_only": lambda b, mb: b.wire_only(mb, prefetch=1),
 }
 
 
@@ -365,8 +435,8 @@ def bench_layout(layout: str, bucket_sizes: list[float], repeats: int) -> dict:
             for _ in range(repeats):  # modes alternate: the machine is shared, best-of-N damps the noise
                 flat.append(b.flat_broadcast())
                 for mb in bucket_sizes:
-                    for mode, (prefetch, reuse) in MODES.items():
-                        seconds, nbuckets[mb] = b.bucketed(mb, prefetch, reuse)
+                    for mode, fn in MODES.items():
+                        seconds, nbuckets[mb] = fn(b, mb)
                         runs[(mb, mode)].append(seconds)
             rss = b._check(float(b.version % 64))
         finally:
@@ -380,6 +450,7 @@ def bench_layout(layout: str, bucket_sizes: list[float], repeats: int) -> dict:
             row[f"{m}_s"], row[f"{m}_gbps"] = sec, gb / sec
         row["bucketed_vs_flat_ratio"] = best_flat / best["pipelined"]
         row["bucketed_reuse_vs_flat_ratio"] = best_flat / best["pipelined_reuse"]
+        row["wire_only_vs_flat_ratio"] = best_flat / best["wire_only"]
         row["pipelined_vs_sequential_ratio"] = best["sequential"] / best["pipelined"]
         rows.append(row)
     return {
@@ -399,13 +470,14 @@ def _print(res: dict) -> None:
         f"\n{res['layout']}: {res['params'] / 1e6:.0f}M params, {res['gbytes']:.2f} GB bf16 -> 2 receivers (gloo); "
         f"flat broadcast {res['flat_s']:.2f} s = {res['flat_gbps']:.2f} GB/s"
     )
-    print(f"{'bucket':>6} {'n':>3} | {'pipelined':>15} | {'sequential':>15} | {'pipelined,reuse':>15} | "
-          f"{'bucketed/flat':>13} {'reuse/flat':>10} {'pipe/seq':>8}")  # fmt: skip
+    print(f"{'bucket':>6} {'n':>3} | " + " | ".join(f"{m:>16}" for m in MODES)
+          + f" | {'bucketed/flat':>13} {'reuse/flat':>10} {'wire/flat':>9} {'pipe/seq':>8}")  # fmt: skip
     for r in res["rows"]:
-        cells = " | ".join(f"{r[m + '_s']:6.2f}s {r[m + '_gbps']:5.2f}GB/s" for m in MODES)
+        cells = " | ".join(f"{r[m + '_s']:5.2f}s {r[m + '_gbps']:4.2f}GB/s" for m in MODES)
         print(
             f"{r['bucket_mb']:>4.0f}Mi {r['buckets']:>3} | {cells} | {r['bucketed_vs_flat_ratio']:>13.2f} "
-            f"{r['bucketed_reuse_vs_flat_ratio']:>10.2f} {r['pipelined_vs_sequential_ratio']:>8.2f}"
+            f"{r['bucketed_reuse_vs_flat_ratio']:>10.2f} {r['wire_only_vs_flat_ratio']:>9.2f} "
+            f"{r['pipelined_vs_sequential_ratio']:>8.2f}"
         )
     print(
         f"peak RSS: sender {res['sender_max_rss_gb']:.2f} GB, receivers "
@@ -428,6 +500,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         "results": results,
         "bucketed_vs_flat_ratio": max(r["bucketed_vs_flat_ratio"] for r in rows),
         "bucketed_reuse_vs_flat_ratio": max(r["bucketed_reuse_vs_flat_ratio"] for r in rows),
+        "wire_only_vs_flat_ratio": max(r["wire_only_vs_flat_ratio"] for r in rows),
         "pipelined_vs_sequential_ratio": max(r["pipelined_vs_sequential_ratio"] for r in rows),
     }
 
@@ -447,7 +520,8 @@ def main() -> None:
     out = run(quick=args.quick, repeats=args.repeats)
     print(
         f"\nlargest model, best bucket size: bucketed/flat {out['bucketed_vs_flat_ratio']:.2f} (target >= 0.8), "
-        f"with reused receive buffers {out['bucketed_reuse_vs_flat_ratio']:.2f}; "
+        f"with reused receive buffers {out['bucketed_reuse_vs_flat_ratio']:.2f}, "
+        f"wire only {out['wire_only_vs_flat_ratio']:.2f}; "
         f"pipelined/sequential {out['pipelined_vs_sequential_ratio']:.2f}"
     )
 

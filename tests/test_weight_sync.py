@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from engines.client import EngineClient
-from engines.local.dist import flatten_bucket, unflatten_bucket
-from engines.local.engine import weights_checksum
+from engines.local.dist import flatten_bucket, unflatten_bucket, weights_checksum
 from engines.local.testing import build_tiny_model, reference_greedy, save_tiny_model
 from engines.process import free_port, launch_engine
 from pipeline.config import ConfigError, EngineConfig, WeightSyncConfig

@@ -6,7 +6,7 @@ Contract:
   bucket goes alone. With `align` (flattened buckets) a bucket also closes where the next tensor would start at a
   byte offset that is not a multiple of its element size (a receiver views the uint8 buffer as that dtype, which
   needs the alignment). It pulls one tensor ahead of the bucket it yields, so each `BucketPlan.last` is exact.
-- `prepare_bucket` moves each tensor to the wire device, casts floating tensors to `dtype`, makes them
+- `prepare_bucket` moves each tensor to the wire device (None: where the bucket's first tensor is), casts floating tensors to `dtype`, makes them
   contiguous and, with `flatten`, writes them into ONE uint8 buffer back to back (SGLang's FlattenedTensorBucket
   layout: the raw bytes of each tensor in names order, no padding), in a single copy per tensor; a bucket holding one
   tensor that is already contiguous, on the device and in the dtype is sent as a uint8 view of it, without a copy.
@@ -57,6 +57,7 @@ class Bucket:
     flat: torch.Tensor | None = None  # uint8, all tensors back to back
     base: torch.Tensor | None = field(default=None, repr=False)  # the pooled buffer `flat` is a prefix of
     payload: list[list[str]] | None = None  # colocated mode: per engine, its serialized_named_tensors entries
+    load_format: str | None = None  # colocated mode: how the engines decode `payload`
     ready: torch.cuda.Event | None = field(default=None, repr=False)  # CUDA: set when preparation finished
 
     @property
@@ -144,12 +145,13 @@ class BufferPool:
 @torch.no_grad()
 def prepare_bucket(
     plan: BucketPlan,
-    device: torch.device,
+    device: torch.device | None,
     dtype: torch.dtype | None = None,
     flatten: bool = True,
     pool: BufferPool | None = None,
 ) -> Bucket:
     names = [n for n, _ in plan.items]
+    device = device or plan.items[0][1].device
     if not flatten:
         tensors = [t.detach().to(device=device, dtype=wire_dtype(t, dtype)).contiguous() for _, t in plan.items]
         return Bucket(plan.index, names, tensors, plan.nbytes, plan.last)
@@ -208,7 +210,7 @@ class BucketStream:
         self,
         named: Iterable[tuple[str, torch.Tensor]],
         bucket_bytes: int,
-        device: torch.device,
+        device: torch.device | None,
         dtype: torch.dtype | None = None,
         flatten: bool = True,
         prefetch: int = 1,
@@ -230,7 +232,7 @@ class BucketStream:
 
     # ------------------------------------------------------------------ preparation (producer side)
     def _prepare(self, plan: BucketPlan) -> Bucket:
-        if self.device.type == "cuda":
+        if (self.device or plan.items[0][1].device).type == "cuda":
             return self._prepare_cuda(plan)
         bucket = prepare_bucket(plan, self.device, self.dtype, self.flatten, self.pool)
         return self._finish(bucket)
@@ -238,9 +240,10 @@ class BucketStream:
     def _prepare_cuda(self, plan: BucketPlan) -> Bucket:
         # A side stream, so the copies overlap the NCCL broadcast of the previous bucket; it first waits for the
         # trainer's pending work on the current stream. The consumer waits on `ready` before broadcasting.
-        side = getattr(self, "_side", None) or torch.cuda.Stream(self.device)
+        device = self.device or plan.items[0][1].device
+        side = getattr(self, "_side", None) or torch.cuda.Stream(device)
         self._side = side
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             bucket = prepare_bucket(plan, self.device, self.dtype, self.flatten, self.pool)
             bucket = self._finish(bucket)
@@ -285,7 +288,8 @@ class BucketStream:
             for plan in self._plans:
                 yield self._prepare(plan)
             return
-        cuda_device = torch.cuda.current_device() if self.device.type == "cuda" else None
+        on_cuda = self.device.type == "cuda" if self.device is not None else torch.cuda.is_available()
+        cuda_device = torch.cuda.current_device() if on_cuda else None
         self._thread = threading.Thread(
             target=self._produce, args=(cuda_device,), name="weight-sync-prepare", daemon=True
         )

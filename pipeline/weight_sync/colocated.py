@@ -1,6 +1,7 @@
 """Payloads of `/update_weights_from_tensor` (weight_sync.mode = colocated): one list of strings per engine.
 
 Contract:
+- The format follows where the trainer's tensors are (`colocated_encoder`), not what the machine has.
 - CPU tensors (the CPU engine, tested): `load_format="safetensors"`, each engine gets one entry holding the
   bucket as base64 safetensors bytes (`engines.local.dist.encode_named_tensors`); no pickle anywhere.
 - CUDA tensors (SGLang, NOT tested here: no GPU in CI): SGLang's own format, `load_format="flattened_bucket"`,
@@ -23,6 +24,22 @@ from pipeline.weight_sync.buckets import Bucket
 
 FLATTENED_BUCKET = "flattened_bucket"
 Encoder = Callable[[Bucket], list[list[str]]]
+
+
+def colocated_encoder(engine_tp: list[int]) -> Encoder:
+    """Chooses per bucket, by where its tensors are: CUDA -> SGLang IPC handles, CPU -> safetensors bytes."""
+    ipc: list[Encoder] = []
+
+    def encode(bucket: Bucket) -> list[list[str]]:
+        if bucket.tensors[0].is_cuda:
+            if not ipc:
+                ipc.append(sglang_ipc_encoder(engine_tp)[0])
+            bucket.load_format = FLATTENED_BUCKET
+            return ipc[0](bucket)
+        bucket.load_format = SAFETENSORS_FORMAT
+        return safetensors_encoder(len(engine_tp))[0](bucket)
+
+    return encode
 
 
 def safetensors_encoder(num_engines: int) -> tuple[Encoder, str]:

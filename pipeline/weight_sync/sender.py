@@ -18,12 +18,17 @@ Protocol (SGLang's; the CPU engine serves the same routes):
 Colocated mode (weight_sync.mode = colocated) replaces steps 2-3 with one POST /update_weights_from_tensor per
 bucket and engine (payloads in colocated.py).
 
+Memory: the sender keeps up to prefetch + 1 flattened-bucket buffers between syncs (reused; `close()` frees them);
+a tensor alone in its bucket that is already wire-ready is sent without a copy. `cfg` is read at each sync, so
+bucket_mb, flatten, dtype, prefetch, checksum and timeout_s may change between syncs (backend and master_* take
+effect at the next `connect()`; the HTTP client keeps the timeout it was built with as its per-request limit).
+
 Optional checks: with weight_sync.checksum, after the last bucket each engine's POST /weights_checksum {names,
 dtype} (CPU engine extension) must equal the sha256 computed here over the sent bytes, one check per wire dtype.
 
 Timeouts and failures: weight_sync.timeout_s bounds one `connect()` and one `sync()` (pause to verified version).
 An engine that errors, dies or does not answer in time fails the call with `WeightSyncError` naming it (`.urls`).
-After a failed broadcast the group is dropped; the next `sync()` rebuilds it (`connect()`), which fails, naming
+After a failed broadcast, or an engine that gave no answer, the group is dropped (its state is unknown); the next `sync()` rebuilds it (`connect()`), which fails, naming
 the engine, while that engine is down. A failed sync leaves the engines paused with possibly partly updated
 weights: the caller retries the sync or restarts the engines. An engine that restarted cannot rejoin an existing
 process group (its membership is fixed), so `reconnect(urls)` rebuilds the whole group, optionally with new URLs.
@@ -54,7 +59,7 @@ from engines.local.dist import FLATTENED_BUCKET_FORMAT, create_sync_group, dtype
 from engines.process import free_port
 from pipeline.config import ConfigError, WeightSyncConfig
 from pipeline.weight_sync.buckets import Bucket, BucketStream, BufferPool, Checksums, MiB, wire_device
-from pipeline.weight_sync.colocated import safetensors_encoder, sglang_ipc_encoder
+from pipeline.weight_sync.colocated import colocated_encoder
 
 log = logging.getLogger(__name__)
 
@@ -267,17 +272,9 @@ class WeightSyncSender:
             return BucketStream(
                 named, bucket_bytes, device, dtype, cfg.flatten, cfg.prefetch, checksums, pool=self.pool
             )
-        # Colocated: CUDA tensors travel as SGLang IPC handles, CPU tensors as safetensors bytes.
-        cuda = self.cfg.backend == "nccl" or (self.cfg.backend == "auto" and torch.cuda.is_available())
-        if cuda:
-            encode, self._load_format = sglang_ipc_encoder(self.engine_tp)
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            encode, self._load_format = safetensors_encoder(len(self.urls))
-            device = torch.device("cpu")
-        return BucketStream(
-            named, bucket_bytes, device, dtype, False, cfg.prefetch, checksums, encode=encode, align=True
-        )
+        # Colocated: tensors stay where they are; CUDA ones travel as SGLang IPC handles, CPU ones as safetensors.
+        encode = colocated_encoder(self.engine_tp)
+        return BucketStream(named, bucket_bytes, None, dtype, False, cfg.prefetch, checksums, encode=encode, align=True)
 
     def _update_kwargs(self, bucket: Bucket, version: int) -> dict:
         flush = bucket.last and self.cfg.pause_mode != "in_place"
@@ -331,7 +328,7 @@ class WeightSyncSender:
         kwargs = self._update_kwargs(bucket, version)
         futures = {
             url: self.client.submit(
-                self.client.update_weights_from_tensor(url, payload, load_format=self._load_format, **kwargs)
+                self.client.update_weights_from_tensor(url, payload, load_format=bucket.load_format, **kwargs)
             )
             for url, payload in zip(self.urls, bucket.payload, strict=True)
         }
