@@ -393,7 +393,13 @@ class WeightSyncSender:
         unanswered = pending + [u for u, e in failed.items() if getattr(e, "status", None) is None]
         for url in pending:
             futures[url].cancel()  # drop the request on our side; the engine finds out through its group timeout
+            futures[url].add_done_callback(_consume)  # a late failure is already reported: keep it out of the logs
         raise WeightSyncError(f"{what} failed: " + "; ".join(parts), failed or pending, unanswered)
+
+
+def _consume(future: cf.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _run_into(future: cf.Future, fn, args: tuple) -> None:
