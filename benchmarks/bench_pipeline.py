@@ -1,0 +1,120 @@
+"""Pipeline efficiency with simulated engines and a simulated trainer: async step time vs the ideal and vs synchronous.
+
+The system under test is the real RolloutManager + ZMQ transport + RolloutBuffer; only the engines (latency model:
+`capacity` concurrent requests per engine, `per_token_s` per generated token, jittered; see pipeline/rollout_sim.py)
+and the trainer (`train_s` per step, `sync_s` per weight sync) sleep. For max_staleness s = 0 (exactly
+synchronous), 1 and 2 it measures the mean step time after a warm-up and compares it with
+- ideal = max(generation, training) per step, where generation = the engine time the step's share of generated
+  tokens needs at full saturation (kept batch + the groups dynamic sampling filtered + work wasted at updates),
+  i.e. tokens * per_token_s / (engines * capacity), and training = train_s + sync_s;
+- synchronous = the measured s = 0 step time (and the ideal synchronous sum generation + training).
+Two regimes: balanced (training = generation) and generation-bound (training = generation / 2). Headlines per
+regime and s: `<regime>_s<s>_over_ideal_ratio` (target <= 1.1) and `<regime>_s<s>_speedup_over_sync_ratio`.
+Why s = 1 cannot reach the ideal when balanced: under the bound, batch k+2 may only start generating once version
+k is live, so each batch -- tail of its slowest group included -- must be generated within one training step; with
+generation = training there is no slack for the tail. s = 2 gives two steps of slack.
+
+    .venv/bin/python -m benchmarks.bench_pipeline [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from pipeline.rollout_sim import SimEngineClient, run_sim, sim_config, sim_prompts
+
+ENGINES, CAPACITY, PER_TOKEN_S = 2, 16, 0.0005
+MIN_LEN, MAX_LEN, MAX_NEW = 32, 400, 384  # some responses hit max_new_tokens (truncated)
+BATCH, GROUP = 8, 8
+
+
+def one_run(s: int, mode: str, steps: int, warmup: int, train_s: float, sync_s: float) -> dict[str, float]:
+    cfg = sim_config(
+        max_staleness=s,
+        partial_rollout=mode,
+        batch_size=BATCH,
+        max_inflight_per_engine=CAPACITY,
+        max_new_tokens=MAX_NEW,
+        n_samples_per_prompt=GROUP,
+    )
+    client = SimEngineClient(
+        n_engines=ENGINES,
+        capacity=CAPACITY,
+        per_token_s=PER_TOKEN_S,
+        jitter=0.2,
+        min_len=MIN_LEN,
+        max_len=MAX_LEN,
+        p_always_right=0.1,
+        p_always_wrong=0.1,
+        seed=7,
+    )
+    res = run_sim(cfg, client, sim_prompts(2000, seed=3), steps=steps, train_s=train_s, sync_s=sync_s, timeout_s=60)
+    measured = sum(res.step_s[warmup:]) / (steps - warmup)
+    tokens = res.rollout_stats["rollout/tokens"]  # every token the engines made
+    wasted = res.rollout_stats.get("rollout/wasted_tokens", 0.0)  # thrown away by aborts: not part of the ideal
+    gen = (tokens - wasted) * PER_TOKEN_S / (ENGINES * CAPACITY) / steps
+    ideal = max(gen, train_s + sync_s)
+    stale = [
+        v - smp.min_version for v, b in zip(res.versions, res.trained, strict=True) for g in b for smp in g.samples
+    ]
+    return {
+        "step_s": measured,
+        "generation_s": gen,
+        "training_s": train_s + sync_s,
+        "ideal_s": ideal,
+        "ideal_sync_s": gen + train_s + sync_s,
+        "over_ideal": measured / ideal,
+        "staleness_max": float(max(stale)),
+        "engine_utilisation": client.busy_s / (res.wall_s * ENGINES * CAPACITY),
+        "kept_frac": res.buffer_metrics["filter/kept"] / max(res.buffer_metrics["buffer/received"], 1),
+        "wasted_tokens_frac": wasted / max(tokens, 1),
+    }
+
+
+def run(quick: bool = False) -> dict:
+    logging.getLogger("pipeline").setLevel(logging.ERROR)
+    steps, warmup = (10, 2) if quick else (24, 4)
+    probe = one_run(0, "resume", 4, 1, 0.0, 0.0)  # generation cost of one step, to size the trainer against it
+    gen = probe["generation_s"]
+    # balanced (training = generation: the hardest case for s=1) and generation-bound (training = generation / 2)
+    scenarios = [("balanced", 1.0)] + ([] if quick else [("gen_bound", 0.5)])
+    out: dict = {"generation_probe_s": gen}
+    for name, frac in scenarios:
+        train_s, sync_s = 0.95 * frac * gen, 0.05 * frac * gen
+        runs = [(0, "resume"), (1, "resume"), (2, "resume")]
+        if not quick and name == "balanced":
+            runs += [(1, "wait"), (1, "abort"), (2, "wait"), (2, "abort")]
+        for s, mode in runs:
+            r = one_run(s, mode, steps, warmup, train_s, sync_s)
+            out[f"{name}_s{s}_{mode}"] = r
+            print(
+                f"[pipeline] {name:9s} s={s} {mode:6s}: step {r['step_s'] * 1e3:6.1f} ms; ideal max(gen "
+                f"{r['generation_s'] * 1e3:.0f}, train {r['training_s'] * 1e3:.0f}) = {r['ideal_s'] * 1e3:.0f} ms -> "
+                f"x{r['over_ideal']:.2f}; sync sum {r['ideal_sync_s'] * 1e3:.0f} ms; engines "
+                f"{r['engine_utilisation']:.0%} busy; max staleness {r['staleness_max']:.0f}; wasted tokens "
+                f"{r['wasted_tokens_frac']:.1%}",
+                flush=True,
+            )
+        sync = out[f"{name}_s0_resume"]["step_s"]
+        for s in (1, 2):
+            out[f"{name}_s{s}_over_ideal_ratio"] = out[f"{name}_s{s}_resume"]["over_ideal"]
+            out[f"{name}_s{s}_speedup_over_sync_ratio"] = sync / out[f"{name}_s{s}_resume"]["step_s"]
+        print(
+            f"[pipeline] {name}: async/ideal s=1 {out[f'{name}_s1_over_ideal_ratio']:.2f}, s=2 "
+            f"{out[f'{name}_s2_over_ideal_ratio']:.2f} (target <= 1.1); speedup over synchronous (measured s=0): "
+            f"s=1 x{out[f'{name}_s1_speedup_over_sync_ratio']:.2f}, s=2 x{out[f'{name}_s2_speedup_over_sync_ratio']:.2f}",
+            flush=True,
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    print(json.dumps(run(ap.parse_args().quick), indent=1))
+
+
+if __name__ == "__main__":
+    main()

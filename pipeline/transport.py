@@ -1,0 +1,341 @@
+"""ZMQ transport of finished groups: RolloutManager (PUSH, connects) -> RolloutBuffer (PULL, binds).
+
+Contract:
+- A message is two ZMQ frames: a small msgpack `FrameHeader` and a payload. The header carries the schema version,
+  the sender's `RolloutStatus` (its accounting counters and its unresolved groups by start version: a consistent
+  cut of the manager's state at the moment the frame was queued, so the receiver can check the accounting
+  identity exactly and order groups for the staleness bound), and, for a group frame, a `GroupMeta` (ids, start
+  version, min token version, per-sample `acc`, token count) that lets the buffer filter, order and check staleness
+  without decoding the payload. The payload is the msgspec-msgpack encoding of `pipeline.types.Group`, or empty
+  (a status-only frame, or a group the manager's dynamic-sampling filter already dropped: only its header travels).
+- Frames whose header `schema` != SCHEMA_VERSION (a sender running other code), or that do not decode, are
+  rejected: counted (`transport/rejected_schema`, `transport/rejected_malformed`), logged with the reason once
+  per kind, never raised. A payload is checked again (`Group.schema`) when it is decoded.
+- No pickle anywhere: msgspec msgpack only.
+- Why the payload is decoded late: turning msgpack into Python lists costs ~40 ms per group of 16 x 16k tokens
+  (~15x the raw ZMQ transfer of the same bytes; numpy int32/float64 arrays are no faster since the trainer's
+  `Sample` holds lists: list<->array conversion costs the same per element). Keeping the payload bytes until a
+  group is consumed makes ingestion run at ZMQ speed, holds ~7x less memory than decoded lists, and never pays
+  for groups that are filtered or dropped. See benchmarks/bench_transport.py.
+- `GroupSender(address)`: PUSH, connects, SNDHWM. `send(group)` blocks (up to `timeout_ms`); `post(frames)` never
+  blocks (frames that meet a full pipe wait in an ordered outbox; `flush()` / `await drain()` push them on), so an
+  asyncio loop is never stalled by backpressure. `close()` lingers `linger_ms` to deliver what is queued.
+- `GroupReceiver(bind_address="tcp://127.0.0.1:0")`: PULL, binds (port 0 picks a free port; `address` is the bound
+  endpoint), RCVHWM. `recv(timeout_ms) -> Group | None` decodes fully (status frames update `last_status`,
+  header-only groups are skipped); `recv_frame(timeout_ms) -> Frame | None` returns header + undecoded payload.
+  One thread at a time may use a receiver (ZMQ sockets are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+import zmq
+
+from pipeline.types import SCHEMA_VERSION, Group
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HWM = 64
+"""Messages queued per socket side before backpressure (a 16k-token group is ~4 MB)."""
+
+
+class TransportError(RuntimeError):
+    """A frame that cannot be used (wrong schema, does not decode); the message says which and why."""
+
+
+class RolloutStatus(msgspec.Struct, kw_only=True):
+    """The manager's accounting at the moment a frame was queued (a consistent cut: frames are ordered)."""
+
+    version: int = 0
+    """Weight version the manager generates with."""
+    drawn: int = 0
+    """Prompts taken from the queue (each draw is one generation attempt, one group id)."""
+    pushed: int = 0
+    """Group frames queued for the buffer so far, this frame included (kept or filtered)."""
+    requeued: int = 0
+    """Draws that ended by putting the prompt back at the front of the queue (abort, engine failure, resume)."""
+    gave_up: int = 0
+    """Draws that ended as filtered at the manager (reason `max_gen_rounds`: too many attempts this epoch)."""
+    in_flight: int = 0
+    """Draws not yet resolved (generating, scoring, or waiting for an engine)."""
+    pending: dict[int, int] = msgspec.field(default_factory=dict)
+    """Unresolved groups by start version (the version they were admitted under)."""
+
+
+class GroupMeta(msgspec.Struct, kw_only=True):
+    """What the buffer needs to know about a group before (or instead of) decoding it."""
+
+    prompt_id: str
+    group_id: str
+    start_version: int
+    """Version the group was admitted under (its staleness deadline derives from it)."""
+    min_version: int
+    """Oldest per-token version of its samples (what the staleness bound is checked against)."""
+    accs: list[bool]
+    """Per-sample correctness, for the dynamic-sampling filter."""
+    n_tokens: int = 0
+    """Response tokens in the group."""
+    attempt: int = 0
+    epoch: int = 0
+    has_payload: bool = True
+    """False: the manager dropped the group with the dynamic-sampling filter; only this header travels."""
+
+
+class FrameHeader(msgspec.Struct, kw_only=True):
+    schema: int = SCHEMA_VERSION
+    kind: str = "group"
+    """group | status"""
+    status: RolloutStatus | None = None
+    group: GroupMeta | None = None
+
+
+class _SchemaProbe(msgspec.Struct):
+    """Decodes only the schema of a header (other fields ignored), so a frame of another version is named."""
+
+    schema: int = -1
+
+
+class Frame(msgspec.Struct):
+    """A received message: its header and the undecoded payload (bytes or a zero-copy zmq.Frame buffer)."""
+
+    header: FrameHeader
+    payload: Any = b""
+    nbytes: int = 0
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_HEADER_DECODER = msgspec.msgpack.Decoder(FrameHeader)
+_PROBE_DECODER = msgspec.msgpack.Decoder(_SchemaProbe)
+_GROUP_DECODER = msgspec.msgpack.Decoder(Group)
+
+
+def group_meta(group: Group, start_version: int | None = None, has_payload: bool = True) -> GroupMeta:
+    min_version = group.min_version if group.samples else -1
+    return GroupMeta(
+        prompt_id=group.prompt_id,
+        group_id=group.group_id,
+        start_version=min_version if start_version is None else start_version,
+        min_version=min_version,
+        accs=group.accs,
+        n_tokens=sum(len(s.response_ids) for s in group.samples),
+        attempt=group.attempt,
+        epoch=group.epoch,
+        has_payload=has_payload,
+    )
+
+
+def encode_group(
+    group: Group, status: RolloutStatus | None = None, start_version: int | None = None, payload: bool = True
+) -> list[bytes]:
+    """The two frames of a group message. payload=False sends the header only (a filtered group)."""
+    header = FrameHeader(kind="group", status=status, group=group_meta(group, start_version, payload))
+    return [_ENCODER.encode(header), _ENCODER.encode(group) if payload else b""]
+
+
+def encode_status(status: RolloutStatus) -> list[bytes]:
+    return [_ENCODER.encode(FrameHeader(kind="status", status=status)), b""]
+
+
+def decode_group(payload: Any) -> Group:
+    """Payload bytes -> Group; TransportError when it does not decode or has another schema."""
+    try:
+        group = _GROUP_DECODER.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise TransportError(f"group payload does not decode: {e}") from None
+    if group.schema != SCHEMA_VERSION:
+        raise TransportError(
+            f"group {group.group_id}: schema {group.schema} != SCHEMA_VERSION {SCHEMA_VERSION} "
+            "(sender and receiver run different code versions)"
+        )
+    return group
+
+
+def decode_header(raw: Any) -> FrameHeader:
+    """Header bytes -> FrameHeader; TransportError naming a schema mismatch or a malformed header."""
+    try:
+        header = _HEADER_DECODER.decode(raw)
+        error = None if header.schema == SCHEMA_VERSION else "schema"
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        header, error = None, f"malformed frame header: {e}"
+    if error is not None:  # name a schema mismatch even when the other fields changed shape too
+        try:
+            schema = _PROBE_DECODER.decode(raw).schema
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise TransportError(error) from None
+        if schema != SCHEMA_VERSION:
+            raise TransportError(
+                f"frame schema {schema} != SCHEMA_VERSION {SCHEMA_VERSION} (sender and receiver run different code "
+                "versions); frame dropped"
+            )
+        raise TransportError(error)
+    if header.kind not in ("group", "status") or (header.kind == "group" and header.group is None):
+        raise TransportError(f"malformed frame header: kind {header.kind!r} without its fields")
+    return header
+
+
+def _context() -> zmq.Context:
+    return zmq.Context.instance()
+
+
+class GroupSender:
+    """PUSH socket that connects to a buffer. Not thread-safe: one thread (or one event loop) uses it."""
+
+    def __init__(self, address: str, hwm: int = DEFAULT_HWM, linger_ms: int = 5000):
+        if not address:
+            raise ValueError("GroupSender: empty address (rollout.zmq_address / the buffer's bound address)")
+        self.address = address
+        self._sock = _context().socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, hwm)
+        self._sock.setsockopt(zmq.LINGER, linger_ms)
+        self._sock.connect(address)
+        self._outbox: deque[list[bytes]] = deque()
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.closed = False
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting in the outbox because the pipe was full."""
+        return len(self._outbox)
+
+    def _try_send(self, frames: list[bytes]) -> bool:
+        try:
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames[1]) < 65536)
+        except zmq.Again:
+            return False
+        self.frames_sent += 1
+        self.bytes_sent += sum(len(f) for f in frames)
+        return True
+
+    def flush(self) -> bool:
+        """Send what the outbox holds, in order, without blocking; True when it is empty."""
+        while self._outbox:
+            if not self._try_send(self._outbox[0]):
+                return False
+            self._outbox.popleft()
+        return True
+
+    def post(self, frames: list[bytes]) -> bool:
+        """Queue a message without blocking (order kept). True if it went straight to ZMQ."""
+        if self.flush() and self._try_send(frames):
+            return True
+        self._outbox.append(frames)
+        return False
+
+    async def drain(self, poll_s: float = 0.002) -> None:
+        """Await until the outbox is empty (only sleeps while the receiver applies backpressure)."""
+        import asyncio
+
+        delay = poll_s
+        while not self.flush():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def send_frames(self, frames: list[bytes], timeout_ms: int | None = None) -> None:
+        """Blocking send of an encoded message (after the outbox); TimeoutError past timeout_ms."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        self._outbox.append(frames)
+        while not self.flush():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"GroupSender({self.address}): receiver not draining for {timeout_ms} ms")
+            self._sock.poll(50, zmq.POLLOUT)
+
+    def send(self, group: Group, status: RolloutStatus | None = None, timeout_ms: int | None = None) -> None:
+        self.send_frames(encode_group(group, status), timeout_ms)
+
+    def send_status(self, status: RolloutStatus, timeout_ms: int | None = None) -> None:
+        self.send_frames(encode_status(status), timeout_ms)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        if self.closed:
+            return
+        self.flush()
+        if self._outbox:
+            log.warning("GroupSender(%s): closing with %d undelivered messages", self.address, len(self._outbox))
+        self._sock.close(linger=linger_ms)
+        self.closed = True
+
+
+class GroupReceiver:
+    """PULL socket bound on the buffer's side. Counts and skips frames it cannot use."""
+
+    def __init__(self, bind_address: str = "tcp://127.0.0.1:0", hwm: int = DEFAULT_HWM):
+        self._sock = _context().socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, hwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        host, _, port = bind_address.rpartition(":")
+        if bind_address.startswith("tcp://") and port in ("0", "*"):
+            self._sock.bind_to_random_port(host)
+        else:
+            self._sock.bind(bind_address)
+        self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.last_status: RolloutStatus | None = None
+        self.counters: dict[str, int] = {"frames": 0, "bytes": 0, "rejected_schema": 0, "rejected_malformed": 0}
+        self._warned: set[str] = set()
+        self.closed = False
+
+    def _reject(self, kind: str, reason: str) -> None:
+        self.counters[kind] += 1
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.error("GroupReceiver(%s): %s (counted in transport/%s)", self.address, reason, kind)
+
+    def recv_frame(self, timeout_ms: int = 0) -> Frame | None:
+        """Next usable message (header decoded, payload not), or None when none arrives within timeout_ms."""
+        deadline = None
+        while True:
+            try:
+                parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # nothing queued: wait (a poll per message would double the syscalls)
+                deadline = deadline or time.monotonic() + timeout_ms / 1000
+                remaining = max(0, int((deadline - time.monotonic()) * 1000))
+                if not self._sock.poll(remaining, zmq.POLLIN):
+                    return None
+                continue
+            nbytes = sum(len(p) for p in parts)
+            self.counters["frames"] += 1
+            self.counters["bytes"] += nbytes
+            if len(parts) != 2:
+                self._reject("rejected_malformed", f"message of {len(parts)} parts, expected 2 (header, payload)")
+                continue
+            try:
+                header = decode_header(parts[0].buffer)
+            except TransportError as e:
+                self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
+                continue
+            if header.status is not None:
+                self.last_status = header.status
+            payload = parts[1] if len(parts[1]) else b""
+            return Frame(header, payload, nbytes)
+
+    def recv(self, timeout_ms: int = 0) -> Group | None:
+        """Next group (fully decoded); status frames and header-only groups are consumed on the way."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            frame = self.recv_frame(max(0, int((deadline - time.monotonic()) * 1000)))
+            if frame is None:
+                return None
+            if frame.header.kind != "group" or not frame.header.group.has_payload:
+                continue
+            try:
+                return decode_group(payload_buffer(frame.payload))
+            except TransportError as e:
+                self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
+
+    def metrics(self) -> dict[str, float]:
+        return {f"transport/{k}": float(v) for k, v in self.counters.items()}
+
+    def close(self) -> None:
+        if not self.closed:
+            self._sock.close(linger=0)
+            self.closed = True
+
+
+def payload_buffer(payload: Any) -> Any:
+    """A zero-copy view of a payload (zmq.Frame -> memoryview; bytes as they are)."""
+    return payload.buffer if isinstance(payload, zmq.Frame) else payload

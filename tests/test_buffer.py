@@ -1,0 +1,238 @@
+"""RolloutBuffer: filter counters, exact batch size, staleness drops, oldest-first/EDF ordering, accounting,
+backpressure at capacity, checkpoint cut and restore. Real ZMQ; frames sent by hand."""
+
+import time
+
+import pytest
+
+from pipeline.buffer import RolloutBuffer
+from pipeline.transport import GroupReceiver, GroupSender, RolloutStatus, encode_group, encode_status
+from pipeline.types import Group, Sample
+
+MIXED, ALL_RIGHT, ALL_WRONG = (True, False), (True, True), (False, False)
+
+
+def group(gid: str, accs=MIXED, version: int = 0, start: int | None = None) -> Group:
+    samples = [
+        Sample(
+            prompt_id=f"p-{gid}",
+            group_id=gid,
+            index=i,
+            prompt_ids=[1, 2],
+            response_ids=[10, 11, 12],
+            logprobs=[-0.5, -0.5, -0.5],
+            versions=[version] * 3,
+            acc=a,
+        )
+        for i, a in enumerate(accs)
+    ]
+    return Group(prompt_id=f"p-{gid}", group_id=gid, samples=samples)
+
+
+class Feed:
+    """Sends groups with a manager-like status (counters consistent with what was sent)."""
+
+    def __init__(self, address: str):
+        self.tx = GroupSender(address)
+        self.status = RolloutStatus()
+
+    def admit(self, version: int, n: int = 1) -> None:
+        self.status.drawn += n
+        self.status.in_flight += n
+        self.status.pending[version] = self.status.pending.get(version, 0) + n
+        self.tx.send_frames(encode_status(self.status))
+
+    def push(self, g: Group, start: int | None = None, payload: bool = True) -> None:
+        start = g.min_version if start is None else start
+        if self.status.pending.get(start, 0) == 0:
+            self.admit(start)
+        self.status.pending[start] -= 1
+        if not self.status.pending[start]:
+            del self.status.pending[start]
+        self.status.in_flight -= 1
+        self.status.pushed += 1
+        self.tx.send_frames(encode_group(g, self.status, start_version=start, payload=payload))
+
+    def close(self):
+        self.tx.close(linger_ms=0)
+
+
+@pytest.fixture
+def make():
+    made = []
+
+    def build(batch_size=2, max_staleness=1, dynamic_sampling=True, capacity=8, sync_every=1):
+        buf = RolloutBuffer(GroupReceiver(), batch_size, max_staleness, dynamic_sampling, capacity, sync_every)
+        feed = Feed(buf.address)
+        made.append((buf, feed))
+        return buf, feed
+
+    yield build
+    for buf, feed in made:
+        feed.close()
+        buf.close()
+
+
+def settle(buf: RolloutBuffer, received: int) -> None:
+    assert buf.wait_received(received, 5.0)
+
+
+def test_filter_counts_by_reason_and_batches_are_exact(make):
+    buf, feed = make(batch_size=2)
+    for i, accs in enumerate([MIXED, ALL_RIGHT, MIXED, ALL_WRONG, ALL_WRONG, MIXED, MIXED, MIXED]):
+        feed.push(group(f"g{i}", accs))
+    settle(buf, 8)
+    m = buf.metrics()
+    assert (m["filter/kept"], m["filter/drop_all_correct"], m["filter/drop_all_wrong"]) == (5, 1, 2)
+    assert m["filter/dropped"] == 3 and m["buffer/size"] == 5
+    first, second = buf.get_batch(0, 1.0), buf.get_batch(0, 1.0)
+    assert [g.group_id for g in first + second] == ["g0", "g2", "g5", "g6"]  # arrival order within a version
+    with pytest.raises(TimeoutError, match="held 1 kept groups"):
+        buf.get_batch(0, 0.2)  # one left: never a short batch
+    assert buf.metrics()["buffer/trained"] == 4
+
+
+def test_dynamic_sampling_off_keeps_everything(make):
+    buf, feed = make(batch_size=3, dynamic_sampling=False)
+    for i, accs in enumerate([ALL_RIGHT, ALL_WRONG, MIXED]):
+        feed.push(group(f"g{i}", accs))
+    assert [g.group_id for g in buf.get_batch(0, 5.0)] == ["g0", "g1", "g2"]
+
+
+def test_stale_groups_are_dropped_at_consumption(make):
+    buf, feed = make(batch_size=2, max_staleness=1, capacity=8)
+    feed.push(group("old", version=0))
+    feed.push(group("mid", version=1))
+    feed.push(group("new", version=2))
+    settle(buf, 3)
+    batch = buf.get_batch(trainer_version=2, timeout_s=1.0)
+    assert [g.group_id for g in batch] == ["mid", "new"]  # 2 - 0 > 1: "old" is stale
+    m = buf.metrics()
+    assert m["filter/drop_stale"] == 1 and m["staleness/max"] == 1 and m["staleness/mean"] == 0.5
+    assert buf.accounting()["filtered"] == 1
+
+
+def test_oldest_start_version_first(make):
+    buf, feed = make(batch_size=2, max_staleness=2)
+    feed.push(group("v2", version=2))
+    feed.push(group("v1", version=1))
+    feed.push(group("v0", version=0))
+    settle(buf, 3)
+    assert [g.group_id for g in buf.get_batch(2, 1.0)] == ["v0", "v1"]
+
+
+def test_waits_for_an_older_unresolved_group_whose_deadline_is_now(make):
+    # s=1, B=2, trainer at v1: a group admitted under v0 is still generating. Handing out the two v1 groups would
+    # leave it for trainer version 2, where it is stale: EDF says wait (slots after this batch for w=0: 0).
+    buf, feed = make(batch_size=2, max_staleness=1)
+    feed.admit(0)
+    feed.push(group("a", version=1))
+    feed.push(group("b", version=1))
+    settle(buf, 2)
+    with pytest.raises(TimeoutError, match=r"unresolved at the manager by start version \{0: 1\}"):
+        buf.get_batch(1, 0.3)
+    feed.push(group("late", version=0))
+    assert [g.group_id for g in buf.get_batch(1, 5.0)] == ["late", "a"]
+
+
+def test_does_not_wait_when_the_older_group_has_slack(make):
+    # Same, with s=2: the v0 group can still go in the next batch (trainer v2), so the v1 groups go now.
+    buf, feed = make(batch_size=2, max_staleness=2)
+    feed.admit(0)
+    feed.push(group("a", version=1))
+    feed.push(group("b", version=1))
+    settle(buf, 2)
+    assert [g.group_id for g in buf.get_batch(1, 1.0)] == ["a", "b"]
+
+
+def test_sync_every_counts_batches_left_at_a_version(make):
+    # E=2, s=1, B=1, trainer at v1: a v0 group is unresolved; it may still go in the 2nd v1 batch, so the 1st v1
+    # batch can take a v1 group (slots after it for w=0: (0+1-1)*2 + (2-0) - 1 = 1); the 2nd batch cannot (0).
+    buf, feed = make(batch_size=1, max_staleness=1, sync_every=2)
+    feed.admit(0)
+    feed.push(group("y", version=1))
+    settle(buf, 1)
+    assert [g.group_id for g in buf.get_batch(1, 1.0)] == ["y"]
+    feed.push(group("z", version=1))
+    settle(buf, 2)
+    with pytest.raises(TimeoutError):
+        buf.get_batch(1, 0.3)
+    feed.push(group("old", version=0))
+    assert [g.group_id for g in buf.get_batch(1, 5.0)] == ["old"]
+
+
+def test_accounting_identity_from_the_status_cut(make):
+    buf, feed = make(batch_size=1)
+    feed.admit(0, 6)  # drawn 6
+    feed.push(group("k1"))
+    feed.push(group("f1", ALL_RIGHT), payload=False)  # filtered at the manager: header only
+    feed.push(group("k2"))
+    feed.status.requeued += 1  # one re-queued
+    feed.status.in_flight -= 1
+    feed.status.pending[0] -= 1
+    feed.tx.send_frames(encode_status(feed.status))
+    deadline = time.monotonic() + 5
+    while buf.accounting()["requeued"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    buf.get_batch(0, 1.0)
+    acc = buf.accounting()
+    assert acc == {
+        "drawn": 6,
+        "trained": 1,
+        "filtered": 1,
+        "requeued": 1,
+        "in_flight": 2,
+        "buffered": 1,
+        "received": 3,
+        "pushed": 3,
+        "lost": 0,
+        "balanced": 1,
+    }
+
+
+def test_kept_group_without_payload_is_counted_not_lost(make):
+    buf, feed = make(batch_size=1)
+    feed.push(group("odd", MIXED), payload=False)
+    settle(buf, 1)
+    assert buf.metrics()["filter/drop_no_payload"] == 1 and buf.accounting()["balanced"] == 1
+
+
+def test_full_buffer_stops_pulling(make):
+    buf, feed = make(batch_size=1, max_staleness=0, capacity=2)
+    assert buf.capacity == 2
+    for i in range(6):
+        feed.push(group(f"g{i}"))
+    time.sleep(0.5)
+    assert buf.metrics()["buffer/size"] == 2  # the rest waits in ZMQ
+    got = [buf.get_batch(0, 5.0)[0].group_id for _ in range(6)]
+    assert got == [f"g{i}" for i in range(6)]
+
+
+def test_capacity_is_raised_to_what_the_admission_rule_allows(make):
+    buf, _ = make(batch_size=4, max_staleness=1, capacity=3, sync_every=2)
+    assert buf.capacity == (1 + 1) * 2 * 4
+
+
+def test_checkpoint_cut_snapshot_and_restore(make):
+    buf, feed = make(batch_size=1)
+    for i, accs in enumerate([MIXED, ALL_WRONG, MIXED, MIXED]):
+        feed.push(group(f"g{i}", accs))
+    settle(buf, 4)
+    buf.get_batch(0, 1.0)  # g0 trained
+    # The manager's state was taken after 3 pushes: g3 is regenerated on resume, so it is not in the checkpoint.
+    state, groups = buf.state_dict(pushed=3), buf.snapshot(pushed=3)
+    assert [g.group_id for g in groups] == ["g2"]
+    assert state == {"received": 3, "counts": {"trained": 1, "all_wrong": 1, "kept": 1}}
+    new, feed2 = make(batch_size=1)
+    new.restore(groups)
+    new.load_state_dict(state)
+    feed2.status = RolloutStatus(drawn=5, pushed=3, requeued=1, in_flight=1, pending={0: 1})  # resumed manager
+    feed2.tx.send_frames(encode_status(feed2.status))
+    deadline = time.monotonic() + 5
+    while new.accounting()["drawn"] != 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    acc = new.accounting()
+    assert (acc["trained"], acc["filtered"], acc["buffered"], acc["received"], acc["balanced"]) == (1, 1, 1, 3, 1)
+    feed2.push(group("g3b"))
+    assert [g.group_id for g in new.get_batch(0, 5.0)] == ["g2"]
+    assert [g.group_id for g in new.get_batch(0, 5.0)] == ["g3b"]

@@ -1,0 +1,140 @@
+"""ZMQ transport: round trip, schema-version rejection, malformed frames, status frames, non-blocking backpressure."""
+
+import msgspec
+import pytest
+import zmq
+
+from pipeline.transport import (
+    FrameHeader,
+    GroupReceiver,
+    GroupSender,
+    RolloutStatus,
+    decode_group,
+    encode_group,
+    encode_status,
+)
+from pipeline.types import SCHEMA_VERSION, Group, Sample
+
+
+def make_group(gid="g1", accs=(True, False), version=3, n_tokens=5) -> Group:
+    samples = [
+        Sample(
+            prompt_id="p1",
+            group_id=gid,
+            index=i,
+            prompt_ids=[7, 8, 9],
+            response_ids=list(range(100 + i, 100 + i + n_tokens)),
+            logprobs=[-0.125 * k for k in range(n_tokens)],
+            versions=[version] * (n_tokens - 1) + [version + 1],
+            finish_reason="stop",
+            reward=1.0 if a else -1.0,
+            task_reward=1.0 if a else -1.0,
+            acc=a,
+            max_new_tokens=64,
+        )
+        for i, a in enumerate(accs)
+    ]
+    return Group(prompt_id="p1", group_id=gid, samples=samples, answer="42", attempt=1, epoch=2)
+
+
+@pytest.fixture
+def pair():
+    rx = GroupReceiver()
+    tx = GroupSender(rx.address)
+    yield tx, rx
+    tx.close(linger_ms=0)
+    rx.close()
+
+
+def test_receiver_binds_loopback_on_a_free_port(pair):
+    _, rx = pair
+    assert rx.address.startswith("tcp://127.0.0.1:")
+    assert int(rx.address.rsplit(":", 1)[1]) > 0
+
+
+def test_round_trip_is_exact_and_carries_metadata(pair):
+    tx, rx = pair
+    g = make_group()
+    status = RolloutStatus(version=4, drawn=9, pushed=1, requeued=2, in_flight=6, pending={3: 5, 4: 1})
+    tx.send(g, status)
+    frame = rx.recv_frame(timeout_ms=5000)
+    assert frame.header.kind == "group"
+    meta = frame.header.group
+    assert (meta.group_id, meta.min_version, meta.accs, meta.n_tokens) == ("g1", 3, [True, False], 10)
+    assert rx.last_status == status and rx.last_status.pending == {3: 5, 4: 1}
+    back = decode_group(frame.payload.buffer)
+    assert back == g
+    assert back.samples[1].logprobs == [0.0, -0.125, -0.25, -0.375, -0.5]
+    tx.send(g)
+    assert rx.recv(timeout_ms=5000) == g
+
+
+def test_schema_mismatch_is_rejected_counted_and_skipped(pair):
+    tx, rx = pair
+    good = encode_group(make_group("good"))
+    bad_header = msgspec.msgpack.encode(FrameHeader(schema=SCHEMA_VERSION + 1, kind="group"))
+    tx.send_frames([bad_header, good[1]])
+    old = make_group("old")
+    old.schema = SCHEMA_VERSION + 7  # header fine, payload from another code version
+    tx.send_frames([good[0], msgspec.msgpack.encode(old)])
+    tx.send_frames(good)
+    got = rx.recv(timeout_ms=5000)
+    assert got.group_id == "good"
+    assert rx.counters["rejected_schema"] == 2
+    assert rx.counters["rejected_malformed"] == 0
+    assert rx.recv(timeout_ms=50) is None
+
+
+def test_malformed_frames_do_not_crash(pair):
+    tx, rx = pair
+    tx.send_frames([b"\xc1garbage", b""])  # 0xc1 is never valid msgpack
+    tx._sock.send(b"one part only")
+    tx.send_frames(encode_status(RolloutStatus(drawn=3)))
+    frame = rx.recv_frame(timeout_ms=5000)
+    assert frame.header.kind == "status" and frame.header.status.drawn == 3
+    assert rx.counters["rejected_malformed"] == 2 and rx.counters["frames"] == 3
+
+
+def test_recv_skips_status_and_header_only_groups(pair):
+    tx, rx = pair
+    tx.send_frames(encode_status(RolloutStatus(drawn=1)))
+    tx.send_frames(encode_group(make_group("filtered", accs=(True, True)), payload=False))
+    tx.send(make_group("kept"))
+    assert rx.recv(timeout_ms=5000).group_id == "kept"
+    assert rx.counters["frames"] == 3
+
+
+def test_post_never_blocks_and_keeps_order_under_backpressure():
+    rx = GroupReceiver(hwm=1)
+    tx = GroupSender(rx.address, hwm=1)
+    try:
+        n = 40
+        big = make_group(n_tokens=20_000)  # ~0.5 MB per frame: the pipes fill up
+        queued = [tx.post(encode_group(msgspec.structs.replace(big, group_id=f"g{i}"))) for i in range(n)]
+        assert not all(queued) and tx.backlog > 0  # some waited in the outbox instead of blocking
+        got = []
+        while len(got) < n:
+            tx.flush()
+            g = rx.recv(timeout_ms=200)
+            if g is not None:
+                got.append(g.group_id)
+        assert got == [f"g{i}" for i in range(n)]
+        assert tx.flush() and tx.backlog == 0
+    finally:
+        tx.close(linger_ms=0)
+        rx.close()
+
+
+def test_send_times_out_when_nobody_reads():
+    ctx = zmq.Context.instance()
+    sink = ctx.socket(zmq.PULL)
+    sink.setsockopt(zmq.RCVHWM, 1)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    tx = GroupSender(f"tcp://127.0.0.1:{port}", hwm=1)
+    try:
+        with pytest.raises(TimeoutError, match="not draining"):
+            for i in range(200):
+                tx.send(make_group(f"g{i}", n_tokens=20_000), timeout_ms=200)
+    finally:
+        tx.close(linger_ms=0)
+        sink.close(linger=0)
