@@ -92,12 +92,14 @@ def train(cfg: Config) -> RunResult:
                 metrics.update(_heal(cfg, cluster, rollout, trainers, model_dir, version))
                 if step % every == 0:
                     version += 1
-                    metrics.update(_sync(rollout, trainers, version))
+                    metrics.update(_sync(cfg, cluster, rollout, trainers, model_dir, version))
                 metrics.update(buffer.metrics())
                 metrics.update(ray.get(rollout.stats.remote()))
+                metrics["perf/gen_tokens_per_s"] = metrics.get("rollout/tokens_per_s", 0.0)
                 if evaluator is not None:
                     metrics.update(evaluator.poll(wait=step == t.total_steps))
                     evaluator.maybe_start(step, version)
+                metrics["engine/restarts"] = float(sum(cluster.restarts))
                 metrics["time/step(s)"] = time.perf_counter() - t0
                 metrics["weight_version"] = version
                 logger.log(step, metrics)
@@ -106,7 +108,7 @@ def train(cfg: Config) -> RunResult:
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or stop.requested or step == t.total_steps:
                     _save(cfg, run_dir, step, version, trainers, rollout, buffer)
             accounting = buffer.accounting()
-            engine_versions = _engine_versions(cfg, urls)
+            engine_versions = _engine_versions(cfg, cluster.live_urls)
         finally:
             if evaluator is not None:
                 evaluator.close()
@@ -178,12 +180,23 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _sync(rollout: ray.actor.ActorHandle, trainers: list, version: int) -> dict[str, float]:
-    """pause/abort in-flight work -> broadcast -> engines at `version` -> rollout resumes under it."""
+def _sync(cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str, version: int) -> dict[str, float]:
+    """pause/abort in-flight work -> broadcast -> engines at `version` -> rollout resumes under it. An engine that
+    dies during the sync is restarted and the broadcast repeated (up to engine.max_restarts times)."""
     ray.get(rollout.before_weight_update.remote())
-    out = _broadcast(trainers, version)
-    ray.get(rollout.after_weight_update.remote(version))
-    return out
+    try:
+        for attempt in range(cfg.engine.max_restarts + 1):
+            try:
+                return _broadcast(trainers, version)
+            except ray.exceptions.RayTaskError:
+                if attempt == cfg.engine.max_restarts or not _replace_dead_engines(
+                    cfg, cluster, rollout, trainers, model_dir
+                ):
+                    raise
+                log.warning("an engine died during the weight sync to v%d: restarted, syncing again", version)
+        raise AssertionError("unreachable")
+    finally:
+        ray.get(rollout.after_weight_update.remote(version))
 
 
 def _broadcast(trainers: list, version: int) -> dict[str, float]:
@@ -222,19 +235,24 @@ def _next_batch(cfg: Config, buffer: RolloutBuffer, version: int, heal) -> tuple
 
 
 def _heal(cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str, version: int) -> dict[str, float]:
-    """Restart crashed engines, rebuild the sync group, give every engine the current weights, re-route."""
+    """Between batches: restart crashed engines and give every engine the current weights."""
+    if not _replace_dead_engines(cfg, cluster, rollout, trainers, model_dir):
+        return {}
+    _sync(cfg, cluster, rollout, trainers, model_dir, version)
+    return {"engine/restarts": float(sum(cluster.restarts)), "engine/alive": float(len(cluster.live_urls))}
+
+
+def _replace_dead_engines(cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str) -> bool:
+    """Restart dead engines, re-route the rollout, rebuild the sync group. False when every engine is alive."""
     replaced = cluster.heal_engines(model_dir)
     if not replaced:
-        return {}
+        return False
     if not cluster.live_urls:
         raise RuntimeError(f"every engine is dead (after engine.max_restarts={cfg.engine.max_restarts} restarts)")
     ray.get(rollout.replace_engines.remote(replaced))
     urls = cluster.live_urls
     ray.get([a.reconnect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls)) for a in trainers])
-    ray.get(rollout.before_weight_update.remote())
-    _broadcast(trainers, version)
-    ray.get(rollout.after_weight_update.remote(version))
-    return {"engine/restarts": float(sum(cluster.restarts)), "engine/alive": float(len(urls))}
+    return True
 
 
 def _shard(minibatches: list[list[list]], cfg: Config) -> list[list[list]]:

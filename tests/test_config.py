@@ -72,3 +72,22 @@ def test_cli_config_show(capsys):
 def test_cli_config_error_exit_code(capsys):
     assert main(["config", "show", str(TINY), "trainer.nope=1"]) == 2
     assert "trainer.nope" in capsys.readouterr().err
+
+
+def test_resource_check_names_what_is_missing():
+    from pipeline.orchestrator import check_resources
+
+    cfg = load_config(
+        TINY,
+        [
+            "trainer.world_size=8",
+            "trainer.gpus_per_rank=1",
+            "engine.num_engines=8",
+            "engine.gpus_per_engine=1",
+            "trainer.batch_size=16",
+            "trainer.micro_batch_size=2",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"^cluster: the run needs 16 GPUs .* the Ray cluster has 8"):
+        check_resources(cfg, {"GPU": 8.0, "CPU": 64.0})
+    check_resources(cfg, {"GPU": 16.0})  # enough: no error

@@ -47,6 +47,19 @@ def test_embedded_default_runs_end_to_end(tmp_path):
     events = list((Path(result.run_dir) / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert (Path(result.run_dir) / "checkpoints" / "latest").is_file()  # the final checkpoint
+    assert _processes_mentioning(str(tmp_path)) == []  # no orphaned engine or worker
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmd:
+            pids.append(int(proc.name))
+    return pids
 
 
 @pytest.mark.slow
