@@ -5,35 +5,45 @@ tied head: 494M parameters, 0.99 GB) and Qwen2.5-1.5B (1536, 28 layers, 12/2, 89
 values, no model object: the tensors are views into one flat buffer, which the flat baseline sends as is.
 
 Receivers: two subprocesses (`--receiver`) that join the sync group exactly as the CPU engine does and receive with
-the engine's own code: `engines.local.updates.WeightReceiver` (group set-up, per-bucket receive, name/shape
-check, copy into the parameters, version), behind the same HTTP routes, with a stand-in engine whose "parameters"
-are views into a preallocated buffer. To keep the machine's memory in bounds the two receivers map the SAME
-/dev/shm file as their parameter buffer (each still receives every byte over gloo into its own bucket buffer and
-copies it in; only the final resting place is shared). The flat baseline: each receiver posts one broadcast of
-the whole payload straight into that buffer while the sender broadcasts its flat buffer on the same group.
+the engine's own code: `engines.local.updates.WeightReceiver` (group set-up, name/shape check, per-bucket receive,
+landing in the parameters, version), behind the same HTTP routes, with a stand-in engine whose "parameters" are
+views into one preallocated buffer in HF order. To keep the machine's memory in bounds the two receivers map the
+SAME /dev/shm file as that buffer (each still receives every byte over gloo). The flat baseline: each receiver
+posts one broadcast of the whole payload straight into that buffer while the sender broadcasts its flat buffer on
+the same group: same bytes, same processes, same group, same run.
 
-Measured (best of `repeats`; modes alternate because the machine is shared), for bucket sizes 64/256/512 MiB:
-- pipelined: `WeightSyncSender.sync` (pause to verified version), prefetch 1 (the next bucket is flattened while
-  the current one is on the wire), receivers as the engine receives;
-- sequential: the same with prefetch 0;
-- pipelined_reuse: pipelined, but the receivers reuse one receive buffer instead of the engine's fresh allocation
-  per bucket (see `_ReuseReceiveBuffer`): what the engine would reach with a cached buffer;
-- wire_only: the sender's bucket stream and broadcast without the per-bucket HTTP and without the engine's receive
-  path (receivers take every bucket into one reused buffer and apply nothing): the cost of bucketing itself;
-and the flat baseline: one broadcast of all bytes, received in place. Ratios: bucketed/flat in GB/s (target >= 0.8)
-for each receive path, pipelined/sequential. One untimed sync per layout verifies, per receiver, a sha256 of what
-it received against the sender's (weight_sync.checksum). Memory: sender payload + at most 2 pooled buckets;
-receivers: one shared payload + one bucket each. Measured peak (sum of RSS, the shared payload counted once):
-~3.3 GB for 0.5B, ~9.0 GB for 1.5B (sender 4.8 GB, payload 3.1 GB, receivers ~0.5 GB each); --quick runs 0.5B only.
+Modes (median of `repeats`, default 3; modes alternate because the machine is shared), bucket sizes 64/256/512 MiB
+(512 = weight_sync.bucket_mb's default, the headline):
+- bucketed: `WeightSyncSender.sync` (pause to verified version) with the default config (flattened buckets,
+  prefetch 1). Both ends take their zero-copy path, because both sides' tensors lie back to back in one buffer: the
+  sender sends each bucket as a view of its parameters, the receiver lands it straight in its parameters.
+- per_tensor: the same with weight_sync.flatten=false (one broadcast per tensor, each straight into its parameter:
+  zero-copy for any parameter layout, at the price of one collective per tensor).
+- copy / copy_seq: both ends forced onto the copy path (`sender.zero_copy = False`, `receiver.direct = False`),
+  i.e. what tensors that do not lie back to back cost: the sender flattens each bucket into a pooled buffer
+  (prefetch 1 / 0), the engine receives into its kept receive buffer and copies each tensor into its parameter.
+  The real CPU engine is partly here: its runner fuses q/k/v and gate/up weights into shared tensors, so HF order
+  (q.weight, q.bias, k.weight, ...) is not its memory order, and multi-tensor flattened buckets are copied.
+- wire_only: the sender's bucket stream and broadcast without the per-bucket HTTP and without the engine's
+  receive path (receivers take every bucket into one kept buffer and apply nothing).
+Two untimed syncs per layout (copy path, then zero-copy) check, per receiver, a sha256 of what arrived (in the
+zero-copy path: the parameter memory right after each bucket landed) against the sender's (weight_sync.checksum).
 
-Measured on the shared 2-core CPU VM (gloo over loopback, best of 3, 2026-11-25), bucketed/flat in GB/s:
-  1.5B (flat 1.88 s = 1.64 GB/s)  64 MiB: engine path 0.33, reused receive buffer 0.60, wire only 0.95
-                                  256 MiB: 0.33 / 0.64 / 0.84     512 MiB: 0.35 / 0.66 / 0.85
-  0.5B (flat 0.88 s = 1.13 GB/s)  64 MiB: 0.30 / 0.59 / 0.90     256 MiB: 0.47 / 0.60 / 0.92   512 MiB: 0.29 / 0.44 / 0.88
-  pipelined/sequential: 0.93-1.03 (1.5B), 0.99-1.48 (0.5B): no consistent gain on 2 busy cores, where the
-  producer's copy competes for the same CPU as the gloo threads and both receivers.
-Where the rest goes: the engine's receive path allocates a fresh buffer per bucket (first-touch page faults cost
-~2x here) and copies each bucket into the parameters before answering, while the wire waits for that answer.
+Measured on the shared 2-core CPU VM (gloo over loopback, median of 3, other developers' jobs running), ratio to the
+flat broadcast (GB/s of the mode / GB/s of flat):
+  layout (flat)                    bucket  bucketed  per_tensor  copy  copy_seq  wire_only
+  1.5B (2.84 s = 1.09 GB/s)          64Mi      0.89        0.82  0.57      0.58       1.00
+                                    256Mi      0.96        0.79  0.54      0.60       1.04
+                                    512Mi      1.04        0.88  0.57      0.60       1.01
+  0.5B (0.85 s = 1.17 GB/s)          64Mi      0.85        0.71  0.54      0.54       0.94
+                                    256Mi      0.99        0.76  0.51      0.58       1.02
+                                    512Mi      1.01        0.73  0.49      0.60       0.94
+Why the copy path stays near 0.55-0.6: on this host the wire is memcpy-bound (loopback TCP: a kernel copy per byte
+on each send and each receive, 4 passes for 2 receivers), and the copy path adds 3 more passes (sender flatten,
+each receiver's copy into the parameters) on the same 2 busy cores, so overlapping them (prefetch) cannot help:
+pipelined/sequential 0.81-1.01. Before this receive path (fresh receive tensor per bucket, then copies), the engine
+path measured 0.29-0.47. Peak RSS: sender 4.6 GB (1.5B payload + pooled buckets), receivers 3.6 GB each
+including the shared 3.1 GB payload; --quick runs 0.5B at 512 MiB only, 2 repeats (~40 s).
 
 Run: .venv/bin/python -m benchmarks.bench_weight_sync [--quick] [--repeats R]
 """
@@ -46,6 +56,7 @@ import hashlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,42 +122,6 @@ def numel(layout: list[tuple[str, list[int]]]) -> int:
 MARKERS = ("model.layers.0.input_layernorm.weight", "model.norm.weight")  # in the first and the last bucket
 
 
-class _ReuseReceiveBuffer:
-    """Variant of the receive path, switched on per run: the engine's WeightReceiver allocates its uint8 receive
-    buffer with torch.empty on every bucket, and fresh CPU memory costs a page fault per 4 KiB on first touch.
-    When on, such allocations (1-D uint8, >= 1 MiB: only that buffer in this process) return a prefix of one kept
-    buffer, which is what the engine would do with a cached receive buffer. Safe here because updates run one at
-    a time and nothing keeps a view of the buffer after an update returns."""
-
-    def __init__(self) -> None:
-        self._on = False
-        self._buf: torch.Tensor | None = None
-        self._empty = torch.empty
-        torch.empty = self  # type: ignore[assignment]
-
-    @property
-    def on(self) -> bool:
-        return self._on
-
-    @on.setter
-    def on(self, value: bool) -> None:
-        self._on = value
-        if not value:
-            self._buf = None  # memory: the kept buffer lives only while a reuse or wire-only mode runs
-
-    def get(self, n: int) -> torch.Tensor:
-        if self._buf is None or self._buf.numel() < n:
-            self._buf = None
-            self._buf = self._empty(n, dtype=torch.uint8)
-        return self._buf[:n]
-
-    def __call__(self, *size, **kwargs):
-        if self._on and kwargs.get("dtype") is torch.uint8 and len(kwargs) == 1 and len(size) == 1:
-            if isinstance(size[0], int) and size[0] >= MiB:
-                return self.get(size[0])
-        return self._empty(*size, **kwargs)
-
-
 def serve_receiver(port: int, layout_name: str, shm: str) -> None:
     """An engine stand-in: SGLang's weight routes around the CPU engine's WeightReceiver, parameters in `shm`."""
     import asyncio
@@ -164,23 +139,21 @@ def serve_receiver(port: int, layout_name: str, shm: str) -> None:
         """What WeightReceiver needs from an Engine: the engine's own check/load over preallocated views."""
 
         check_tensors = Engine.check_tensors
-        _load = Engine.load_tensors
+        load_tensors = Engine.load_tensors
 
         def __init__(self) -> None:
             self.params = views(flat, layout)
             self.weight_version = "default"
-            self.received: hashlib._Hash | None = None
-
-        def load_tensors(self, named, weight_version=None) -> None:
-            if self.received is not None:  # verification runs only: hash what arrived, in order
-                for name, t in named:
-                    self.received.update(name.encode() + b"\0")
-                    self.received.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            self._load(named, weight_version)
 
     engine = BufferEngine()
     receiver = WeightReceiver(engine)
-    reuse = _ReuseReceiveBuffer()
+    received: list[hashlib._Hash] = []  # verification runs only: the hash of what arrived, in order
+
+    def hash_received(named) -> None:
+        for name, t in named:
+            received[0].update(name.encode() + b"\0")
+            received[0].update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
     engine_thread = cf.ThreadPoolExecutor(1)  # updates run one at a time, as on the engine thread
 
     async def body(req: web.Request) -> dict:
@@ -216,17 +189,17 @@ def serve_receiver(port: int, layout_name: str, shm: str) -> None:
         return result(*await on_engine(lambda: receiver.update_from_distributed(*args)))
 
     async def checksum(_req):  # the hash of what the last verification sync delivered
-        return web.json_response({"checksum": engine.received.hexdigest() if engine.received else ""})
+        return web.json_response({"checksum": received[0].hexdigest() if received else ""})
 
-    async def set_reuse(req):
-        b = await body(req)
-        reuse.on = bool(b.get("on"))
-        if reuse.on and b.get("warm_bytes"):  # touch it once, as an engine's cached buffer would have been
-            await on_engine(lambda: reuse.get(int(b["warm_bytes"])).fill_(0))
+    async def set_direct(req):  # the engine's zero-copy receive on (default) or off (always copy)
+        receiver.direct = bool((await body(req)).get("on"))
         return web.json_response({})
 
     async def verify(req):
-        engine.received = hashlib.sha256() if (await body(req)).get("on") else None
+        received.clear()
+        if (await body(req)).get("on"):
+            received.append(hashlib.sha256())
+        receiver.on_received = hash_received if received else None
         return web.json_response({})
 
     async def recv_flat(req):
@@ -239,11 +212,11 @@ def serve_receiver(port: int, layout_name: str, shm: str) -> None:
         await on_engine(recv)
         return web.json_response({"success": True})
 
-    async def recv_buckets(req):  # wire-only mode: receive each bucket into one reused buffer, apply nothing
+    async def recv_buckets(req):  # wire-only mode: receive each bucket into the engine's kept buffer, apply nothing
         b = await body(req)
 
         def recv() -> None:
-            buf = reuse.get(max(b["sizes"]))
+            buf = receiver.receive_buffer(max(b["sizes"]))
             for n in b["sizes"]:
                 dist.broadcast(buf[:n], group_src=0, group=receiver.groups[b["group_name"]])
 
@@ -265,7 +238,7 @@ def serve_receiver(port: int, layout_name: str, shm: str) -> None:
     app.router.add_post("/update_weights_from_distributed", update)
     app.router.add_post("/weights_checksum", checksum)
     app.router.add_post("/bench/verify", verify)
-    app.router.add_post("/bench/reuse", set_reuse)
+    app.router.add_post("/bench/direct", set_direct)
     app.router.add_post("/bench/recv_flat", recv_flat)
     app.router.add_post("/bench/recv_buckets", recv_buckets)
     app.router.add_post("/bench/probe", probe)
@@ -322,7 +295,7 @@ class Bench:
         self.sender = WeightSyncSender(self.urls, cfg)
         self.sender.connect()
         self.version = 0
-        self.reuse = False
+        self.direct = True
         self.pool = cf.ThreadPoolExecutor(len(self.urls))
 
     def close(self) -> None:
@@ -354,18 +327,21 @@ class Bench:
                 raise RuntimeError(f"{url}: markers {p['marks']} after sync {self.version}, expected {value}")
         return [p["max_rss_gb"] for p in probes]
 
-    def _set_reuse(self, reuse: bool, bucket_mb: float = 0) -> None:
-        if reuse != self.reuse:
-            warm = max(p.nbytes for p in plan_buckets(self.params.items(), int(bucket_mb * MiB))) if reuse else 0
+    def _set_copy(self, copy: bool) -> None:
+        """copy=True: both ends take the copy path (sender flattens into pooled buffers, engines receive into their
+        kept buffer and copy into the parameters), as for tensors that do not lie back to back in memory."""
+        self.sender.zero_copy = not copy
+        if copy == self.direct:
             for u in self.urls:
-                _post(u, "/bench/reuse", {"on": reuse, "warm_bytes": warm})
-            self.reuse = reuse
+                _post(u, "/bench/direct", {"on": not copy})
+            self.direct = not copy
 
     def bucketed(
-        self, bucket_mb: float, prefetch: int, reuse: bool = False, checksum: bool = False
+        self, bucket_mb: float, prefetch: int = 1, copy: bool = False, flatten: bool = True, checksum: bool = False
     ) -> tuple[float, int]:
-        self._set_reuse(reuse, bucket_mb)
-        self.sender.cfg = replace(self.sender.cfg, bucket_mb=bucket_mb, prefetch=prefetch, checksum=checksum)
+        self._set_copy(copy)
+        cfg = replace(self.sender.cfg, bucket_mb=bucket_mb, prefetch=prefetch, checksum=checksum, flatten=flatten)
+        self.sender.cfg = cfg
         value = self._mark()
         stats = self.sender.sync(list(self.params.items()), self.version)
         if stats.bytes != self.nbytes:
@@ -374,7 +350,6 @@ class Bench:
         return stats.seconds, stats.buckets
 
     def flat_broadcast(self) -> float:
-        self._set_reuse(False)
         value = self._mark()
         t0 = time.perf_counter()
         body = {"group_name": self.sender.group_name, "weight_version": self.version}
@@ -388,9 +363,9 @@ class Bench:
 
     def wire_only(self, bucket_mb: float, prefetch: int) -> tuple[float, int]:
         """The sender's bucket stream (planning, preparation, prefetch) and broadcast, minus the per-bucket HTTP
-        and the engine's receive path: receivers take every bucket into one reused buffer and apply nothing."""
-        self._set_reuse(True, bucket_mb)
-        self.sender.cfg = replace(self.sender.cfg, bucket_mb=bucket_mb, prefetch=prefetch, checksum=False)
+        and the engine's receive path: receivers take every bucket into their kept buffer and apply nothing."""
+        self._set_copy(False)
+        self.sender.cfg = replace(self.sender.cfg, bucket_mb=bucket_mb, prefetch=prefetch, checksum=False, flatten=True)
         sizes = [p.nbytes for p in plan_buckets(self.params.items(), int(bucket_mb * MiB))]
         body = {"group_name": self.sender.group_name, "sizes": sizes}
         t0 = time.perf_counter()
@@ -407,21 +382,23 @@ class Bench:
             f.result()
         return time.perf_counter() - t0, len(sizes)
 
-    def verify(self, bucket_mb: float) -> None:
-        """One untimed sync whose bytes every receiver hashes as they arrive (weight_sync.checksum compares)."""
+    def verify(self, bucket_mb: float, copy: bool) -> None:
+        """One untimed sync whose bytes every receiver hashes as they arrive (weight_sync.checksum compares). In the
+        zero-copy path what is hashed is the parameter memory right after the bucket landed."""
         for u in self.urls:
             _post(u, "/bench/verify", {"on": True})
         try:
-            self.bucketed(bucket_mb, prefetch=1, checksum=True)
+            self.bucketed(bucket_mb, copy=copy, checksum=True)
         finally:
             for u in self.urls:
                 _post(u, "/bench/verify", {"on": False})
 
 
 MODES = {  # name: how one timed run of `bucket_mb` goes
-    "pipelined": lambda b, mb: b.bucketed(mb, prefetch=1),
-    "sequential": lambda b, mb: b.bucketed(mb, prefetch=0),
-    "pipelined_reuse": lambda b, mb: b.bucketed(mb, prefetch=1, reuse=True),
+    "bucketed": lambda b, mb: b.bucketed(mb),
+    "per_tensor": lambda b, mb: b.bucketed(mb, flatten=False),
+    "copy": lambda b, mb: b.bucketed(mb, copy=True),
+    "copy_seq": lambda b, mb: b.bucketed(mb, prefetch=0, copy=True),
     "wire_only": lambda b, mb: b.wire_only(mb, prefetch=1),
 }
 
@@ -430,9 +407,12 @@ def bench_layout(layout: str, bucket_sizes: list[float], repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         b = Bench(layout, tmp)
         try:
-            b.verify(bucket_sizes[0])
+            # Untimed, checked syncs; the copy one first, at the largest size, so the kept buffers exist before
+            # timing (as after an engine's first sync).
+            b.verify(max(bucket_sizes), copy=True)
+            b.verify(max(bucket_sizes), copy=False)
             flat, runs, nbuckets = [], {(mb, m): [] for mb in bucket_sizes for m in MODES}, {}
-            for _ in range(repeats):  # modes alternate: the machine is shared, best-of-N damps the noise
+            for _ in range(repeats):  # modes alternate: the machine is shared, the median damps the noise
                 flat.append(b.flat_broadcast())
                 for mb in bucket_sizes:
                     for mode, fn in MODES.items():
@@ -441,24 +421,23 @@ def bench_layout(layout: str, bucket_sizes: list[float], repeats: int) -> dict:
             rss = b._check(float(b.version % 64))
         finally:
             b.close()
-    gb, best_flat = b.nbytes / 1e9, min(flat)
+    gb, flat_s = b.nbytes / 1e9, statistics.median(flat)
     rows = []
     for mb in bucket_sizes:
-        best = {m: min(runs[(mb, m)]) for m in MODES}
+        med = {m: statistics.median(runs[(mb, m)]) for m in MODES}
         row = {"bucket_mb": mb, "buckets": nbuckets[mb]}
-        for m, sec in best.items():
+        for m, sec in med.items():
             row[f"{m}_s"], row[f"{m}_gbps"] = sec, gb / sec
-        row["bucketed_vs_flat_ratio"] = best_flat / best["pipelined"]
-        row["bucketed_reuse_vs_flat_ratio"] = best_flat / best["pipelined_reuse"]
-        row["wire_only_vs_flat_ratio"] = best_flat / best["wire_only"]
-        row["pipelined_vs_sequential_ratio"] = best["sequential"] / best["pipelined"]
+            row[f"{m}_vs_flat_ratio"] = flat_s / sec
+        row["pipelined_vs_sequential_ratio"] = med["copy_seq"] / med["copy"]
         rows.append(row)
     return {
         "layout": layout,
         "params": b.n,
         "gbytes": gb,
-        "flat_s": best_flat,
-        "flat_gbps": gb / best_flat,
+        "flat_s": flat_s,
+        "flat_gbps": gb / flat_s,
+        "flat_runs_s": flat,
         "rows": rows,
         "sender_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "receiver_max_rss_gb": rss,
@@ -468,17 +447,15 @@ def bench_layout(layout: str, bucket_sizes: list[float], repeats: int) -> dict:
 def _print(res: dict) -> None:
     print(
         f"\n{res['layout']}: {res['params'] / 1e6:.0f}M params, {res['gbytes']:.2f} GB bf16 -> 2 receivers (gloo); "
-        f"flat broadcast {res['flat_s']:.2f} s = {res['flat_gbps']:.2f} GB/s"
+        f"flat broadcast {res['flat_s']:.2f} s = {res['flat_gbps']:.2f} GB/s (median)"
     )
     print(f"{'bucket':>6} {'n':>3} | " + " | ".join(f"{m:>16}" for m in MODES)
-          + f" | {'bucketed/flat':>13} {'reuse/flat':>10} {'wire/flat':>9} {'pipe/seq':>8}")  # fmt: skip
+          + " | ratio to flat: " + " ".join(f"{m:>10}" for m in MODES) + f" {'pipe/seq':>8}")  # fmt: skip
     for r in res["rows"]:
         cells = " | ".join(f"{r[m + '_s']:5.2f}s {r[m + '_gbps']:4.2f}GB/s" for m in MODES)
-        print(
-            f"{r['bucket_mb']:>4.0f}Mi {r['buckets']:>3} | {cells} | {r['bucketed_vs_flat_ratio']:>13.2f} "
-            f"{r['bucketed_reuse_vs_flat_ratio']:>10.2f} {r['wire_only_vs_flat_ratio']:>9.2f} "
-            f"{r['pipelined_vs_sequential_ratio']:>8.2f}"
-        )
+        ratios = " ".join(f"{r[m + '_vs_flat_ratio']:>10.2f}" for m in MODES)
+        print(f"{r['bucket_mb']:>4.0f}Mi {r['buckets']:>3} | {cells} |                 {ratios} "
+              f"{r['pipelined_vs_sequential_ratio']:>8.2f}")  # fmt: skip
     print(
         f"peak RSS: sender {res['sender_max_rss_gb']:.2f} GB, receivers "
         + ", ".join(f"{x:.2f}" for x in res["receiver_max_rss_gb"])
@@ -488,21 +465,21 @@ def _print(res: dict) -> None:
 
 def run(quick: bool = False, repeats: int | None = None) -> dict:
     torch.set_num_threads(1)
+    default_mb = WeightSyncConfig().bucket_mb
     layouts = ["0.5B"] if quick else ["0.5B", "1.5B"]
-    sizes = [256.0] if quick else [64.0, 256.0, 512.0]
-    repeats = repeats or (1 if quick else 2)
+    sizes = [default_mb] if quick else sorted({64.0, 256.0, default_mb})
+    repeats = repeats or (2 if quick else 3)
     results = {}
     for layout in layouts:
         results[layout] = res = bench_layout(layout, sizes, repeats)
         _print(res)
-    rows = results[layouts[-1]]["rows"]
-    return {
-        "results": results,
-        "bucketed_vs_flat_ratio": max(r["bucketed_vs_flat_ratio"] for r in rows),
-        "bucketed_reuse_vs_flat_ratio": max(r["bucketed_reuse_vs_flat_ratio"] for r in rows),
-        "wire_only_vs_flat_ratio": max(r["wire_only_vs_flat_ratio"] for r in rows),
-        "pipelined_vs_sequential_ratio": max(r["pipelined_vs_sequential_ratio"] for r in rows),
-    }
+    row = next(r for r in results[layouts[-1]]["rows"] if r["bucket_mb"] == default_mb)
+    out = {"results": results, "default_bucket_mb": default_mb}
+    out["bucketed_vs_flat_ratio"] = row["bucketed_vs_flat_ratio"]
+    for m in ("per_tensor", "copy", "wire_only"):
+        out[f"{m}_vs_flat_ratio"] = row[f"{m}_vs_flat_ratio"]
+    out["pipelined_vs_sequential_ratio"] = row["pipelined_vs_sequential_ratio"]
+    return out
 
 
 def main() -> None:
@@ -519,10 +496,10 @@ def main() -> None:
         return
     out = run(quick=args.quick, repeats=args.repeats)
     print(
-        f"\nlargest model, best bucket size: bucketed/flat {out['bucketed_vs_flat_ratio']:.2f} (target >= 0.8), "
-        f"with reused receive buffers {out['bucketed_reuse_vs_flat_ratio']:.2f}, "
-        f"wire only {out['wire_only_vs_flat_ratio']:.2f}; "
-        f"pipelined/sequential {out['pipelined_vs_sequential_ratio']:.2f}"
+        f"\nlargest model, default bucket ({out['default_bucket_mb']:.0f} MiB): bucketed/flat "
+        f"{out['bucketed_vs_flat_ratio']:.2f} (target >= 0.8); per-tensor {out['per_tensor_vs_flat_ratio']:.2f}, "
+        f"copy path {out['copy_vs_flat_ratio']:.2f}, wire only {out['wire_only_vs_flat_ratio']:.2f}; "
+        f"copy path pipelined/sequential {out['pipelined_vs_sequential_ratio']:.2f}"
     )
 
 

@@ -99,6 +99,113 @@ def test_lone_wire_ready_tensor_is_sent_without_a_copy_and_pool_reuses_buffers()
     assert pool.take(200, torch.device("cpu")).numel() == 200 and len(pool._free) == 1  # too small: fresh one
 
 
+def test_bucket_of_tensors_back_to_back_in_one_buffer_is_sent_as_a_view():
+    flat = torch.arange(20, dtype=torch.float32)
+    a, b, c = flat[0:6].view(2, 3), flat[6:10], flat[12:20]  # c leaves a gap of 2 floats after b
+    cpu = torch.device("cpu")
+    (plan,) = plan_buckets([("a", a), ("b", b)], 1 << 20)
+    view = prepare_bucket(plan, cpu, pool=BufferPool())
+    assert view.base is None and view.flat.data_ptr() == flat.data_ptr() and view.flat.numel() == 40
+    assert torch.equal(view.flat, flatten_bucket([a, b]))
+    copies = {
+        "gap": [("a", a), ("b", b), ("c", c)],
+        "order": [("b", b), ("a", a)],
+        "noncontiguous": [("t", flat[:12].view(3, 4).t())],
+    }
+    for why, named in copies.items():
+        (plan,) = plan_buckets(named, 1 << 20)
+        bucket = prepare_bucket(plan, cpu)
+        assert bucket.base is not None, why
+        assert torch.equal(bucket.flat, flatten_bucket([t for _, t in named])), why
+    (plan,) = plan_buckets([("a", a), ("b", b)], 1 << 20)
+    assert prepare_bucket(plan, cpu, zero_copy=False).base is not None
+    (plan,) = plan_buckets([("a", a), ("b", b)], 1 << 20, dtype=torch.bfloat16)
+    assert prepare_bucket(plan, cpu, torch.bfloat16).flat.numel() == 20  # a cast always copies
+
+
+class _FlatEngine:
+    """A stand-in for the CPU engine's weight API: parameters "w" and "b" back to back in one buffer (in that order),
+    "n" allocated on its own, "h" kept in float32."""
+
+    from engines.local.engine import Engine
+
+    check_tensors = Engine.check_tensors
+    load_tensors = Engine.load_tensors
+
+    def __init__(self) -> None:
+        self.storage = torch.zeros(10)
+        self.params = {
+            "w": self.storage[0:6].view(2, 3),
+            "b": self.storage[6:10],
+            "n": torch.zeros(3),
+            "h": torch.zeros(2),
+        }
+        self.weight_version = "default"
+
+
+class _FakeWire:
+    """Replaces dist.broadcast in the receiver: fills each target with the next payload and records where it went."""
+
+    def __init__(self, payloads: list[torch.Tensor]) -> None:
+        self.payloads = list(payloads)
+        self.targets: list[tuple[int, int]] = []  # (data_ptr, nbytes) of every receiving tensor
+
+    def __call__(self, tensor, group_src, group):
+        src = self.payloads.pop(0)
+        assert group_src == 0 and group == "pg" and tensor.nbytes == src.nbytes
+        tensor.view(torch.uint8).reshape(-1).copy_(src.contiguous().view(torch.uint8).reshape(-1))
+        self.targets.append((tensor.data_ptr(), tensor.nbytes))
+
+
+def test_receiver_lands_in_place_where_layout_allows_else_reuses_one_buffer(monkeypatch):
+    import engines.local.updates as updates
+
+    eng = _FlatEngine()
+    rx = updates.WeightReceiver(eng)
+    rx.groups["g"] = "pg"
+
+    def update(payloads, names, dtypes, shapes, load_format="flattened_bucket", version=None):
+        wire = _FakeWire(payloads)
+        monkeypatch.setattr(updates.dist, "broadcast", wire)
+        ok, msg = rx.update_from_distributed(names, dtypes, shapes, "g", version, load_format)
+        assert not wire.payloads, "every broadcast of the request was received"
+        return ok, msg, wire.targets
+
+    w, b = torch.arange(6.0).view(2, 3), torch.arange(10.0, 14.0)
+    # Flattened bucket over w, b (back to back): one broadcast straight into the parameters, no buffer.
+    ok, _, targets = update([flatten_bucket([w, b])], ["w", "b"], ["float32"] * 2, [[2, 3], [4]], version="v1")
+    assert ok and targets == [(eng.storage.data_ptr(), 40)] and rx._buffer is None
+    assert torch.equal(eng.params["w"], w) and torch.equal(eng.params["b"], b) and eng.weight_version == "v1"
+    # Reversed order: the bytes are not the parameters' layout -> kept receive buffer, then a copy each.
+    ok, _, targets = update([flatten_bucket([b + 1, w + 1])], ["b", "w"], ["float32"] * 2, [[4], [2, 3]])
+    assert ok and targets == [(rx._buffer.data_ptr(), 40)] and eng.weight_version == "v1"
+    assert torch.equal(eng.params["w"], w + 1) and torch.equal(eng.params["b"], b + 1)
+    buffer = rx._buffer.data_ptr()
+    ok, _, targets = update([flatten_bucket([torch.ones(3), b])], ["n", "b"], ["float32"] * 2, [[3], [4]])
+    assert ok and targets == [(buffer, 28)] and torch.equal(eng.params["n"], torch.ones(3))  # buffer reused
+    # Per tensor: a float32 tensor lands in its parameter; a bf16 one goes through the buffer and is cast.
+    h = torch.tensor([1.5, -2.0])
+    ok, _, targets = update([w * 2, h.bfloat16()], ["w", "h"], ["float32", "bfloat16"], [[2, 3], [2]], None, "v2")
+    assert ok and targets == [(eng.params["w"].data_ptr(), 24), (rx._buffer.data_ptr(), 4)]
+    assert rx._buffer.numel() == 64  # grown: per-tensor slots are 64-byte aligned
+    buffer = rx._buffer.data_ptr()
+    assert torch.equal(eng.params["w"], w * 2) and torch.equal(eng.params["h"], h) and eng.weight_version == "v2"
+    # A bad name: everything still received (into the buffer), nothing changed, the tensor named.
+    before = eng.storage.clone()
+    ok, msg, targets = update([flatten_bucket([w, torch.ones(2)])], ["w", "nope"], ["float32"] * 2, [[2, 3], [2]])
+    assert not ok and "nope: no such parameter" in msg and targets == [(buffer, 32)]
+    assert torch.equal(eng.storage, before) and eng.weight_version == "v2"
+    ok, msg, _ = update([torch.ones(4)], ["b"], ["float32"], [[2, 2]], None)
+    assert not ok and "shape [2, 2]" in msg and torch.equal(eng.storage, before)
+    # direct=False forces the copy path; on_received sees what arrived, in order.
+    rx.direct, seen = False, []
+    rx.on_received = lambda named: seen.extend((n, t.clone()) for n, t in named)
+    ok, _, targets = update([flatten_bucket([w, b])], ["w", "b"], ["float32"] * 2, [[2, 3], [4]], version="v3")
+    assert ok and targets == [(buffer, 40)] and [n for n, _ in seen] == ["w", "b"] and torch.equal(seen[1][1], b)
+    assert torch.equal(eng.params["w"], w) and eng.weight_version == "v3"
+    assert rx.destroy_group("missing")[0] is False and rx._buffer is not None
+
+
 def test_checksums_match_the_engine_hash_per_dtype():
     f = [("x", torch.randn(4, 3)), ("y", torch.randn(7))]
     h = [("z", torch.randn(5).bfloat16())]

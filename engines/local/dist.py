@@ -12,6 +12,7 @@ Contract (DESIGN.md contract 2; mirrors SGLang's `init_custom_process_group`, ch
 - Per-tensor protocol: one `broadcast` from rank 0 per tensor, in the order of `names`.
   `flattened_bucket` protocol (SGLang's `load_format="flattened_bucket"`): one uint8 broadcast per request,
   the tensors' raw bytes concatenated in `names` order (`flatten_bucket` / `unflatten_bucket`).
+- `byte_region` views tensors that lie back to back in memory as one flattened bucket (zero-copy send/receive).
 - `weights_checksum` is what `POST /weights_checksum` (our extension) answers, so a sender can compare.
 - `/update_weights_from_tensor` on the CPU engine takes base64 safetensors bytes (`encode_named_tensors`), not
   SGLang's pickled `MultiprocessingSerializer` payload: no pickle crosses a socket here.
@@ -105,6 +106,22 @@ def unflatten_bucket(
     if offset != buf.numel():
         raise ValueError(f"bucket holds {buf.numel()} bytes but the metadata describes {offset}")
     return out
+
+
+def byte_region(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One uint8 view over the bytes of `tensors` if they already form a flattened bucket: each contiguous, all back
+    to back in one storage in this order (a lone tensor, or parameters kept in one flat buffer); else None. Writing
+    into the view writes the tensors (the weight-sync receiver lands buckets in place; the sender sends from it)."""
+    first = tensors[0]
+    storage = first.untyped_storage()
+    expected = first.data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.data_ptr() != expected or t.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
+        expected += t.numel() * t.element_size()
+    start, nbytes = first.data_ptr() - storage.data_ptr(), expected - first.data_ptr()
+    with torch.no_grad():
+        return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, start, (nbytes,))
 
 
 def encode_named_tensors(tensors: dict[str, torch.Tensor]) -> str:

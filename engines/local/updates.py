@@ -7,17 +7,29 @@ Contract (what a trainer-side sender must do, identical to driving SGLang):
 2. For each bucket: POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache,
    weight_version, load_format} and, concurrently, broadcast from group rank 0: one tensor per name in `names`
    order (default), or one uint8 tensor holding all of them back to back (`load_format="flattened_bucket"`).
-   The engine receives everything first (so the collective never hangs), then checks names and shapes against
-   the model's HF parameter names (tied lm_head/embedding: either name works) and only then copies, so a bad
-   request changes nothing and answers success=false naming the tensor. `weight_version` is set after a
-   successful copy; send it with the last bucket.
-3. POST /destroy_weights_update_group {group_name} when done with the group (optional).
+   The engine checks names and shapes against the model's HF parameter names (tied lm_head/embedding: either
+   name works) from the metadata BEFORE the broadcast; it always receives every byte (so the collective never
+   hangs), and a bad request is received into scratch memory only, changes nothing and answers success=false
+   naming the tensor. `weight_version` is set after every tensor of the request is in place; send it with the
+   last bucket.
+3. POST /destroy_weights_update_group {group_name} when done with the group (optional; frees the receive buffer).
 Receiving and copying run on the engine thread between decode steps (the engine is normally paused then).
+
+Receive path (why it is shaped like this: on a CPU host the wire is memcpy-bound, so every extra pass over the
+bytes, or first-touch page faults of fresh memory, costs a large fraction of the sync):
+- zero copy: a tensor whose parameter is contiguous and of the wire dtype is broadcast straight into the
+  parameter (per-tensor format); a flattened bucket whose parameters lie back to back in one storage, in `names`
+  order and in the wire dtype, is broadcast straight into that memory region as one uint8 view.
+- otherwise the bytes land in one receive buffer kept between requests (grown only when a request needs more),
+  and are then copied (and cast) into the parameters in place, one copy per tensor.
+- a broadcast that fails half-way may leave the tensors of that request partly written (as a failed sync leaves
+  earlier buckets applied): the sender retries the sync or restarts the engine.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,6 +38,7 @@ from engines.local.dist import (
     FLATTENED_BUCKET_FORMAT,
     SAFETENSORS_FORMAT,
     bucket_nbytes,
+    byte_region,
     create_sync_group,
     decode_named_tensors,
     parse_dtype,
@@ -40,6 +53,11 @@ class WeightReceiver:
         self.group_timeout_s = group_timeout_s
         self.groups: dict[str, dist.ProcessGroup] = {}
         self._lock = threading.Lock()
+        self.direct = True  # receive straight into the parameters where their layout allows (off: always copy)
+        # Called on the engine thread with (name, tensor as received) for every tensor of a successful request
+        # (in the zero-copy path: the parameter itself). Benchmarks hash what arrived with it.
+        self.on_received: Callable[[list[tuple[str, torch.Tensor]]], None] | None = None
+        self._buffer: torch.Tensor | None = None  # uint8 receive buffer, kept between requests
 
     # Runs on a worker thread: it blocks until every rank has joined.
     def init_group(
@@ -73,11 +91,21 @@ class WeightReceiver:
     def destroy_group(self, group_name: str = "weight_update_group") -> tuple[bool, str]:
         with self._lock:
             pg = self.groups.pop(group_name, None)
+            if not self.groups:
+                self._buffer = None  # no more syncs expected: give the receive buffer back
         if pg is None:
             return False, "The group to be destroyed does not exist."
         dist.destroy_process_group(pg)
         return True, "Succeeded to destroy custom process group."
 
+    def receive_buffer(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of the kept uint8 receive buffer, grown (never shrunk) when a request needs more."""
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = None  # free the old one before allocating its successor
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffer[:nbytes]
+
+    @torch.no_grad()
     def update_from_distributed(
         self,
         names: list[str],
@@ -100,19 +128,69 @@ class WeightReceiver:
             torch_dtypes = [parse_dtype(d) for d in dtypes]
         except ValueError as e:
             return False, f"dtypes: {e}"
-        if load_format == FLATTENED_BUCKET_FORMAT:
-            buf = torch.empty(bucket_nbytes(torch_dtypes, shapes), dtype=torch.uint8)
-            dist.broadcast(buf, group_src=0, group=pg)
-            received = unflatten_bucket(buf, names, torch_dtypes, shapes)
-        elif load_format in (None, "", "auto"):
-            received = []
-            for name, dtype, shape in zip(names, torch_dtypes, shapes, strict=True):
-                t = torch.empty(shape, dtype=dtype)
-                dist.broadcast(t, group_src=0, group=pg)
-                received.append((name, t))
-        else:
+        if load_format not in (None, "", "auto", FLATTENED_BUCKET_FORMAT):
             return False, f"load_format {load_format!r} is not supported (use none or {FLATTENED_BUCKET_FORMAT!r})"
-        return self._apply(received, weight_version)
+        # Checked before the bytes arrive, so good requests can land in place and bad ones touch nothing.
+        problems = self.engine.check_tensors(zip(names, (torch.Size(s) for s in shapes), strict=True))
+        if load_format == FLATTENED_BUCKET_FORMAT:
+            received, copies = self._receive_flat(pg, names, torch_dtypes, shapes, in_place=not problems)
+        else:
+            received, copies = self._receive_each(pg, names, torch_dtypes, shapes, in_place=not problems)
+        if problems:
+            return False, "Failed to update weights, nothing changed: " + "; ".join(problems[:5])
+        return self._finish(received, copies, weight_version)
+
+    def _receive_flat(
+        self, pg, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]], in_place: bool
+    ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+        """One uint8 broadcast; returns (everything as received, what still has to be copied into parameters)."""
+        nbytes = bucket_nbytes(dtypes, shapes)
+        region = self._param_region(names, dtypes, nbytes) if in_place else None
+        if region is not None:
+            dist.broadcast(region, group_src=0, group=pg)
+            return [(n, self.engine.params[n]) for n in names], []
+        buf = self.receive_buffer(nbytes)
+        dist.broadcast(buf, group_src=0, group=pg)
+        views = unflatten_bucket(buf, names, dtypes, shapes)
+        return views, views
+
+    def _receive_each(
+        self, pg, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]], in_place: bool
+    ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+        """One broadcast per tensor, in `names` order: into the parameter when it is contiguous and of the wire
+        dtype, else into the receive buffer (each slot aligned to 64 bytes) for a copy afterwards."""
+        params = self.engine.params
+        targets: list[torch.Tensor | None] = []
+        slots, offset = [], 0
+        for name, dtype in zip(names, dtypes, strict=True):
+            p = params.get(name) if in_place and self.direct else None
+            direct = p is not None and p.dtype == dtype and p.is_contiguous()
+            targets.append(p.detach() if direct else None)
+            if not direct:
+                slots.append(offset)
+                offset += -(-torch.Size(shapes[len(targets) - 1]).numel() * dtype.itemsize // 64) * 64
+        buf = self.receive_buffer(offset) if slots else None
+        received, copies, k = [], [], 0
+        for name, dtype, shape, target in zip(names, dtypes, shapes, targets, strict=True):
+            if target is None:
+                size = torch.Size(shape).numel() * dtype.itemsize
+                target = buf[slots[k] : slots[k] + size].view(dtype).view(shape)
+                k += 1
+                copies.append((name, target))
+            dist.broadcast(target, group_src=0, group=pg)
+            received.append((name, target))
+        return received, copies
+
+    def _param_region(self, names: list[str], dtypes: list[torch.dtype], nbytes: int) -> torch.Tensor | None:
+        """A uint8 view over the parameters `names` if the flattened bucket's bytes are exactly their memory (back to
+        back in this order, contiguous, of the wire dtypes); else None."""
+        if not self.direct:
+            return None
+        params = [self.engine.params[n] for n in names]
+        if any(p.dtype != d for p, d in zip(params, dtypes, strict=True)):
+            return None
+        region = byte_region(params)
+        return region if region is not None and region.numel() == nbytes else None
 
     def update_from_tensor(
         self,
@@ -128,16 +206,23 @@ class WeightReceiver:
         if len(serialized_named_tensors) != 1:
             return False, f"serialized_named_tensors must hold one entry (tp=1), got {len(serialized_named_tensors)}"
         try:
-            tensors = decode_named_tensors(serialized_named_tensors[0])
+            tensors = list(decode_named_tensors(serialized_named_tensors[0]).items())
         except ValueError as e:
             return False, str(e)
-        return self._apply(list(tensors.items()), weight_version)
-
-    def _apply(self, received: list[tuple[str, torch.Tensor]], weight_version: str | None) -> tuple[bool, str]:
-        problems = self.engine.check_tensors((n, t.shape) for n, t in received)
+        problems = self.engine.check_tensors((n, t.shape) for n, t in tensors)
         if problems:
             return False, "Failed to update weights, nothing changed: " + "; ".join(problems[:5])
-        self.engine.load_tensors(received, weight_version)
+        return self._finish(tensors, tensors, weight_version)
+
+    def _finish(
+        self,
+        received: list[tuple[str, torch.Tensor]],
+        copies: list[tuple[str, torch.Tensor]],
+        weight_version: str | None,
+    ) -> tuple[bool, str]:
+        if self.on_received is not None:
+            self.on_received(received)
+        self.engine.load_tensors(copies, weight_version)  # an empty list only sets the version
         msg = f"Succeeded to update {len(received)} tensors."
         if weight_version is not None:
             msg += f" Weight version updated to {weight_version}."

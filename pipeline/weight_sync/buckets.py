@@ -8,8 +8,10 @@ Contract:
   needs the alignment). It pulls one tensor ahead of the bucket it yields, so each `BucketPlan.last` is exact.
 - `prepare_bucket` moves each tensor to the wire device (None: where the bucket's first tensor is), casts floating tensors to `dtype`, makes them
   contiguous and, with `flatten`, writes them into ONE uint8 buffer back to back (SGLang's FlattenedTensorBucket
-  layout: the raw bytes of each tensor in names order, no padding), in a single copy per tensor; a bucket holding one
-  tensor that is already contiguous, on the device and in the dtype is sent as a uint8 view of it, without a copy.
+  layout: the raw bytes of each tensor in names order, no padding), in a single copy per tensor. A bucket whose
+  tensors already ARE that layout (each contiguous, on the device, in the wire dtype, back to back in one storage
+  in order: a lone tensor, or parameters kept in one flat buffer) is sent as a uint8 view of their memory, without
+  a copy (`zero_copy`, on by default).
 - `BucketStream` yields prepared buckets in order. With `prefetch` > 0 a producer thread walks the source
   iterator (which may run collectives, e.g. a TP gather) and prepares up to `prefetch` buckets ahead of the one
   the consumer holds; the consumer hands each bucket back with `release()`, so at most prefetch + 1 prepared
@@ -31,6 +33,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from engines.local.dist import byte_region
 
 MiB = 1 << 20
 
@@ -149,16 +153,19 @@ def prepare_bucket(
     dtype: torch.dtype | None = None,
     flatten: bool = True,
     pool: BufferPool | None = None,
+    zero_copy: bool = True,
 ) -> Bucket:
     names = [n for n, _ in plan.items]
     device = device or plan.items[0][1].device
     if not flatten:
         tensors = [t.detach().to(device=device, dtype=wire_dtype(t, dtype)).contiguous() for _, t in plan.items]
         return Bucket(plan.index, names, tensors, plan.nbytes, plan.last)
-    if len(plan.items) == 1:  # a tensor alone in its bucket that is already wire-ready is sent without a copy
-        t = plan.items[0][1].detach()
-        if t.is_contiguous() and t.dtype == wire_dtype(t, dtype) and t.device == device:
-            return Bucket(plan.index, names, [t], plan.nbytes, plan.last, flat=t.reshape(-1).view(torch.uint8))
+    if zero_copy:
+        tensors = [t.detach() for _, t in plan.items]
+        ready = all(t.dtype == wire_dtype(t, dtype) and t.device == device for t in tensors)
+        region = byte_region(tensors) if ready else None
+        if region is not None:
+            return Bucket(plan.index, names, tensors, plan.nbytes, plan.last, flat=region)
     base = (
         pool.take(plan.nbytes, device)
         if pool is not None
@@ -218,6 +225,7 @@ class BucketStream:
         encode: Callable[[Bucket], list[list[str]]] | None = None,
         align: bool | None = None,
         pool: BufferPool | None = None,
+        zero_copy: bool = True,
     ) -> None:
         self._plans = plan_buckets(named, bucket_bytes, dtype, align=flatten if align is None else align)
         self.device, self.dtype, self.flatten = device, dtype, flatten
@@ -225,6 +233,7 @@ class BucketStream:
         self.checksums = checksums
         self.encode = encode
         self.pool = pool
+        self.zero_copy = zero_copy
         self._stop = threading.Event()
         self._slots = threading.Semaphore(self.prefetch + 1)
         self._queue: queue.Queue = queue.Queue()
@@ -234,7 +243,7 @@ class BucketStream:
     def _prepare(self, plan: BucketPlan) -> Bucket:
         if (self.device or plan.items[0][1].device).type == "cuda":
             return self._prepare_cuda(plan)
-        bucket = prepare_bucket(plan, self.device, self.dtype, self.flatten, self.pool)
+        bucket = prepare_bucket(plan, self.device, self.dtype, self.flatten, self.pool, self.zero_copy)
         return self._finish(bucket)
 
     def _prepare_cuda(self, plan: BucketPlan) -> Bucket:
@@ -245,7 +254,7 @@ class BucketStream:
         self._side = side
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            bucket = prepare_bucket(plan, self.device, self.dtype, self.flatten, self.pool)
+            bucket = prepare_bucket(plan, self.device, self.dtype, self.flatten, self.pool, self.zero_copy)
             bucket = self._finish(bucket)
             bucket.ready = torch.cuda.Event()
             bucket.ready.record(side)

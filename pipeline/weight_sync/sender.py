@@ -19,7 +19,8 @@ Colocated mode (weight_sync.mode = colocated) replaces steps 2-3 with one POST /
 bucket and engine (payloads in colocated.py).
 
 Memory: the sender keeps up to prefetch + 1 flattened-bucket buffers between syncs (reused; `close()` frees them);
-a tensor alone in its bucket that is already wire-ready is sent without a copy. `cfg` is read at each sync, so
+a bucket whose tensors are already wire-ready and back to back in memory (a lone tensor, or parameters in one
+flat buffer) is sent as a view, without a copy. `cfg` is read at each sync, so
 bucket_mb, flatten, dtype, prefetch, checksum and timeout_s may change between syncs (backend and master_* take
 effect at the next `connect()`; the HTTP client keeps the timeout it was built with as its per-request limit).
 
@@ -109,6 +110,7 @@ class WeightSyncSender:
         self.backend = ""
         self.master_port = 0
         self.pool = BufferPool()  # flattened-bucket buffers, reused across syncs (freed by close())
+        self.zero_copy = True  # send buckets whose tensors already lie back to back as views (benchmarks: False)
 
     def __repr__(self) -> str:  # never shows the API key
         return f"WeightSyncSender(urls={self.urls}, stage={self.stage}, group={self.group_name or None})"
@@ -270,8 +272,9 @@ class WeightSyncSender:
             device = wire_device(self.backend)
             self.pool.resize(cfg.prefetch + 1)
             return BucketStream(
-                named, bucket_bytes, device, dtype, cfg.flatten, cfg.prefetch, checksums, pool=self.pool
-            )
+                named, bucket_bytes, device, dtype, cfg.flatten, cfg.prefetch, checksums, pool=self.pool,
+                zero_copy=self.zero_copy,
+            )  # fmt: skip
         # Colocated: tensors stay where they are; CUDA ones travel as SGLang IPC handles, CPU ones as safetensors.
         encode = colocated_encoder(self.engine_tp)
         return BucketStream(named, bucket_bytes, None, dtype, False, cfg.prefetch, checksums, encode=encode, align=True)
