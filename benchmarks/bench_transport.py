@@ -2,8 +2,10 @@
 
 For samples of 1k and 16k response tokens (groups of 16), the same pre-encoded messages are pushed by a sender
 thread (a) through a bare PUSH/PULL pair that only receives them, and (b) through GroupSender -> GroupReceiver ->
-RolloutBuffer (header decode, schema check, dynamic-sampling filter, storage). The headline is
-`ingest_ratio = raw seconds / ours seconds` (target >= 0.5). Also reported, per group: the msgpack encode time on
+RolloutBuffer (header decode, schema check, dynamic-sampling filter, storage). The headline is `ingest_ratio`:
+the median, over alternating (raw, ours) pairs, of raw seconds / ours seconds (target >= 0.5). Measured on the
+shared 2-core VM (3 runs, each the median of 5 pairs): 1k 0.56 / 0.53 / 0.77, 16k 0.91 / 0.43 / 0.67 (very noisy:
+other developers' training jobs share the cores). Also reported, per group: the msgpack encode time on
 the manager's side and the decode time at consumption (get_batch), and `end_to_end_ratio` that adds the decode
 to our side (the price of turning 3 x 16 x T numbers into Python lists, paid once per trained group).
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import threading
 import time
 
@@ -94,11 +97,14 @@ def bench_size(tokens: int, n_groups: int, repeats: int) -> dict[str, float]:
     encode_ms = (time.perf_counter() - t0) / n_groups * 1e3
     nbytes = sum(len(p) for m in messages for p in m)
 
-    raw = min(time_raw(messages) for _ in range(repeats))
-    ours, decode_s = float("inf"), float("inf")
+    # raw and ours alternate, and the ratio is the median of the per-pair ratios: on a shared machine the load
+    # changes within seconds, and timing all raw runs before all of ours skewed the ratio either way.
+    ratios, raws, ourss, decode_s = [], [], [], float("inf")
     for _ in range(repeats):
+        raws.append(time_raw(messages))
         elapsed, buf, tx = time_ours(messages)
-        ours = min(ours, elapsed)
+        ourss.append(elapsed)
+        ratios.append(raws[-1] / elapsed)
         t0 = time.perf_counter()
         n_dec = min(n_groups, 8)
         for _ in range(n_dec):
@@ -106,13 +112,14 @@ def bench_size(tokens: int, n_groups: int, repeats: int) -> dict[str, float]:
         decode_s = min(decode_s, (time.perf_counter() - t0) / n_dec)
         tx.close(linger_ms=0)
         buf.close()
+    raw, ours = statistics.median(raws), statistics.median(ourss)
     return {
         "tokens_per_sample": tokens,
         "groups": n_groups,
         "mb_per_group": nbytes / n_groups / 1e6,
         "raw_zmq_gb_per_s": nbytes / raw / 1e9,
         "ours_gb_per_s": nbytes / ours / 1e9,
-        "ingest_ratio": raw / ours,
+        "ingest_ratio": statistics.median(ratios),
         "encode_ms_per_group": encode_ms,
         "decode_ms_per_group": decode_s * 1e3,
         "end_to_end_ratio": raw / (ours + decode_s * n_groups),
@@ -121,7 +128,7 @@ def bench_size(tokens: int, n_groups: int, repeats: int) -> dict[str, float]:
 
 def run(quick: bool = False) -> dict:
     sizes = [(1024, 100 if quick else 400), (16384, 16 if quick else 60)]
-    repeats = 2 if quick else 3
+    repeats = 3 if quick else 5
     out: dict = {}
     for tokens, n in sizes:
         r = bench_size(tokens, n, repeats)
