@@ -341,6 +341,9 @@ class EvalConfig:
     """Sampling temperature for evaluation (0: greedy)."""
     reward_fn: str = ""
     """Scorer for evaluation (empty: algorithm.reward_fn)."""
+    before_train: bool = True
+    """With eval.every > 0: also evaluate the initial weights before the first step, and the final ones after the
+    last (both exact: no weight update happens while they run)."""
 
 
 @dataclass

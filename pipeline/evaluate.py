@@ -5,6 +5,10 @@ Contract:
   per prompt through `EngineClient.generate` (at most `max_concurrency` in flight), decodes each response
   without special tokens, scores it with `reward_runner.score_async(response, answer)` when the runner has it,
   else `reward_runner.score` (awaited if a coroutine, else run in a worker thread), and returns `summarize(...)`.
+  A request the engine aborts (a weight update during training pauses the engines with `abort`) is resumed: the
+  prompt plus the tokens generated so far are sent again for the remaining budget (at most `MAX_RESUMES` times),
+  so an evaluation during training scores whole responses, never a truncated prefix. Such a response's tail comes
+  from the weights that followed (one or two versions later at most, as the evaluation is short).
 - `evaluate_hf(model, tokenizer, prompts, ...)` does the same offline with `model.generate` (greedy when
   temperature is 0, else pure sampling: top_k off, `top_p` as given), seeded; for the warm start and tests.
 - `summarize` -> {"acc": avg@k (mean over prompts of the mean acc of its k responses), "pass": pass@k (share of
@@ -29,6 +33,9 @@ from typing import Any
 import torch
 
 from pipeline.types import Prompt
+
+MAX_RESUMES = 100
+"""Resumptions of one aborted evaluation request before its partial output is scored as it is."""
 
 
 @dataclass
@@ -97,10 +104,8 @@ async def evaluate(
     async def one(i: int, j: int) -> None:
         p = prompts[i]
         async with gate:
-            out = await client.generate(
-                p.prompt_ids, dict(sampling), rid=f"eval-{p.prompt_id}-{j}", return_logprob=False
-            )
-        text = tokenizer.decode(out.output_ids, skip_special_tokens=True)
+            output_ids, finish = await _generate_whole(client, p.prompt_ids, sampling, f"eval-{p.prompt_id}-{j}")
+        text = tokenizer.decode(output_ids, skip_special_tokens=True)
         if score_async is not None:
             scored = await score_async(text, p.answer)
         else:
@@ -109,13 +114,30 @@ async def evaluate(
         r = results[i]
         r.accs.append(acc)
         r.rewards.append(reward)
-        r.lengths.append(len(out.output_ids))
-        r.truncated.append(out.finish_reason == "length" or (max_new > 0 and len(out.output_ids) >= max_new))
+        r.lengths.append(len(output_ids))
+        r.truncated.append(finish == "length" or (max_new > 0 and len(output_ids) >= max_new))
         if j == 0:
             r.responses.append(text)
 
     await asyncio.gather(*(one(i, j) for i in range(len(prompts)) for j in range(k)))
     return summarize(results)
+
+
+async def _generate_whole(client: Any, prompt_ids: list[int], sampling: dict[str, Any], rid: str) -> tuple[list, str]:
+    """Output ids and finish reason of one request, resumed after aborts (see the module docstring)."""
+    max_new = int(sampling.get("max_new_tokens", 0))
+    output_ids: list[int] = []
+    for attempt in range(MAX_RESUMES + 1):
+        params = dict(sampling)
+        if max_new:
+            params["max_new_tokens"] = max_new - len(output_ids)
+        sub_rid = rid if attempt == 0 else f"{rid}-r{attempt}"
+        out = await client.generate(prompt_ids + output_ids, params, rid=sub_rid, return_logprob=False)
+        output_ids += out.output_ids
+        if out.finish_reason != "abort" or (max_new and len(output_ids) >= max_new):
+            return output_ids, out.finish_reason
+        await asyncio.sleep(0.02 * min(attempt + 1, 10))  # let the weight update that aborted it finish
+    return output_ids, "abort"
 
 
 # ------------------------------------------------------------------------------------------------ offline

@@ -1,7 +1,10 @@
 """Evaluation during training, without stalling it.
 
 Contract: every `eval.every` trainer steps, `LiveEval.maybe_start(step, version)` launches avg@k on the held-out
-set (data.eval_path) through the same engines, on a background event loop; the trainer goes on. `poll()` returns
+set (data.eval_path) through the same engines, on a background event loop; the trainer goes on. Requests that a
+weight update aborts are resumed (see pipeline/evaluate.py), so a mid-run evaluation mixes the weights of the
+version it started at with the one or two that follow. `run(step, version)` evaluates now and waits: the loop uses
+it before the first step and after the last, when no weight update can happen, so those two are exact. `poll()` returns
 the finished evaluation's metrics (`eval/acc`, `eval/pass`, `eval/response_len`, with the step and weight version
 it was taken at) once, and nothing while it runs. At most one evaluation runs at a time: a due one is skipped
 (counted) rather than queued behind a slow one. The evaluation's requests compete with rollouts for engine
@@ -42,8 +45,8 @@ class LiveEval:
         self.started_at: tuple[int, int] = (0, 0)
         self.skipped = 0
 
-    def maybe_start(self, step: int, version: int) -> None:
-        if not self.cfg.eval.every or step % self.cfg.eval.every:
+    def maybe_start(self, step: int, version: int, force: bool = False) -> None:
+        if not force and (not self.cfg.eval.every or step % self.cfg.eval.every):
             return
         if self.future is not None and not self.future.done():
             self.skipped += 1
@@ -75,6 +78,13 @@ class LiveEval:
             "eval/weight_version": float(version),
             "eval/skipped": float(self.skipped),
         }
+
+    def run(self, step: int, version: int) -> list[dict[str, float]]:
+        """Evaluate the current weights now and wait: [the evaluation still running, if any, then this one]."""
+        results = [self.poll(wait=True)]
+        self.maybe_start(step, version, force=True)
+        results.append(self.poll(wait=True))
+        return [r for r in results if r]
 
     def close(self) -> None:
         if self.future is not None:

@@ -2,7 +2,8 @@
 
 Contract: keys are namespaced with units where they have one (`time/weight_sync(s)`, `perf/gen_tokens_per_s`);
 `log(step, metrics)` writes every numeric value as a scalar at that step and prints one status line (rank 0 /
-the driver only: nothing else holds a MetricsLogger).
+the driver only: nothing else holds a MetricsLogger). `log_eval(metrics)` writes an evaluation's scalars at the
+step it was taken at (`eval/step`, not the later step it finished at) and prints one line for it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ _STATUS = (
     ("filter/dropped", "filt", "{:.0f}"),
     ("staleness/mean", "stale", "{:.2f}"),
     ("weight_version", "v", "{:.0f}"),
-    ("eval/acc", "eval", "{:.3f}"),
     ("time/step(s)", "step", "{:.1f}s"),
 )
 
@@ -44,12 +44,15 @@ class MetricsLogger:
             self.writer = SummaryWriter(logdir, purge_step=first_step or None)
         self.t0 = time.perf_counter()
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+    def _scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         if self.writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, int | float) and math.isfinite(v):
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._scalars(step, metrics)
         if self.console:
             print(self.status_line(step, metrics), file=sys.stdout, flush=True)
 
@@ -61,6 +64,20 @@ class MetricsLogger:
         parts += [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _STATUS if key in metrics]
         parts.append(f"elapsed {time.perf_counter() - self.t0:.0f}s")
         return " | ".join(parts)
+
+    def log_eval(self, metrics: Mapping[str, float]) -> None:
+        self._scalars(int(metrics.get("eval/step", 0)), metrics)
+        if self.console:
+            print(self.eval_line(metrics), file=sys.stdout, flush=True)
+
+    @staticmethod
+    def eval_line(m: Mapping[str, float]) -> str:
+        if "eval/acc" not in m:
+            return f"eval at step {m.get('eval/step', 0):.0f}: failed (see the log)"
+        return (
+            f"eval at step {m['eval/step']:.0f} (weights v{m['eval/weight_version']:.0f}): "
+            f"avg@k {m['eval/acc']:.3f} | pass@k {m['eval/pass']:.3f} | len {m['eval/response_len']:.1f}"
+        )
 
     def close(self) -> None:
         if self.writer is not None:

@@ -11,7 +11,10 @@ Contract:
 - `arith` (the default task of the tiny CPU run): a chain of `ops` additions/subtractions of numbers with
   `digits` digits, evaluated left to right, e.g. `Compute 8+5-4+2.` with solution
   `8+5=13\\n13-4=9\\n9+2=11\\nAnswer: 11`. Parameters: `digits` (1..6, default 1), `ops` (1..4, default 3),
-  `opset` (characters from `+-`, default `+-`; `-` never takes the running value below 0). The defaults are tuned
+  `opset` (characters from `+-`, default `+-`; `-` never takes the running value below 0), `slip` (0..1, default 0:
+  the probability that each worked step of the reference *solution* writes a result off by one, the chain then
+  continuing from the wrong value; `answer` stays the true result). `slip` models a noisy demonstrator: a warm start
+  on such solutions imitates its slips, and RL with the verifiable reward has to unlearn them. The defaults are tuned
   so that the tiny model after its short warm start solves ~35-50% of held-out problems at temperature 1: each
   step is easy, errors compound over the steps. Solutions are at most 33 characters (34 tokens with eos) for the
   defaults; in general under ops*(3*digits+6)+digits+9.
@@ -41,6 +44,7 @@ class ArithTask:
     digits: int = 1
     ops: int = 3
     opset: str = "+-"
+    slip: float = 0.0
 
     def check(self, source: str) -> None:
         if not 1 <= self.digits <= 6:
@@ -49,6 +53,8 @@ class ArithTask:
             raise TaskError(f"{source}: ops must be in 1..4; got {self.ops}")
         if not self.opset or set(self.opset) - set("+-"):
             raise TaskError(f"{source}: opset must be made of '+' and '-'; got {self.opset!r}")
+        if not 0.0 <= self.slip <= 1.0:
+            raise TaskError(f"{source}: slip must be in [0, 1]; got {self.slip}")
 
     def _number(self, rng: random.Random, upper: int | None = None) -> int:
         low = 0 if self.digits == 1 else 10 ** (self.digits - 1)
@@ -57,20 +63,25 @@ class ArithTask:
             high = min(high, upper)
         return rng.randint(low, max(low, high))
 
-    def sample(self, rng: random.Random) -> dict[str, str]:
-        """One problem: prompt, answer and the step-by-step solution."""
+    def sample(self, rng: random.Random, slip_rng: random.Random | None = None) -> dict[str, str]:
+        """One problem: prompt, answer and the step-by-step solution (with slips drawn from `slip_rng`)."""
         value = self._number(rng)
-        expr, steps = str(value), []
+        expr, steps, written = str(value), [], value
         for _ in range(self.ops):
             op = rng.choice(self.opset)
             if op == "-" and value < (0 if self.digits == 1 else 10 ** (self.digits - 1)):
                 op = "+"  # nothing of `digits` digits can be subtracted without going below 0
             b = self._number(rng, upper=value if op == "-" else None)
             new = value + b if op == "+" else value - b
-            steps.append(f"{value}{op}{b}={new}")
+            # The solution follows its own (possibly slipped) running value `written`; the problem does not.
+            result = written + b if op == "+" else written - b
+            if slip_rng is not None and self.slip > 0 and slip_rng.random() < self.slip:
+                result += 1 if result == 0 or slip_rng.random() < 0.5 else -1
+            steps.append(f"{written}{op}{b}={result}")
             expr += f"{op}{b}"
-            value = new
-        return {"prompt": f"Compute {expr}.", "answer": str(value), "solution": "\n".join(steps) + f"\nAnswer: {value}"}
+            value, written = new, result
+        solution = "\n".join(steps) + f"\nAnswer: {written}"
+        return {"prompt": f"Compute {expr}.", "answer": str(value), "solution": solution}
 
 
 TASKS: dict[str, Callable[..., ArithTask]] = {"arith": ArithTask}
@@ -105,6 +116,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _coerce(spec: str, key: str, value: str, default: object) -> object:
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except ValueError:
+            raise TaskError(f"{spec}: parameter {key} must be a number; got {value!r}") from None
     if isinstance(default, int):
         try:
             return int(value)
@@ -139,13 +155,17 @@ def synthetic_rows(spec: str, n: int, seed: int) -> list[dict[str, str]]:
     if n < 1:
         raise TaskError(f"{spec}: needs at least one row; got n={n}")
     # A string seed is hashed with SHA-512 by `random`, so the stream is stable across processes and versions.
-    rng = random.Random(f"{task!r}|{split}|{seed}")
+    # The problem stream is keyed by the problem-shaping fields only (this string predates `slip`; keep it stable).
+    shape = f"ArithTask(digits={task.digits}, ops={task.ops}, opset={task.opset!r})"
+    rng = random.Random(f"{shape}|{split}|{seed}")
+    # Slips come from their own stream: the problems of a source are the same whatever its `slip`.
+    slip_rng = random.Random(f"slip|{split}|{seed}")
     rows, tries = [], 0
     while len(rows) < n:
         tries += 1
         if tries > 100 * n + 1000:
             raise TaskError(f"{spec}: the {split} split of this task is too small for {n} rows")
-        row = task.sample(rng)
+        row = task.sample(rng, slip_rng)
         if split_of(row["prompt"]) == split:
             rows.append({"id": f"{split}-{seed}-{len(rows)}", **row})
     return rows

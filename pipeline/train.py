@@ -42,6 +42,7 @@ class RunResult:
     accounting: dict[str, float] = field(default_factory=dict)
     engine_versions: list[str] = field(default_factory=list)
     trained_prompts: list[list[str]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -76,7 +77,16 @@ def train(cfg: Config) -> RunResult:
         evaluator = live_eval_or_none(cfg, urls, model_dir)
         history: list[dict[str, float]] = []
         trained: list[list[str]] = []
+        evals: list[dict[str, float]] = []
+
+        def record_evals(*results: dict[str, float]) -> None:
+            for m in filter(None, results):
+                logger.log_eval(m)
+                evals.append(m)
+
         try:
+            if evaluator is not None and step == 0 and cfg.eval.before_train:
+                record_evals(*evaluator.run(0, version))  # the baseline: v0, before any update
             while step < t.total_steps and not stop.requested:
                 step += 1
                 t0 = time.perf_counter()
@@ -97,8 +107,9 @@ def train(cfg: Config) -> RunResult:
                 metrics.update(ray.get(rollout.stats.remote()))
                 metrics["perf/gen_tokens_per_s"] = metrics.get("rollout/tokens_per_s", 0.0)
                 if evaluator is not None:
-                    metrics.update(evaluator.poll(wait=step == t.total_steps))
-                    evaluator.maybe_start(step, version)
+                    record_evals(evaluator.poll())
+                    if step < t.total_steps or not cfg.eval.before_train:
+                        evaluator.maybe_start(step, version)
                 metrics["engine/restarts"] = float(sum(cluster.restarts))
                 metrics["time/step(s)"] = time.perf_counter() - t0
                 metrics["weight_version"] = version
@@ -107,6 +118,9 @@ def train(cfg: Config) -> RunResult:
                 trained.append([g.prompt_id for g in groups])
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or stop.requested or step == t.total_steps:
                     _save(cfg, run_dir, step, version, trainers, rollout, buffer)
+            if evaluator is not None:  # the evaluation still running, then the final weights' own (exact)
+                final = not stop.requested and cfg.eval.before_train
+                record_evals(*(evaluator.run(step, version) if final else [evaluator.poll(wait=True)]))
             accounting = buffer.accounting()
             engine_versions = _engine_versions(cfg, cluster.live_urls)
         finally:
@@ -114,7 +128,7 @@ def train(cfg: Config) -> RunResult:
                 evaluator.close()
             logger.close()
             buffer.close()
-    return RunResult(str(run_dir), step, version, history, accounting, engine_versions, trained)
+    return RunResult(str(run_dir), step, version, history, accounting, engine_versions, trained, evals)
 
 
 def _resume(cfg: Config, run_dir: Path, trainers: list, buffer: RolloutBuffer) -> tuple[int, int, dict | None]:

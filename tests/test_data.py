@@ -65,6 +65,34 @@ def test_synthetic_default_shape():
     assert max(len(r["solution"]) for r in rows) + 1 <= 34  # + eos: fits max_new_tokens >= 34
 
 
+def test_synthetic_slips_change_solutions_only():
+    clean = synthetic_rows("synthetic:arith", 2000, seed=4)
+    noisy = synthetic_rows("synthetic:arith?slip=0.3", 2000, seed=4)
+    assert [(r["prompt"], r["answer"]) for r in noisy] == [(r["prompt"], r["answer"]) for r in clean]
+    steps = slipped = 0
+    for r in noisy:
+        lines = r["solution"].split("\n")
+        written = None
+        for line in lines[:-1]:
+            lhs, rhs = line.split("=")
+            a, op, b = re.fullmatch(r"(-?\d+)([+-])(\d+)", lhs).groups()  # a slip may take a step below 0
+            assert written is None or int(a) == written  # each step continues from the written (maybe wrong) value
+            off = int(rhs) - (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert off in (-1, 0, 1)
+            steps, slipped, written = steps + 1, slipped + (off != 0), int(rhs)
+        assert lines[-1] == f"Answer: {written}"  # the answer line follows the solution, not the truth
+        assert answer_matches(r["solution"], r["answer"]) == (written == int(r["answer"]))
+    assert steps == 6000 and 0.27 < slipped / steps < 0.33
+    always = synthetic_rows("synthetic:arith?slip=1", 50, seed=4)
+    assert not any(answer_matches(r["solution"], r["answer"]) for r in always)  # 3 slips of +-1 never sum to 0
+    first_steps = [r["solution"].split("\n")[0].split("=") for r in always]
+    assert all(_eval_left_to_right(lhs) != int(rhs) for lhs, rhs in first_steps)  # ... and every step is off
+    with pytest.raises(TaskError, match=r"slip must be in \[0, 1\]; got 2.0"):
+        synthetic_rows("synthetic:arith?slip=2", 1, 0)
+    with pytest.raises(TaskError, match="parameter slip must be a number; got 'x'"):
+        synthetic_rows("synthetic:arith?slip=x", 1, 0)
+
+
 def test_synthetic_is_seeded_and_split():
     a = synthetic_rows("synthetic:arith", 50, seed=1)
     assert a == synthetic_rows("synthetic:arith", 50, seed=1)

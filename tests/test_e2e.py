@@ -40,7 +40,9 @@ def test_embedded_default_runs_end_to_end(tmp_path):
         assert m["staleness/max"] <= cfg.rollout.max_staleness
         assert m["time/weight_sync(s)"] > 0
         assert m["perf/train_tokens_per_s"] > 0
-    assert any("eval/acc" in m for m in result.history)  # the evaluation started at step 2 was reported
+    # Before the first step (v0), the one started at step 2 (while training went on), after the last step (v3).
+    assert [(e["eval/step"], e["eval/weight_version"]) for e in result.evals] == [(0, 0), (2, 2), (3, 3)]
+    assert all(0.0 <= e["eval/acc"] <= e["eval/pass"] <= 1.0 for e in result.evals)
     acc = result.accounting
     assert acc["trained"] == 3 * B
     assert acc["lost"] == 0 and acc["balanced"] == 1, acc

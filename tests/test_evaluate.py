@@ -92,6 +92,43 @@ def test_evaluate_through_client(runner):
     assert m["per_prompt"][0]["responses"] == ["Answer: 7"]  # decoded without the eos
 
 
+class AbortingClient:
+    """Aborts every request after `chunk` new tokens until `aborts` aborts were given; records what it was sent."""
+
+    def __init__(self, tok, response: str, chunk: int, aborts: int):
+        self.tok, self.chunk, self.aborts = tok, chunk, aborts
+        self.full = tok.encode(response) + [tok.eos_token_id]
+        self.calls: list[tuple[list[int], int, str]] = []
+
+    async def generate(self, input_ids, sampling_params, rid=None, return_logprob=True):
+        self.calls.append((list(input_ids), sampling_params["max_new_tokens"], rid))
+        done = len(input_ids) - 1  # the prompt is one token long
+        rest = self.full[done:][: sampling_params["max_new_tokens"]]
+        if self.aborts > 0 and len(rest) > self.chunk:
+            self.aborts -= 1
+            return GenerateOutput(rest[: self.chunk], [0.0] * self.chunk, "abort", "0", "http://fake", len(input_ids))
+        return GenerateOutput(rest, [0.0] * len(rest), "stop", "0", "http://fake", len(input_ids))
+
+
+def test_evaluate_resumes_requests_aborted_by_a_weight_update():
+    tok = build_char_tokenizer()
+    prompt = Prompt(prompt_id="p", prompt_ids=tok.encode("p"), answer="12")
+    client = AbortingClient(tok, "5+7=12\nAnswer: 12", chunk=4, aborts=2)
+    m = asyncio.run(evaluate(client, [prompt], tok, SyncRunner(), k=1, sampling={"max_new_tokens": 30}))
+    # Without resumption the aborted 4-token prefix "5+7=" would be scored (wrong, 4 tokens long).
+    assert m["acc"] == 1.0 and m["response_len"] == len(client.full) == 18  # 17 characters + eos
+    assert m["per_prompt"][0]["responses"] == ["5+7=12\nAnswer: 12"]
+    p_ids = tok.encode("p")
+    assert (
+        client.calls
+        == [
+            (p_ids, 30, "eval-p-0"),
+            (p_ids + client.full[:4], 26, "eval-p-0-r1"),  # prompt + prefix, for the remaining budget
+            (p_ids + client.full[:8], 22, "eval-p-0-r2"),
+        ]
+    )
+
+
 def test_generate_hf_left_padding_matches_one_by_one():
     tok = build_char_tokenizer()
     cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, intermediate_size=64), init_seed=3)
