@@ -6,6 +6,7 @@
     dapo report LOGDIR    render training curves to PNG
     dapo bench [--quick]  run the benchmark suite
     dapo eval CONFIG [overrides]   evaluate a model on the configured eval set
+    dapo ablate CONFIG [--seeds 0,1,2] [--steps N] [overrides]   DAPO's components one at a time (Table 1)
 
 Errors in the config print one line naming the key path and exit with status 2.
 """
@@ -17,6 +18,8 @@ import sys
 
 from pipeline.config import ConfigError, load_config, to_yaml
 
+_DELEGATED = ("plan", "report", "bench", "ablate")
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset (see configs/)")
@@ -26,7 +29,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Sub-tools with their own flags get the rest of the line untouched.
-    if argv and argv[0] in ("plan", "report", "bench"):
+    if argv and argv[0] in _DELEGATED:
         return _delegate(argv[0], argv[1:])
     parser = argparse.ArgumentParser(
         prog="dapo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_sub = cfg_p.add_subparsers(dest="config_cmd", required=True)
     _config_args(cfg_sub.add_parser("show", help="print the resolved config"))
     _config_args(sub.add_parser("eval", help="evaluate model.path on data.eval_path"))
-    for name in ("plan", "report", "bench"):
+    for name in _DELEGATED:
         sub.add_parser(name, help=f"see `dapo {name} --help`")
     args = parser.parse_args(argv)
     try:
@@ -69,6 +72,10 @@ def _delegate(name: str, rest: list[str]) -> int:
         from pipeline.report import report_main
 
         return report_main(rest)
+    if name == "ablate":
+        from pipeline.ablation import ablate_main
+
+        return ablate_main(rest)
     from benchmarks.run_all import bench_main
 
     return bench_main(rest)
