@@ -216,6 +216,9 @@ class ParallelConfig:
     """Context parallel degree (megatron)."""
     ep: int = 1
     """Expert parallel degree (megatron MoE)."""
+    etp: int = 1
+    """Expert tensor parallel degree (megatron MoE; 1 = experts not tp-split, "parallel folding"; set it to tp for
+    megatron's own default). ep * etp must divide the ranks of a pipeline stage, tp * cp * dp."""
     dp: int = 0
     """Data parallel degree; 0: derived as world_size / (tp * pp * cp)."""
 
@@ -396,6 +399,7 @@ _POSITIVE: tuple[str, ...] = (
     "trainer.parallel.vpp",
     "trainer.parallel.cp",
     "trainer.parallel.ep",
+    "trainer.parallel.etp",
     "weight_sync.every",
     "data.max_prompt_tokens",
 )
@@ -450,6 +454,11 @@ def validate(cfg: Config) -> Config:
         )
     if t.backend == "fsdp" and model_parallel != 1:
         _fail("trainer.parallel", "the fsdp backend supports data parallelism only (tp = pp = cp = 1); use megatron")
+    if (p.tp * p.cp * p.dp) % (p.ep * p.etp):
+        _fail(
+            "trainer.parallel.ep",
+            f"ep*etp = {p.ep}*{p.etp} must divide the ranks of a pipeline stage, tp*cp*dp = {p.tp}*{p.cp}*{p.dp}",
+        )
     if p.vpp > 1 and p.pp == 1:
         _fail("trainer.parallel.vpp", "virtual pipeline stages need trainer.parallel.pp > 1")
     samples = t.batch_size * cfg.rollout.n_samples_per_prompt

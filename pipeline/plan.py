@@ -852,7 +852,7 @@ def config_overrides(plan: Plan, model_path: str, base_max_new: int = 0) -> dict
             "backend": t.backend,
             "world_size": plan.train_gpus,
             "gpus_per_rank": 0.5 if shared else 1.0,
-            "parallel": {"tp": p.tp, "pp": p.pp, "vpp": 1, "cp": p.cp, "ep": p.ep, "dp": p.dp},
+            "parallel": {"tp": p.tp, "pp": p.pp, "vpp": 1, "cp": p.cp, "ep": p.ep, "etp": p.etp, "dp": p.dp},
             "recompute": t.recompute,
             "distributed_optimizer": t.distributed_optimizer,
             "micro_batch_size": 1,

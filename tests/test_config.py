@@ -55,7 +55,7 @@ def test_base_chain_and_missing_file(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"base: {TINY}\ntrainer: {{total_steps: 3}}\n")
     cfg = load_config(child)
-    assert cfg.trainer.total_steps == 3 and cfg.data.train_path == "synthetic:arith?split=train"
+    assert cfg.trainer.total_steps == 3 and cfg.data.train_path == "synthetic:arith?split=train&slip=0.3"
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=r"^data.train_path: required"):
@@ -91,3 +91,13 @@ def test_resource_check_names_what_is_missing():
     with pytest.raises(ConfigError, match=r"^cluster: the run needs 16 GPUs .* the Ray cluster has 8"):
         check_resources(cfg, {"GPU": 8.0, "CPU": 64.0})
     check_resources(cfg, {"GPU": 16.0})  # enough: no error
+
+
+def test_expert_parallel_must_fit_the_ranks_of_a_stage():
+    moe = ["trainer.backend=megatron", "trainer.world_size=8", "trainer.parallel.tp=4", "trainer.parallel.pp=2"]
+    cfg = load_config(TINY, [*moe, "trainer.parallel.ep=4"])  # etp = 1: ep*etp = 4 divides tp*cp*dp = 4
+    assert (cfg.trainer.parallel.dp, cfg.trainer.parallel.etp) == (1, 1)
+    with pytest.raises(ConfigError, match=r"trainer.parallel.ep: ep\*etp = 4\*4 must divide .* tp\*cp\*dp = 4\*1\*1"):
+        load_config(TINY, [*moe, "trainer.parallel.ep=4", "trainer.parallel.etp=4"])  # megatron's etp = tp default
+    with pytest.raises(ConfigError, match=r"trainer.parallel.ep: ep\*etp = 8\*1"):
+        load_config(TINY, [*moe, "trainer.parallel.ep=8"])

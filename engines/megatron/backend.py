@@ -269,6 +269,7 @@ class MegatronBackend:
             virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
             context_parallel_size=p.cp,
             expert_model_parallel_size=p.ep,
+            expert_tensor_parallel_size=p.etp,
             order=RANK_ORDER,
         )
         assert ps.get_data_parallel_rank() == self.dp_rank and ps.get_tensor_model_parallel_rank() == self.tp_rank

@@ -203,6 +203,7 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
         # Sequence parallelism with TE (megatron requires it for MoE + TP); torch's norms of the local spec reject
         # it. The backend pads packed micro-batches to a multiple of tp for it.
         sequence_parallel=use_te and parallel.tp > 1,
