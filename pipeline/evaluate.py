@@ -14,9 +14,15 @@ Contract:
 - `summarize` -> {"acc": avg@k (mean over prompts of the mean acc of its k responses), "pass": pass@k (share of
   prompts with at least one correct response), "reward": mean reward, "response_len": mean response tokens,
   "truncated": share of responses that hit max_new_tokens, "n_prompts", "k", "per_prompt": [...]}.
-- `eval_main(cfg)` (`dapo eval`): evaluates the configured model (model.path, or the tiny model with its warm
-  start) on data.eval_path with eval.* sampling, on a local engine it launches (or engine.urls when the backend
-  is external); prints one JSON line of metrics and writes eval.json into the run directory.
+- `eval_main(cfg)` (`dapo eval`): evaluates the configured model (model.path, any HF checkpoint, or the tiny model
+  with its warm start) with eval.* sampling, on local engines it launches (SGLang on GPU with
+  engine.backend=sglang, the CPU engine otherwise, or engine.urls when external), on every set of data.eval_path:
+  one source, or several separated by commas. A set may be named: `bench:aime24` (DAPO's 960-row parquet, 30
+  problems x 32 copies: avg@1 over it is avg@32), `bench:aime24-30` (the 30-problem jsonl, DAPO's template),
+  `bench:math500`, `bench:gsm8k` (DAPO's template), read from $DAPO_DATA_DIR (default ../shared/data next to the
+  repository); a named set scores with its own scorer (Math-Verify for MATH-500 and GSM8K, DAPO's for AIME)
+  unless eval.reward_fn is set, and takes `?key=value` overrides like any file source (`bench:math500?template=chat`).
+  Prints one JSON line per set and a Markdown table; writes eval.json ({set: metrics}) and eval.md.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +40,27 @@ from typing import Any
 import torch
 
 from pipeline.types import Prompt
+
+EVAL_SETS: dict[str, tuple[str, str, str]] = {
+    # name: (file under the data directory, source parameters, default scorer)
+    "aime24": ("aime-2024.parquet", "answer_key=reward_model.ground_truth", "pipeline.rewards:dapo_math_reward"),
+    "aime24-30": (
+        "aime24_test.jsonl",
+        "prompt_key=problem&id_key=id&template=dapo",
+        "pipeline.rewards:dapo_math_reward",
+    ),
+    "math500": (
+        "math500_test.jsonl",
+        "prompt_key=problem&id_key=unique_id&template=dapo",
+        "pipeline.rewards:math_verify_reward",
+    ),
+    "gsm8k": (
+        "gsm8k_test.jsonl",
+        "prompt_key=question&answer_key=answer|after:####&template=dapo",
+        "pipeline.rewards:math_verify_reward",
+    ),
+}
+"""The named evaluation sets of `dapo eval` (see the module docstring)."""
 
 MAX_RESUMES = 100
 """Resumptions of one aborted evaluation request before its partial output is scored as it is."""
@@ -238,10 +266,39 @@ def eval_sampling(cfg: Any, eos_id: int) -> dict[str, Any]:
     }
 
 
+def data_dir() -> Path:
+    env = os.environ.get("DAPO_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def resolve_eval_set(spec: str) -> tuple[str, str, str | None]:
+    """(name, source, default scorer or None) of one eval set: `bench:<name>[?k=v...]` or a plain source."""
+    if not spec.startswith("bench:"):
+        return spec, spec, None
+    name, _, extra = spec[len("bench:") :].partition("?")
+    if name not in EVAL_SETS:
+        raise ValueError(f"data.eval_path: unknown eval set {spec!r}; known: bench:{', bench:'.join(EVAL_SETS)}")
+    file, params, scorer = EVAL_SETS[name]
+    path = data_dir() / file
+    if not path.is_file():
+        raise ValueError(f"data.eval_path: {spec}: {path} not found (set DAPO_DATA_DIR to the data directory)")
+    return name, f"{path}?{params}" + (f"&{extra}" if extra else ""), scorer
+
+
+def eval_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| set | prompts | k | avg@k | pass@k | mean length | truncated |", "|---|---|---|---|---|---|---|"]
+    for name, m in results.items():
+        lines.append(
+            f"| {name} | {m['n_prompts']} | {m['k']} | {m['acc']:.3f} | {m['pass']:.3f} | "
+            f"{m['response_len']:.1f} | {m['truncated']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def eval_main(cfg: Any) -> int:
     """`dapo eval CONFIG`: see the module docstring."""
     from pipeline.config import engine_api_key
-    from pipeline.data import load_prompts
+    from pipeline.data import DataError, load_prompts
     from pipeline.modeling import prepare_model_dir
     from pipeline.rewards import RewardRunner
     from pipeline.tokenizer import load_tokenizer
@@ -249,25 +306,37 @@ def eval_main(cfg: Any) -> int:
     if not cfg.data.eval_path:
         print("dapo eval: data.eval_path is empty; nothing to evaluate")
         return 2
+    try:
+        sets = [resolve_eval_set(s.strip()) for s in cfg.data.eval_path.split(",") if s.strip()]
+    except ValueError as e:
+        print(f"dapo eval: {e}")
+        return 2
     run_dir = Path(cfg.logging.dir) / (cfg.logging.run_name or time.strftime("eval-%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg, str(run_dir))
     tokenizer = load_tokenizer(cfg.model.tokenizer if not cfg.model.path else cfg.model.path, model_dir)
-    prompts = load_prompts(cfg.data, tokenizer, path=cfg.data.eval_path, seed=cfg.trainer.seed)
-    if cfg.eval.max_prompts:
-        prompts = prompts[: cfg.eval.max_prompts]
-    a = cfg.algorithm
-    runner = RewardRunner(cfg.eval.reward_fn or a.reward_fn, a.reward_timeout_s, a.reward_workers)
+    work = []
+    for name, source, scorer in sets:
+        try:
+            prompts = load_prompts(cfg.data, tokenizer, path=source, seed=cfg.trainer.seed)
+        except DataError as e:
+            print(f"dapo eval: {e}")
+            return 2
+        a = cfg.algorithm
+        runner = RewardRunner(cfg.eval.reward_fn or scorer or a.reward_fn, a.reward_timeout_s, a.reward_workers)
+        work.append((name, prompts[: cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts, runner))
     sampling = eval_sampling(cfg, tokenizer.eos_token_id)
-    metrics = asyncio.run(
-        _eval_on_engines(cfg, model_dir, run_dir, prompts, tokenizer, runner, sampling, engine_api_key(cfg))
-    )
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in metrics.items() if k != "per_prompt"}))
+    results = asyncio.run(_eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, engine_api_key(cfg)))
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = eval_table(results)
+    (run_dir / "eval.md").write_text(table + "\n")
+    for name, metrics in results.items():
+        print(json.dumps({"set": name, **{k: v for k, v in metrics.items() if k != "per_prompt"}}))
+    print(table)
     return 0
 
 
-async def _eval_on_engines(cfg, model_dir, run_dir, prompts, tokenizer, runner, sampling, api_key) -> dict[str, Any]:
+async def _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, api_key) -> dict[str, Any]:
     from engines.client import EngineClient
     from engines.process import free_port, launch_engine
 
@@ -284,7 +353,11 @@ async def _eval_on_engines(cfg, model_dir, run_dir, prompts, tokenizer, runner, 
         client = EngineClient(urls, api_key=api_key, timeout_s=e.request_timeout_s, max_retries=e.max_retries)
         try:
             concurrency = e.max_running_requests * len(urls)
-            return await evaluate(client, prompts, tokenizer, runner, cfg.eval.n_samples, sampling, concurrency)
+            k = cfg.eval.n_samples
+            return {
+                name: await evaluate(client, prompts, tokenizer, runner, k, sampling, concurrency)
+                for name, prompts, runner in work
+            }
         finally:
             await client.close()
     finally:

@@ -11,7 +11,18 @@ import torch
 
 from engines.client import GenerateOutput
 from pipeline.config import ModelConfig, TinyModelConfig, load_config
-from pipeline.evaluate import PromptResult, eval_main, eval_sampling, evaluate, evaluate_hf, generate_hf, summarize
+from pipeline.evaluate import (
+    EVAL_SETS,
+    PromptResult,
+    data_dir,
+    eval_main,
+    eval_sampling,
+    evaluate,
+    evaluate_hf,
+    generate_hf,
+    resolve_eval_set,
+    summarize,
+)
 from pipeline.modeling import build_tiny_model
 from pipeline.tasks import answer_matches
 from pipeline.tokenizer import build_char_tokenizer
@@ -163,15 +174,47 @@ def test_eval_sampling_from_config():
 
 def test_eval_main_on_a_local_engine(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DAPO_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = "synthetic:arith?split=test&n=6", "synthetic:arith?split=test&n=4&ops=1"
     cfg = load_config(TINY_CPU, [
-        "data.eval_path=synthetic:arith?split=test&n=6", "eval.n_samples=2", "rollout.max_new_tokens=12",
+        f"data.eval_path={a}, {b}", "eval.n_samples=2", "rollout.max_new_tokens=12",
         f"logging.dir={tmp_path}", "logging.run_name=ev", "engine.startup_timeout_s=120",
         "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.warm_start_steps=0",
     ])  # fmt: skip
     assert eval_main(cfg) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    lines = [json.loads(x) for x in out if x.startswith("{")]
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    assert line["n_prompts"] == saved["n_prompts"] == 6 and line["k"] == 2
-    assert line["acc"] == 0.0  # an untrained model
-    assert all(len(r["lengths"]) == 2 and max(r["lengths"]) <= 12 for r in saved["per_prompt"])
+    assert [x["set"] for x in lines] == list(saved) == [a, b]
+    assert [(x["n_prompts"], x["k"]) for x in lines] == [(6, 2), (4, 2)]
+    assert all(x["acc"] == 0.0 for x in lines)  # an untrained model
+    assert all(len(r["lengths"]) == 2 and max(r["lengths"]) <= 12 for r in saved[a]["per_prompt"])
+    table = (tmp_path / "ev" / "eval.md").read_text().splitlines()
+    assert table[2] == f"| {a} | 6 | 2 | 0.000 | 0.000 | {saved[a]['response_len']:.1f} | {saved[a]['truncated']:.3f} |"
+    assert out[-len(table) :] == table
     assert (tmp_path / "ev" / "init_model" / "config.json").is_file()
+
+
+def test_named_eval_sets(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAPO_DATA_DIR", str(tmp_path))
+    (tmp_path / "math500_test.jsonl").write_text("")
+    name, source, scorer = resolve_eval_set("bench:math500?template=chat")
+    assert name == "math500" and scorer == "pipeline.rewards:math_verify_reward"
+    assert source == f"{tmp_path}/math500_test.jsonl?prompt_key=problem&id_key=unique_id&template=dapo&template=chat"
+    assert resolve_eval_set("x.jsonl") == ("x.jsonl", "x.jsonl", None)
+    with pytest.raises(ValueError, match=r"unknown eval set 'bench:nope'; known: bench:aime24, bench:aime24-30"):
+        resolve_eval_set("bench:nope")
+    with pytest.raises(ValueError, match=r"bench:gsm8k: .*gsm8k_test.jsonl not found \(set DAPO_DATA_DIR"):
+        resolve_eval_set("bench:gsm8k")
+
+
+@pytest.mark.skipif(not (data_dir() / "gsm8k_test.jsonl").is_file(), reason="../shared/data not present")
+def test_named_sets_load_from_the_shared_data():
+    from pipeline.config import DataConfig
+    from pipeline.data import load_prompts
+
+    tok = build_char_tokenizer()
+    sizes = {}
+    for name in EVAL_SETS:
+        _, source, _ = resolve_eval_set(f"bench:{name}")
+        sizes[name] = len(load_prompts(DataConfig(max_prompt_tokens=100_000), tok, path=source))
+    assert sizes == {"aime24": 960, "aime24-30": 30, "math500": 500, "gsm8k": 1319}

@@ -376,3 +376,28 @@ def test_two_lanes_match_reference_in_process():
         assert max(abs(a - b) for a, b in zip(r.logprobs, expected, strict=True)) < 1e-4
         if r.params.greedy:
             assert r.output_ids == reference_greedy(model, r.prompt, r.params.max_new_tokens)
+
+
+def test_rows_leave_after_a_long_prompt_grew_the_cache():
+    # A prompt longer than the initial KV length (256) reallocates the cache inside the runner's inference mode;
+    # rows finishing afterwards (swap-remove) must still be able to write into it. This used to fail with
+    # "Inplace update to inference tensor outside InferenceMode" and kill the engine on real eval sets.
+    model = build_tiny_model(seed=3, **MODEL)
+    engine = Engine(model, max_running=4).start()
+    try:
+        done = threading.Semaphore(0)
+        long_prompt = [5 + i % 50 for i in range(300)]
+        reqs = [
+            Request(rid=f"r{i}", prompt=p, params=SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))
+            for i, (p, n) in enumerate([(PROMPTS[0], 3), (long_prompt, 6), (PROMPTS[1], 9)])
+        ]
+        for r in reqs:
+            r.on_done = lambda _r: done.release()
+            engine.submit(r)
+        for _ in reqs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    for r in reqs:
+        assert r.finish == {"type": "length", "length": r.params.max_new_tokens}, r.finish
+        assert r.output_ids == reference_greedy(model, r.prompt, r.params.max_new_tokens)

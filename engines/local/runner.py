@@ -159,10 +159,14 @@ class SlotRunner:
     def rows(self) -> int:
         return self.n
 
+    # The cache may have been reallocated inside the forward's inference mode (a long prompt grows it), which makes
+    # its tensors inference tensors: every in-place write to them must happen in inference mode too.
+    @torch.inference_mode()
     def reset(self) -> None:
         self.n = 0
         self.lens.zero_()
 
+    @torch.inference_mode()
     def remove(self, row: int) -> None:
         last = self.n - 1
         if row != last:
