@@ -327,20 +327,24 @@ def _restore_weights(eng):
     assert checksum == weights_checksum(state.items())
 
 
+def _submit_and_wait(engine: Engine, reqs: list[Request], timeout: float) -> None:
+    done = threading.Semaphore(0)
+    for r in reqs:
+        r.on_done = lambda _r: done.release()
+        engine.submit(r)
+    for _ in reqs:
+        assert done.acquire(timeout=timeout)
+
+
 def test_hf_fallback_runner_matches_reference_in_process():
     model = build_tiny_model(seed=3, model_type="llama", **MODEL)
     engine = Engine(model, max_running=4, runner="hf").start()
     try:
-        done = threading.Semaphore(0)
         reqs = [
             Request(rid=f"r{i}", prompt=p, params=SamplingParams(max_new_tokens=n, temperature=t, ignore_eos=True))
             for i, (p, n, t) in enumerate([(PROMPTS[0], 10, 1.0), (PROMPTS[1], 4, 0.0), (PROMPTS[3], 7, 0.0)])
         ]
-        for r in reqs:
-            r.on_done = lambda _r: done.release()
-            engine.submit(r)
-        for _ in reqs:
-            assert done.acquire(timeout=30)
+        _submit_and_wait(engine, reqs, timeout=30)
     finally:
         engine.stop()
     assert type(engine.runner).__name__ == "HFRunner"
@@ -356,17 +360,12 @@ def test_two_lanes_match_reference_in_process():
     model = build_tiny_model(seed=4, **MODEL)
     engine = Engine(model, max_running=8, lanes=2).start()
     try:
-        done = threading.Semaphore(0)
         specs = [(p, n, t) for p in PROMPTS for n, t in ((9, 0.0), (6, 1.0))]
         reqs = [
             Request(rid=f"l{i}", prompt=p, params=SamplingParams(max_new_tokens=n, temperature=t, ignore_eos=True))
             for i, (p, n, t) in enumerate(specs)
         ]
-        for r in reqs:
-            r.on_done = lambda _r: done.release()
-            engine.submit(r)
-        for _ in reqs:
-            assert done.acquire(timeout=30)
+        _submit_and_wait(engine, reqs, timeout=30)
     finally:
         engine.stop()
     assert len(engine.lanes) == 2 and all(lane.admitted > 0 for lane in engine.lanes)
@@ -385,17 +384,12 @@ def test_rows_leave_after_a_long_prompt_grew_the_cache():
     model = build_tiny_model(seed=3, **MODEL)
     engine = Engine(model, max_running=4).start()
     try:
-        done = threading.Semaphore(0)
         long_prompt = [5 + i % 50 for i in range(300)]
         reqs = [
             Request(rid=f"r{i}", prompt=p, params=SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))
             for i, (p, n) in enumerate([(PROMPTS[0], 3), (long_prompt, 6), (PROMPTS[1], 9)])
         ]
-        for r in reqs:
-            r.on_done = lambda _r: done.release()
-            engine.submit(r)
-        for _ in reqs:
-            assert done.acquire(timeout=60)
+        _submit_and_wait(engine, reqs, timeout=60)
     finally:
         engine.stop()
     for r in reqs:
