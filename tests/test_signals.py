@@ -1,0 +1,74 @@
+"""Graceful shutdown: Ctrl-C (SIGINT to the whole foreground process group) and SIGTERM to the driver end a running
+`dapo train` cleanly: exit status 0, a checkpoint of the last finished step, and no process of the run left behind
+(Ray's services, workers, engine servers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "out.log"
+    cmd = [
+        sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs" / "tiny-cpu.yaml"),
+        "trainer.total_steps=500", "trainer.batch_size=4", "rollout.n_samples_per_prompt=4",
+        "trainer.micro_batch_size=8", "eval.every=0", f"logging.dir={tmp_path}", "logging.run_name=run",
+    ]  # fmt: skip
+    # Its own session, as a terminal's foreground job is: the group signal reaches exactly the run's processes.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def _wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"dapo train exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        if sum(line.startswith("step ") for line in log.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"no {steps} steps within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_signal_saves_and_leaves_no_process(tmp_path, how):
+    proc, log = _start(tmp_path)
+    try:
+        _wait_for_steps(proc, log, 3, timeout=300)
+        children = _descendants(proc.pid)
+        assert any("engines.local" in " ".join(c.cmdline()) for c in children)  # the engine server is among them
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert "finishing the current step, then saving and shutting down" in out
+    done = [line for line in out.splitlines() if line.startswith("done: ")]
+    assert done, out[-3000:]
+    steps = int(done[0].split()[1])
+    assert 3 <= steps < 500
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((tmp_path / "run" / "checkpoints" / latest / "state.json").read_text())
+    assert state["step"] == steps and state["version"] == steps  # weight_sync.every = 1
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], [" ".join(p.cmdline())[:120] for p in alive]
