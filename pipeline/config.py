@@ -306,6 +306,11 @@ class ClusterConfig:
     """Interface every socket we open binds to."""
     namespace: str = "dapo"
     """Ray namespace."""
+    placement_strategy: str = "PACK"
+    """Ray placement-group strategy of the trainer ranks' bundles (one per rank): PACK | STRICT_PACK (one node) |
+    SPREAD | STRICT_SPREAD. Engines get their own group, one bundle per engine (its GPUs on one node), PACK."""
+    placement_timeout_s: float = 120.0
+    """How long to wait for a placement group before failing with what it needs and what the cluster has."""
 
 
 @dataclass
@@ -377,11 +382,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "trainer.backend": ("fsdp", "megatron"),
     "weight_sync.mode": ("disaggregated", "colocated"),
+    "cluster.placement_strategy": ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"),
     "weight_sync.backend": ("auto", "nccl", "gloo"),
     "weight_sync.pause_mode": ("abort", "retract", "in_place"),
 }
 
 _POSITIVE: tuple[str, ...] = (
+    "cluster.placement_timeout_s",
     "rollout.n_samples_per_prompt",
     "rollout.max_new_tokens",
     "rollout.max_inflight_per_engine",

@@ -9,6 +9,12 @@ Contract:
 - `RolloutActor` runs the asyncio `RolloutManager`, streaming groups to the driver's buffer over ZMQ.
 - On 2-core machines every actor asks for 0 CPUs (Ray hangs on fractional budgets there); threads are set per
   process from config instead.
+- Placement: `placement_specs(cfg)` gives the bundles of two placement groups, created (and awaited, with
+  cluster.placement_timeout_s and an error naming what was asked and what the cluster has) before any actor:
+  "trainer", one bundle per rank ({GPU: trainer.gpus_per_rank}, strategy cluster.placement_strategy), and
+  "engines", one bundle per engine ({GPU: engine.gpus_per_engine}: an engine's tp GPUs on one node; PACK).
+  Every bundle also holds a token CPU share (Ray refuses all-zero bundles). Trainer rank i and engine i run in
+  bundle i of their group; the groups are removed at shutdown.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import os
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engines.process import free_port
 from pipeline.config import Config, ConfigError, engine_api_key
@@ -207,6 +215,23 @@ class RolloutActor:
 
 
 # ----------------------------------------------------------------------------------------------- cluster
+BUNDLE_CPU = 0.01
+"""The token CPU share in every bundle (actors ask for 0 CPUs; see the module docstring)."""
+
+
+def placement_specs(cfg: Config) -> dict[str, tuple[list[dict[str, float]], str]]:
+    """{"trainer": (bundles, strategy), "engines": (bundles, strategy)}; no engine group for external engines."""
+    t, e = cfg.trainer, cfg.engine
+
+    def bundle(gpus: float) -> dict[str, float]:
+        return {"CPU": BUNDLE_CPU, **({"GPU": float(gpus)} if gpus else {})}
+
+    specs = {"trainer": ([bundle(t.gpus_per_rank) for _ in range(t.world_size)], cfg.cluster.placement_strategy)}
+    if e.backend != "external":
+        specs["engines"] = ([bundle(e.gpus_per_engine) for _ in range(e.num_engines)], "PACK")
+    return specs
+
+
 class Cluster:
     """Ray connection plus every actor the run started (stopped on exit, in reverse order)."""
 
@@ -218,6 +243,7 @@ class Cluster:
         self.trainers: list[Any] = []
         self.rollout: Any = None
         self.restarts: list[int] = []
+        self.groups: dict[str, Any] = {}
         self._started_ray = False
 
     def __enter__(self) -> Cluster:
@@ -236,8 +262,41 @@ class Cluster:
             else:
                 ray.init(address=c.address, namespace=c.namespace, configure_logging=False)
             self._started_ray = True
-        check_resources(self.cfg, ray.cluster_resources())
+        try:
+            check_resources(self.cfg, ray.cluster_resources())
+            self._reserve()
+        except BaseException:
+            self.shutdown()  # a failed start leaves neither groups nor a Ray instance of ours behind
+            raise
         return self
+
+    def _reserve(self) -> None:
+        """Create the placement groups and wait until Ray has placed every bundle."""
+        timeout = self.cfg.cluster.placement_timeout_s
+        for name, (bundles, strategy) in placement_specs(self.cfg).items():
+            if not bundles:
+                continue
+            pg = placement_group(bundles, strategy=strategy, name=f"{self.cfg.cluster.namespace}-{name}")
+            self.groups[name] = pg
+            try:
+                ray.get(pg.ready(), timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                gpus = bundles[0].get("GPU", 0)
+                raise ConfigError(
+                    f"cluster: placement group '{name}' ({len(bundles)} bundles x {gpus:g} GPU, {strategy}) not "
+                    f"satisfiable within cluster.placement_timeout_s={timeout:g}s; the cluster has "
+                    f"{ray.available_resources()} available of {ray.cluster_resources()}"
+                ) from None
+
+    def _in_bundle(self, group: str, index: int) -> dict[str, Any]:
+        pg = self.groups.get(group)
+        if pg is None:
+            return {}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=index
+            )
+        }
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
@@ -252,6 +311,9 @@ class Cluster:
         for a in reversed(self.actors):
             _quiet(lambda a=a: ray.kill(a))
         self.actors.clear()
+        for pg in self.groups.values():
+            _quiet(lambda pg=pg: remove_placement_group(pg))
+        self.groups.clear()
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
@@ -267,7 +329,8 @@ class Cluster:
             return self.urls
         opts = {"num_gpus": e.gpus_per_engine} if e.gpus_per_engine else {}
         self.engines = [
-            self._track(EngineActor.options(**opts).remote(self.cfg, i, log_dir)) for i in range(e.num_engines)
+            self._track(EngineActor.options(**opts, **self._in_bundle("engines", i)).remote(self.cfg, i, log_dir))
+            for i in range(e.num_engines)
         ]
         self.urls = ray.get([a.start.remote(model_dir) for a in self.engines])
         self.restarts = [0] * len(self.engines)
@@ -303,7 +366,11 @@ class Cluster:
         port = free_port(addr)
         opts = {"num_gpus": t.gpus_per_rank} if t.gpus_per_rank else {}
         self.trainers = [
-            self._track(TrainerActor.options(**opts).remote(self.cfg, r, t.world_size, addr, port))
+            self._track(
+                TrainerActor.options(**opts, **self._in_bundle("trainer", r)).remote(
+                    self.cfg, r, t.world_size, addr, port
+                )
+            )
             for r in range(t.world_size)
         ]
         ray.get([a.setup.remote(model_dir) for a in self.trainers])

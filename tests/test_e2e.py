@@ -108,7 +108,7 @@ def test_engine_crash_mid_run_is_survived(tmp_path):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             if list((tmp_path / "chaos" / "tb").glob("events.*")):  # the loop is about to start
-                time.sleep(1)
+                time.sleep(0.5)  # a few steps in (a step takes 0.1-0.5 s here; the run has 40)
                 for proc in Path("/proc").glob("[0-9]*"):
                     try:
                         cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -125,7 +125,7 @@ def test_engine_crash_mid_run_is_survived(tmp_path):
     cfg = load_config(
         ROOT / "configs" / "tiny-cpu.yaml",
         [
-            "trainer.total_steps=10",
+            "trainer.total_steps=40",
             "trainer.batch_size=2",
             "rollout.n_samples_per_prompt=4",
             f"logging.dir={tmp_path}",
@@ -138,9 +138,9 @@ def test_engine_crash_mid_run_is_survived(tmp_path):
     result = train(cfg)
     thread.join(timeout=5)
     assert killed, "the chaos thread found no engine to kill"
-    assert result.steps == 10 and result.engine_versions == ["10"]  # the restarted engine holds the latest weights
+    assert result.steps == 40 and result.engine_versions == ["40"]  # the restarted engine holds the latest weights
     assert max(m.get("engine/restarts", 0) for m in result.history) == 1
-    assert result.accounting["balanced"] == 1 and result.accounting["trained"] == 20, result.accounting
+    assert result.accounting["balanced"] == 1 and result.accounting["trained"] == 80, result.accounting
 
 
 @pytest.mark.slow
