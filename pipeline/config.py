@@ -479,6 +479,13 @@ def validate(cfg: Config) -> Config:
             "trainer.micro_batch_size",
             f"must divide the samples per rank and mini-batch ({per_rank // p.dp} = batch_size*G/num_minibatches/dp)",
         )
+    if cfg.weight_sync.mode == "colocated" and cfg.engine.backend != "external":
+        if cfg.engine.num_engines > t.world_size:
+            _fail(
+                "engine.num_engines",
+                f"colocated: each engine shares a trainer rank's devices, so at most trainer.world_size = "
+                f"{t.world_size} engines; got {cfg.engine.num_engines}",
+            )
     if cfg.weight_sync.bucket_mb <= 0:
         _fail("weight_sync.bucket_mb", f"must be > 0; got {cfg.weight_sync.bucket_mb}")
     if cfg.engine.backend == "external" and not cfg.engine.urls:

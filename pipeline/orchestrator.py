@@ -13,8 +13,9 @@ Contract:
   cluster.placement_timeout_s and an error naming what was asked and what the cluster has) before any actor:
   "trainer", one bundle per rank ({GPU: trainer.gpus_per_rank}, strategy cluster.placement_strategy), and
   "engines", one bundle per engine ({GPU: engine.gpus_per_engine}: an engine's tp GPUs on one node; PACK).
-  Every bundle also holds a token CPU share (Ray refuses all-zero bundles). Trainer rank i and engine i run in
-  bundle i of their group; the groups are removed at shutdown.
+  Colocated (weight_sync.mode = colocated) there is no engine group: engine i shares trainer bundle i, which
+  then holds both GPU shares (e.g. 0.5 + 0.5 of one GPU). Every bundle also holds a token CPU share (Ray refuses
+  all-zero bundles). Trainer rank i and engine i run in bundle i; the groups are removed at shutdown.
 """
 
 from __future__ import annotations
@@ -226,10 +227,18 @@ def placement_specs(cfg: Config) -> dict[str, tuple[list[dict[str, float]], str]
     def bundle(gpus: float) -> dict[str, float]:
         return {"CPU": BUNDLE_CPU, **({"GPU": float(gpus)} if gpus else {})}
 
+    engines = 0 if e.backend == "external" else e.num_engines
+    if colocated(cfg):
+        shares = [t.gpus_per_rank + (e.gpus_per_engine if i < engines else 0) for i in range(t.world_size)]
+        return {"trainer": ([bundle(g) for g in shares], cfg.cluster.placement_strategy)}
     specs = {"trainer": ([bundle(t.gpus_per_rank) for _ in range(t.world_size)], cfg.cluster.placement_strategy)}
-    if e.backend != "external":
-        specs["engines"] = ([bundle(e.gpus_per_engine) for _ in range(e.num_engines)], "PACK")
+    if engines:
+        specs["engines"] = ([bundle(e.gpus_per_engine) for _ in range(engines)], "PACK")
     return specs
+
+
+def colocated(cfg: Config) -> bool:
+    return cfg.weight_sync.mode == "colocated" and cfg.engine.backend != "external"
 
 
 class Cluster:
@@ -289,6 +298,8 @@ class Cluster:
                 ) from None
 
     def _in_bundle(self, group: str, index: int) -> dict[str, Any]:
+        if group == "engines" and colocated(self.cfg):
+            group = "trainer"  # engine i shares trainer rank i's bundle
         pg = self.groups.get(group)
         if pg is None:
             return {}

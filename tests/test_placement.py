@@ -28,6 +28,19 @@ def test_specs_for_a_multi_gpu_layout():
     assert placement_specs(load_config(TINY))["trainer"] == ([{"CPU": BUNDLE_CPU}], "PACK")  # CPU: no GPU key
 
 
+def test_colocated_engines_share_the_trainer_bundles():
+    cfg = load_config(TINY, [
+        "trainer.world_size=4", "trainer.gpus_per_rank=0.5", "engine.num_engines=3", "engine.gpus_per_engine=0.5",
+        "weight_sync.mode=colocated", "trainer.micro_batch_size=2",
+    ])  # fmt: skip
+    bundles, strategy = placement_specs(cfg)["trainer"]
+    assert [b.get("GPU") for b in bundles] == [1.0, 1.0, 1.0, 0.5] and strategy == "PACK"  # rank 3 has no engine
+    assert set(placement_specs(cfg)) == {"trainer"}
+    with pytest.raises(ConfigError, match=r"engine.num_engines: colocated: .* at most trainer.world_size = 4"):
+        load_config(TINY, ["trainer.world_size=4", "engine.num_engines=5", "weight_sync.mode=colocated",
+                           "trainer.micro_batch_size=2"])  # fmt: skip
+
+
 def test_bad_strategy_is_named():
     with pytest.raises(ConfigError, match="cluster.placement_strategy"):
         load_config(TINY, ["cluster.placement_strategy=TIGHT"])
