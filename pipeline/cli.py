@@ -55,10 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.evaluate import eval_main
 
         return eval_main(cfg)
-    from pipeline.train import setup_logging, train
+    from pipeline.train import RunFailed, setup_logging, train
 
     setup_logging(cfg.logging.level)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except RunFailed as e:
+        print(f"dapo: {e}", file=sys.stderr)
+        return 1
     print(f"done: {result.steps} steps, weights v{result.version}, logs in {result.run_dir}")
     return 0
 

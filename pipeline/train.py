@@ -123,12 +123,29 @@ def train(cfg: Config) -> RunResult:
                 record_evals(*(evaluator.run(step, version) if final else [evaluator.poll(wait=True)]))
             accounting = buffer.accounting()
             engine_versions = _engine_versions(cfg, cluster.live_urls)
+        except Exception as e:
+            raise RunFailed(_failure_message(cfg, run_dir, step, e)) from e
         finally:
             if evaluator is not None:
                 evaluator.close()
             logger.close()
             buffer.close()
     return RunResult(str(run_dir), step, version, history, accounting, engine_versions, trained, evals)
+
+
+class RunFailed(RuntimeError):
+    """A run stopped by a failure (a trainer rank died, ...): says where, and how to resume."""
+
+
+def _failure_message(cfg: Config, run_dir: Path, step: int, e: Exception) -> str:
+    last = checkpoint.latest_checkpoint(run_dir)
+    where = f"during step {step}" if step else "before the first step"
+    if last is None:
+        return f"run failed {where}: {type(e).__name__}: {e}; no checkpoint was saved (set checkpoint.every)"
+    return (
+        f"run failed {where}: {type(e).__name__}: {e}; the last checkpoint is {last}: continue with "
+        f"checkpoint.resume=auto logging.dir={cfg.logging.dir} logging.run_name={run_dir.name}"
+    )
 
 
 def _resume(cfg: Config, run_dir: Path, trainers: list, buffer: RolloutBuffer) -> tuple[int, int, dict | None]:

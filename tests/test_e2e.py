@@ -167,3 +167,53 @@ def test_megatron_pp2_backend_in_the_loop(tmp_path):
     assert result.steps == 2 and result.engine_versions == ["2"]
     assert all(m["train/grad_norm"] > 0 for m in result.history)
     assert result.accounting["balanced"] == 1
+
+
+@pytest.mark.slow
+def test_trainer_failure_stops_with_a_resumable_checkpoint(tmp_path):
+    """A trainer rank dies mid-run: the run stops (no hang) with an error naming the last checkpoint and how to
+    resume, and resuming from it continues the run."""
+    import os
+    import re
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from pipeline.train import RunFailed
+
+    ckpts = tmp_path / "tf" / "checkpoints"
+
+    def kill_trainer() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (ckpts / "step_00000004" / "state.json").is_file():
+            time.sleep(0.2)
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "TrainerActor" in " ".join(proc.cmdline()):
+                    os.kill(proc.pid, signal.SIGKILL)
+            except psutil.Error:
+                continue
+
+    base = [
+        "trainer.batch_size=2", "rollout.n_samples_per_prompt=4", "trainer.micro_batch_size=8", "eval.every=0",
+        f"logging.dir={tmp_path}", "logging.run_name=tf", "checkpoint.every=2",
+    ]  # fmt: skip
+    thread = threading.Thread(target=kill_trainer, daemon=True)
+    thread.start()
+    with pytest.raises(RunFailed) as failed:
+        train(load_config(ROOT / "configs" / "tiny-cpu.yaml", [*base, "trainer.total_steps=200"]))
+    thread.join(timeout=5)
+    message = str(failed.value)
+    assert "checkpoint.resume=auto" in message and "logging.run_name=tf" in message, message
+    last = int(re.search(r"step_(\d+)", message).group(1))
+    assert last >= 4 and last % 2 == 0
+    result = train(
+        load_config(
+            ROOT / "configs" / "tiny-cpu.yaml",
+            [*base, f"trainer.total_steps={last + 2}", "checkpoint.resume=auto"],
+        )
+    )
+    assert result.steps == last + 2 and len(result.history) == 2  # continued from the checkpoint, not from 0
+    assert result.history[0]["weight_version"] == last + 1
