@@ -16,23 +16,36 @@ Contract:
   Colocated (weight_sync.mode = colocated) there is no engine group: engine i shares trainer bundle i, which
   then holds both GPU shares (e.g. 0.5 + 0.5 of one GPU). Every bundle also holds a token CPU share (Ray refuses
   all-zero bundles). Trainer rank i and engine i run in bundle i; the groups are removed at shutdown.
+- Addresses across nodes: a listening host of 0.0.0.0 (engine.host, cluster.bind_host, weight_sync.master_address)
+  means "every interface, advertised as the IP of the node it runs on": an engine's URL carries its node's IP, the
+  trainer ranks meet at rank 0's node, the sync group at the source rank's node. The rollout actor runs on the
+  driver's node, so the buffer's ZMQ socket is reached there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from engines.process import free_port
 from pipeline.config import Config, ConfigError, engine_api_key
 
 log = logging.getLogger("dapo")
+
+ANY_HOST = ("0.0.0.0", "")
+"""Listening hosts that mean every interface: others reach such a socket at its node's IP."""
+
+
+def advertised(host: str, node_ip: str) -> str:
+    """The address other nodes dial for a socket that listens on `host` on the node `node_ip`."""
+    return node_ip if host in ANY_HOST else host
 
 
 # ----------------------------------------------------------------------------------------------- actors
@@ -49,7 +62,9 @@ class EngineActor:
         port = e.base_port + self.index if e.base_port else free_port(e.host)
         log_path = os.path.join(self.log_dir, f"engine{self.index}.log")
         self.proc = launch_engine(e, model_dir, port, log_path)
-        return self.proc.url
+        if e.host not in ANY_HOST:
+            return self.proc.url
+        return f"http://{advertised(e.host, ray.util.get_node_ip_address())}:{port}"  # proc.url is the loopback
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()
@@ -112,8 +127,10 @@ class TrainerActor:
 
         if self.sender is not None:
             self.sender.close()
+        ws = self.cfg.weight_sync
+        ws = dataclasses.replace(ws, master_address=advertised(ws.master_address, ray.util.get_node_ip_address()))
         self.sender = WeightSyncSender(
-            urls, self.cfg.weight_sync, api_key=engine_api_key(self.cfg), engine_tp=engine_tp, stage=self.pp_stage()
+            urls, ws, api_key=engine_api_key(self.cfg), engine_tp=engine_tp, stage=self.pp_stage()
         )
         self.sender.connect()
 
@@ -266,7 +283,7 @@ class Cluster:
                     namespace=c.namespace,
                     configure_logging=False,
                     log_to_driver=True,
-                    _node_ip_address=c.bind_host,
+                    _node_ip_address=None if c.bind_host in ANY_HOST else c.bind_host,
                 )
             else:
                 ray.init(address=c.address, namespace=c.namespace, configure_logging=False)
@@ -371,10 +388,17 @@ class Cluster:
     def live_urls(self) -> list[str]:
         return [u for u in self.urls if u]
 
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, port) where the trainer ranks form their process group: rank 0's node when it listens on every
+        interface (cluster.bind_host=0.0.0.0, for ranks on several nodes), else cluster.bind_host on this node."""
+        host = self.cfg.cluster.bind_host
+        if host not in ANY_HOST:
+            return host, free_port(host)
+        return ray.get(_free_endpoint.options(**self._in_bundle("trainer", 0)).remote())
+
     def launch_trainer(self, model_dir: str) -> list[Any]:
         t = self.cfg.trainer
-        addr = self.cfg.cluster.bind_host
-        port = free_port(addr)
+        addr, port = self.rendezvous()
         opts = {"num_gpus": t.gpus_per_rank} if t.gpus_per_rank else {}
         self.trainers = [
             self._track(
@@ -388,12 +412,23 @@ class Cluster:
         return self.trainers
 
     def launch_rollout(self, model_dir: str, push_address: str, state: dict | None, version: int) -> Any:
-        self.rollout = self._track(RolloutActor.remote(self.cfg, self.urls, model_dir, push_address))
+        # On the driver's node: the buffer's socket (push_address) is bound here, possibly on the loopback.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.rollout = self._track(
+            RolloutActor.options(scheduling_strategy=here).remote(self.cfg, self.urls, model_dir, push_address)
+        )
         if state is not None:
             ray.get(self.rollout.load_state_dict.remote(state))
         ray.get(self.rollout.set_version.remote(version))
         ray.get(self.rollout.start.remote())
         return self.rollout
+
+
+@ray.remote(num_cpus=0)
+def _free_endpoint() -> tuple[str, int]:
+    """This node's IP and a port free on it."""
+    ip = ray.util.get_node_ip_address()
+    return ip, free_port(ip)
 
 
 def _quiet(fn: Any) -> None:
