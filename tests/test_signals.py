@@ -1,6 +1,7 @@
 """Graceful shutdown: Ctrl-C (SIGINT to the whole foreground process group) and SIGTERM to the driver end a running
 `dapo train` cleanly: exit status 0, a checkpoint of the last finished step, and no process of the run left behind
-(Ray's services, workers, engine servers)."""
+(Ray's services, workers, engine servers). After Ctrl-C the run also resumes where it stopped: the checkpoint loads
+with the config the run saved, step and weight version continue from it, and no prompt is lost or trained twice."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from pipeline.config import load_config
+from pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +76,17 @@ def test_signal_saves_and_leaves_no_process(tmp_path, how):
     assert state["step"] == steps and state["version"] == steps  # weight_sync.every = 1
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], [" ".join(p.cmdline())[:120] for p in alive]
+    if how == "ctrl-c":
+        _check_resume(tmp_path / "run", steps)
+
+
+def _check_resume(run: Path, stopped: int) -> None:
+    cfg = load_config(run / "config.yaml", ["checkpoint.resume=auto", f"trainer.total_steps={stopped + 2}"])
+    result = train(cfg)
+    assert result.steps == stopped + 2 and len(result.history) == 2  # from the checkpoint, not from step 0
+    assert [m["weight_version"] for m in result.history] == [stopped + 1, stopped + 2]  # weight_sync.every = 1
+    assert result.engine_versions == [str(stopped + 2)]
+    acc = result.accounting  # the batches before the signal count too: nothing lost across the stop
+    assert acc["balanced"] == 1 and acc["lost"] == 0 and acc["trained"] == 4 * (stopped + 2), acc
+    prompts = [p for step in result.trained_prompts for p in step]
+    assert len(set(prompts)) == len(prompts) == 2 * 4
