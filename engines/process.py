@@ -5,8 +5,11 @@ Contract:
   and stderr appended to `log_path`; `.pid` and `.url` identify it.
 - `wait_healthy(timeout_s)` polls GET {url}/health until 200; if the child exits first or the time runs out it
   raises `EngineStartError` quoting the last ~30 lines of the log.
-- `stop(grace_s)` sends SIGTERM to the child's process group, then SIGKILL after the grace period; it only ever
-  signals the group led by our own child PID, and is a no-op once the child has been reaped.
+- `stop(grace_s)` sends SIGTERM (and SIGCONT, so a stopped process can act on it) to the child's process group,
+  then SIGKILL after the grace period; it only ever signals the group led by our own child PID, and is a no-op once
+  the child has been reaped.
+- `health(timeout_s)`: "ok" (GET /health answered 200 within the time), "dead" (the process exited) or "hung" (alive,
+  but no 200: frozen, deadlocked, or its engine thread died).
 - `launch_engine(cfg, model_dir, port, log_path)` builds the command for `cfg.backend` (local | sglang), starts it
   and waits for health (`cfg.startup_timeout_s`). API keys never appear in logs or reprs.
 """
@@ -93,6 +96,13 @@ class EngineProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def health(self, timeout_s: float = 5.0) -> str:
+        if not self.alive():
+            return "dead"
+        if _health_ok(self.url, timeout_s):
+            return "ok"
+        return "hung" if self.alive() else "dead"
+
     def wait_healthy(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -119,6 +129,7 @@ class EngineProcess:
         self._stopped = True
         if proc.poll() is None:
             self._signal_group(signal.SIGTERM)
+            self._signal_group(signal.SIGCONT)  # a stopped (SIGSTOP, hung) process only sees SIGTERM once continued
             try:
                 proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
@@ -146,9 +157,9 @@ class EngineProcess:
         self.stop()
 
 
-def _health_ok(url: str) -> bool:
+def _health_ok(url: str, timeout_s: float = 5.0) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False

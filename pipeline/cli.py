@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"dapo: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once (every process of the run is stopped)
+        print(
+            "dapo: stopped by a second interrupt without saving this step; continue from the last checkpoint with "
+            "checkpoint.resume=auto",
+            file=sys.stderr,
+        )
+        return 130
     print(f"done: {result.steps} steps, weights v{result.version}, logs in {result.run_dir}")
     return 0
 

@@ -120,7 +120,10 @@ class EngineConfig:
     threads: int = 1
     """CPU threads per local engine (torch.set_num_threads)."""
     max_restarts: int = 3
-    """A crashed engine is restarted (and given the current weights) up to this many times, then dropped."""
+    """A crashed or hung engine is restarted (and given the current weights) up to this many times, then dropped."""
+    health_timeout_s: float = 30.0
+    """An engine whose process is alive but whose GET /health gives no 200 within this many seconds is hung: it is
+    killed and restarted like a crashed one (checked between batches and after a failed weight sync)."""
 
 
 # --------------------------------------------------------------------------------------------------- rollout
@@ -486,8 +489,9 @@ def validate(cfg: Config) -> Config:
                 f"colocated: each engine shares a trainer rank's devices, so at most trainer.world_size = "
                 f"{t.world_size} engines; got {cfg.engine.num_engines}",
             )
-    if cfg.weight_sync.bucket_mb <= 0:
-        _fail("weight_sync.bucket_mb", f"must be > 0; got {cfg.weight_sync.bucket_mb}")
+    for path in ("weight_sync.bucket_mb", "weight_sync.timeout_s", "engine.health_timeout_s"):
+        if _get(cfg, path) <= 0:
+            _fail(path, f"must be > 0; got {_get(cfg, path)}")
     if cfg.engine.backend == "external" and not cfg.engine.urls:
         _fail("engine.urls", "the external backend needs at least one URL")
     if not cfg.model.path and not cfg.model.tokenizer.startswith("builtin:"):

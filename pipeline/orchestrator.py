@@ -66,8 +66,9 @@ class EngineActor:
             return self.proc.url
         return f"http://{advertised(e.host, ray.util.get_node_ip_address())}:{port}"  # proc.url is the loopback
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.alive()
+    def health(self, timeout_s: float) -> str:
+        """ok | dead | hung (see EngineProcess.health); probed on the loopback of the engine's own node."""
+        return self.proc.health(timeout_s) if self.proc is not None else "dead"
 
     def restart(self, model_dir: str) -> str:
         """A fresh server (new port) from the initial weights; the caller sends it the current ones."""
@@ -365,22 +366,25 @@ class Cluster:
         return self.urls
 
     def heal_engines(self, model_dir: str) -> dict[str, str | None]:
-        """Restart engines whose process died (dropping one after engine.max_restarts). Returns old url -> new url
-        (None: dropped). The caller rebuilds the weight-sync group and sends the current weights."""
+        """Restart engines whose process died or hangs (no /health answer within engine.health_timeout_s), dropping
+        one after engine.max_restarts. Returns old url -> new url (None: dropped). The caller rebuilds the
+        weight-sync group and sends the current weights."""
         replaced: dict[str, str | None] = {}
-        alive = ray.get([a.alive.remote() for a in self.engines]) if self.engines else []
-        for i, ok in enumerate(alive):
-            if ok or self.urls[i] is None:
+        timeout = self.cfg.engine.health_timeout_s
+        states = ray.get([a.health.remote(timeout) for a in self.engines]) if self.engines else []
+        for i, state in enumerate(states):
+            if state == "ok" or self.urls[i] is None:
                 continue
-            old = self.urls[i]
+            old, what = self.urls[i], "died" if state == "dead" else f"hung (no /health answer within {timeout:g}s)"
             if self.restarts[i] >= self.cfg.engine.max_restarts:
-                log.error("engine %s died %d times: dropped", old, self.restarts[i] + 1)
+                log.error("engine %s %s after %d restarts: dropped", old, what, self.restarts[i])
+                ray.get(self.engines[i].stop.remote())
                 self.urls[i] = None
                 replaced[old] = None
                 continue
             self.restarts[i] += 1
             self.urls[i] = ray.get(self.engines[i].restart.remote(model_dir))
-            log.warning("engine %s died: restarted as %s (restart %d)", old, self.urls[i], self.restarts[i])
+            log.warning("engine %s %s: restarted as %s (restart %d)", old, what, self.urls[i], self.restarts[i])
             replaced[old] = self.urls[i]
         return replaced
 

@@ -29,6 +29,8 @@ def test_defaults_and_overrides():
         ("trainer.backend=jax", "trainer.backend"),  # not a choice
         ("algorithm.dual_clip_c=0.5", "algorithm.dual_clip_c"),
         ("rollout.max_staleness=-1", "rollout.max_staleness"),
+        ("engine.health_timeout_s=0", "engine.health_timeout_s"),
+        ("weight_sync.timeout_s=-1", "weight_sync.timeout_s"),
     ],
 )
 def test_errors_name_the_key(override, key):

@@ -1,6 +1,10 @@
 """End to end on the embedded default, shortened: real Ray actors, a real local engine over HTTP, real ZMQ,
 a real FSDP-backend trainer and a real gloo weight broadcast."""
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,14 +98,10 @@ def test_resume_continues_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_engine_crash_mid_run_is_survived(tmp_path):
-    """Chaos: the engine process is SIGKILLed mid-run; it is restarted, gets the current weights, the run finishes
-    and every prompt is still accounted for."""
-    import os
-    import signal
-    import threading
-    import time
-
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["crashed", "hung"])
+def test_engine_crash_mid_run_is_survived(tmp_path, sig):
+    """Chaos: the engine process is SIGKILLed (crashed) or SIGSTOPped (hung: alive, /health silent) mid-run; it is
+    restarted, gets the current weights, the run finishes and every prompt is still accounted for."""
     killed: list[int] = []
 
     def chaos() -> None:
@@ -115,7 +115,7 @@ def test_engine_crash_mid_run_is_survived(tmp_path):
                     except OSError:
                         continue
                     if "engines.local" in cmd and str(tmp_path) in cmd:
-                        os.kill(int(proc.name), signal.SIGKILL)
+                        os.kill(int(proc.name), sig)
                         killed.append(int(proc.name))
                 return
             time.sleep(0.5)
@@ -133,6 +133,8 @@ def test_engine_crash_mid_run_is_survived(tmp_path):
             "trainer.micro_batch_size=8",
             "eval.every=0",
             "engine.request_timeout_s=120",
+            "engine.health_timeout_s=3",
+            "weight_sync.timeout_s=20",  # a sync that meets the hung engine fails after this, then it is replaced
         ],
     )
     result = train(cfg)
@@ -141,6 +143,7 @@ def test_engine_crash_mid_run_is_survived(tmp_path):
     assert result.steps == 40 and result.engine_versions == ["40"]  # the restarted engine holds the latest weights
     assert max(m.get("engine/restarts", 0) for m in result.history) == 1
     assert result.accounting["balanced"] == 1 and result.accounting["trained"] == 80, result.accounting
+    assert _processes_mentioning(str(tmp_path)) == []  # the hung one was killed, not left behind
 
 
 @pytest.mark.slow
@@ -173,11 +176,7 @@ def test_megatron_pp2_backend_in_the_loop(tmp_path):
 def test_trainer_failure_stops_with_a_resumable_checkpoint(tmp_path):
     """A trainer rank dies mid-run: the run stops (no hang) with an error naming the last checkpoint and how to
     resume, and resuming from it continues the run."""
-    import os
     import re
-    import signal
-    import threading
-    import time
 
     import psutil
 

@@ -220,3 +220,29 @@ def _env() -> dict:
     e["PYTHONPATH"] = str(REPO_ROOT)
     e.pop("DAPO_ENGINE_API_KEY", None)
     return e
+
+
+def test_health_tells_ok_hung_and_dead_and_stop_ends_a_stopped_process(tmp_path):
+    script = (
+        "import http.server, sys\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers()\n"
+        "    def log_message(self, *a): pass\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+    )
+    port = free_port()
+    proc = EngineProcess([sys.executable, "-c", script, str(port)], f"http://127.0.0.1:{port}", tmp_path / "h.log")
+    proc.start().wait_healthy(timeout_s=30)
+    try:
+        assert proc.health(timeout_s=5) == "ok"
+        os.kill(proc.pid, signal.SIGSTOP)  # alive, but it answers nothing: hung
+        t0 = time.monotonic()
+        assert proc.health(timeout_s=1) == "hung"
+        assert time.monotonic() - t0 < 3
+        t0 = time.monotonic()
+        code = proc.stop(grace_s=20)
+        assert code == -signal.SIGTERM and time.monotonic() - t0 < 10  # SIGTERM acted: no wait for the grace
+    finally:
+        proc.stop(grace_s=0)
+    assert proc.health() == "dead"

@@ -50,23 +50,33 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "ctrl-c-twice"])
 def test_signal_saves_and_leaves_no_process(tmp_path, how):
     proc, log = _start(tmp_path)
     try:
         _wait_for_steps(proc, log, 3, timeout=300)
         children = _descendants(proc.pid)
         assert any("engines.local" in " ".join(c.cmdline()) for c in children)  # the engine server is among them
-        if how == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
+        if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        if how == "ctrl-c-twice":  # the impatient user: stop now, without waiting for the step and the save
+            time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text()
     assert "finishing the current step, then saving and shutting down" in out
+    if how == "ctrl-c-twice":
+        assert code == 130 and "Traceback" not in out, out[-3000:]
+        assert "stopped by a second interrupt" in out
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], [" ".join(p.cmdline())[:120] for p in alive]
+        return
+    assert code == 0, out[-3000:]
     done = [line for line in out.splitlines() if line.startswith("done: ")]
     assert done, out[-3000:]
     steps = int(done[0].split()[1])
