@@ -275,6 +275,26 @@ def test_sender_validates_config_and_lays_out_ranks():
     assert s.rank_offsets == [1, 2, 4] and s.world_size == 5
 
 
+def test_failed_pause_still_walks_the_source_to_the_end():
+    """On TP ranks, iterating the HF tensors is a collective: a sync that fails before sending a byte (here the
+    pause: nothing listens at the URL) must still consume them, or the stage's other ranks wait forever."""
+    done = threading.Event()
+
+    def source():
+        yield "a", _t(8)
+        yield "b", _t(8)
+        done.set()
+
+    url = f"http://127.0.0.1:{free_port()}"
+    s = WeightSyncSender([url], WeightSyncConfig(backend="gloo", timeout_s=5))
+    try:
+        with pytest.raises(WeightSyncError, match=url):
+            s.sync(source(), version=1)
+    finally:
+        s.close()
+    assert done.wait(5)
+
+
 # ----------------------------------------------------------------------------------------- two CPU engines
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():

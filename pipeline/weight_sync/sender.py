@@ -139,7 +139,7 @@ class WeightSyncSender:
         if self.colocated or self.group is not None:
             return
         cfg = self.cfg
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = self._wire_backend()
         port = cfg.master_port + self.stage if cfg.master_port else free_port(cfg.master_address)
         name = f"dapo_wsync_s{self.stage}_{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + cfg.timeout_s
@@ -163,6 +163,12 @@ class WeightSyncSender:
             raise WeightSyncError(f"sync group {name!r}: the trainer side failed to form it: {e}", self.urls) from e
         self.group, self.group_name, self.backend, self.master_port = group, name, backend, port
         log.info("weight sync group %s (%s, world %d) formed on port %d", name, backend, self.world_size, port)
+
+    def _wire_backend(self) -> str:
+        """The group's backend: the formed group's, else the configured one (auto: nccl with CUDA, else gloo)."""
+        if self.group is not None:
+            return self.backend
+        return self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
 
     def reconnect(self, engine_urls: list[str] | None = None, engine_tp: list[int] | None = None) -> None:
         """Rebuild the whole group (e.g. after an engine restart), optionally with new engine URLs."""
@@ -236,13 +242,15 @@ class WeightSyncSender:
         """Send every (HF name, tensor) to every engine as weight version `version`; blocking."""
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.cfg.timeout_s
-        if pause:
-            self.pause(deadline)
-        self.connect()
         checksums = Checksums() if self.cfg.checksum else None
+        # Created first, so that a failure anywhere below still drains `named_tensors` (stream.close()): on TP
+        # ranks its iteration is a collective that the other ranks of the stage are running too.
         stream = self._stream(named_tensors, checksums)
         nbytes = nbuckets = 0
         try:
+            if pause:
+                self.pause(deadline)
+            self.connect()
             for bucket in stream:
                 if self.colocated:
                     self._send_tensor_bucket(bucket, version, deadline)
@@ -269,7 +277,7 @@ class WeightSyncSender:
         dtype = parse_dtype(cfg.dtype) if cfg.dtype else None
         bucket_bytes = max(1, int(cfg.bucket_mb * MiB))
         if not self.colocated:
-            device = wire_device(self.backend)
+            device = wire_device(self._wire_backend())
             self.pool.resize(cfg.prefetch + 1)
             return BucketStream(
                 named, bucket_bytes, device, dtype, cfg.flatten, cfg.prefetch, checksums, pool=self.pool,
