@@ -86,6 +86,16 @@ class LiveEval:
         results.append(self.poll(wait=True))
         return [r for r in results if r]
 
+    def drop_engines(self, urls: list[str]) -> None:
+        """Dead or hung engines (the loop replaces them): no new request goes there."""
+        for url in urls:
+            self.client.mark_dead(url)
+
+    def add_engines(self, urls: list[str]) -> None:
+        """Replacements, once they hold the current weights."""
+        for url in urls:
+            self.client.add_url(url)
+
     def close(self) -> None:
         if self.future is not None:
             self.future.cancel()

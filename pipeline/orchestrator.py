@@ -211,12 +211,15 @@ class RolloutActor:
     async def after_weight_update(self, version: int) -> None:
         await self.manager.after_weight_update(version)
 
-    async def replace_engines(self, replaced: dict[str, str | None]) -> None:
-        """Route away from dead engines; a restarted one (new URL) joins the rotation."""
-        for old, new in replaced.items():
-            self.manager.client.mark_dead(old)
-            if new:
-                self.manager.client.add_url(new)
+    async def drop_engines(self, urls: list[str]) -> None:
+        """Route away from dead or hung engines (their requests fail and are re-queued)."""
+        for url in urls:
+            self.manager.client.mark_dead(url)
+
+    async def add_engines(self, urls: list[str]) -> None:
+        """Restarted engines join the rotation (once they hold the current weights)."""
+        for url in urls:
+            self.manager.client.add_url(url)
 
     async def stats(self) -> dict[str, Any]:
         return self.manager.stats()

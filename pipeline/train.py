@@ -75,6 +75,7 @@ def train(cfg: Config) -> RunResult:
         rollout = cluster.launch_rollout(model_dir, buffer.address, rollout_state, version)
         logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
         evaluator = live_eval_or_none(cfg, urls, model_dir)
+        engines = _EngineWeights(cfg, cluster, rollout, trainers, model_dir, version, evaluator)
         history: list[dict[str, float]] = []
         trained: list[list[str]] = []
         evals: list[dict[str, float]] = []
@@ -90,19 +91,16 @@ def train(cfg: Config) -> RunResult:
             while step < t.total_steps and not stop.requested:
                 step += 1
                 t0 = time.perf_counter()
-                groups, healed = _next_batch(
-                    cfg, buffer, version, lambda v=version: _heal(cfg, cluster, rollout, trainers, model_dir, v)
-                )
+                groups, healed = _next_batch(cfg, buffer, engines)
                 t_wait = time.perf_counter() - t0
                 per_rank = _shard(make_step_batches(groups, cfg, t.parallel.dp), cfg)
                 rank_metrics = ray.get([a.train_step.remote(mbs) for a, mbs in zip(trainers, per_rank, strict=True)])
                 t_train = time.perf_counter() - t0 - t_wait
-                metrics = step_metrics(groups, rank_metrics, version, t_wait, t_train)
+                metrics = step_metrics(groups, rank_metrics, engines.version, t_wait, t_train)
                 metrics.update(healed)
-                metrics.update(_heal(cfg, cluster, rollout, trainers, model_dir, version))
-                if step % every == 0:
-                    version += 1
-                    metrics.update(_sync(cfg, cluster, rollout, trainers, model_dir, version))
+                engines.trainer_stepped()
+                metrics.update(engines.update(publish=step % every == 0))
+                version = engines.version
                 metrics.update(buffer.metrics())
                 metrics.update(ray.get(rollout.stats.remote()))
                 metrics["perf/gen_tokens_per_s"] = metrics.get("rollout/tokens_per_s", 0.0)
@@ -111,6 +109,7 @@ def train(cfg: Config) -> RunResult:
                     if step < t.total_steps or not cfg.eval.before_train:
                         evaluator.maybe_start(step, version)
                 metrics["engine/restarts"] = float(sum(cluster.restarts))
+                metrics["engine/alive"] = float(len(cluster.live_urls))
                 metrics["time/step(s)"] = time.perf_counter() - t0
                 metrics["weight_version"] = version
                 logger.log(step, metrics)
@@ -211,23 +210,77 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _sync(cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str, version: int) -> dict[str, float]:
-    """pause/abort in-flight work -> broadcast -> engines at `version` -> rollout resumes under it. An engine that
-    dies during the sync is restarted and the broadcast repeated (up to engine.max_restarts times)."""
-    ray.get(rollout.before_weight_update.remote())
-    try:
-        for attempt in range(cfg.engine.max_restarts + 1):
-            try:
-                return _broadcast(trainers, version)
-            except ray.exceptions.RayTaskError:
-                if attempt == cfg.engine.max_restarts or not _replace_dead_engines(
-                    cfg, cluster, rollout, trainers, model_dir
-                ):
-                    raise
-                log.warning("an engine died during the weight sync to v%d: restarted, syncing again", version)
-        raise AssertionError("unreachable")
-    finally:
-        ray.get(rollout.after_weight_update.remote(version))
+class _EngineWeights:
+    """The engines as the loop sees them: the weight version they hold, and keeping it so.
+
+    `update(publish)` first replaces dead or hung engines (Cluster.heal_engines), then syncs: with publish, the
+    trainer's weights go to every engine as the next version; otherwise only if an engine was replaced, so that it
+    holds the current weights before it serves. That re-sync keeps the version when the trainer has not stepped
+    since the last sync (the weights are the same), and else makes a new one (the trainer's weights have moved on).
+    A replaced engine joins the rollout's (and the evaluator's) rotation only once the sync has given it the weights.
+    """
+
+    def __init__(self, cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str, version: int, evaluator):
+        self.cfg, self.cluster, self.rollout, self.trainers = cfg, cluster, rollout, trainers
+        self.model_dir, self.version, self.evaluator = model_dir, version, evaluator
+        self.stepped = False  # the trainer's weights changed since the engines' last sync
+        self.joining: list[str] = []  # restarted engines waiting for the weights
+
+    def trainer_stepped(self) -> None:
+        self.stepped = True
+
+    def update(self, publish: bool = False) -> dict[str, float]:
+        replaced = self._replace_dead_engines()
+        if not (publish or replaced):
+            return {}
+        if publish or self.stepped:
+            self.version += 1
+        metrics = self._sync()
+        self.stepped = False
+        if replaced:
+            metrics.update({"engine/restarts": float(sum(self.cluster.restarts))})
+        return metrics
+
+    def _sync(self) -> dict[str, float]:
+        """pause/abort in-flight work -> broadcast -> engines at `version` -> rollout resumes under it. An engine
+        that dies or hangs during the sync is replaced and the broadcast repeated (up to engine.max_restarts times)."""
+        version, attempts = self.version, self.cfg.engine.max_restarts + 1
+        ray.get(self.rollout.before_weight_update.remote())
+        try:
+            for attempt in range(attempts):
+                try:
+                    metrics = _broadcast(self.trainers, version)
+                    break
+                except ray.exceptions.RayTaskError:
+                    if attempt == attempts - 1 or not self._replace_dead_engines():
+                        raise
+                    log.warning("an engine failed during the weight sync to v%d: replaced, syncing again", version)
+            joining, self.joining = self.joining, []
+            if joining:  # they hold the weights now
+                ray.get(self.rollout.add_engines.remote(joining))
+                if self.evaluator is not None:
+                    self.evaluator.add_engines(joining)
+            return metrics
+        finally:
+            ray.get(self.rollout.after_weight_update.remote(version))
+
+    def _replace_dead_engines(self) -> bool:
+        """Restart dead or hung engines, route away from them, rebuild the sync group. False if all are well."""
+        replaced = self.cluster.heal_engines(self.model_dir)
+        if not replaced:
+            return False
+        if not self.cluster.live_urls:
+            raise RuntimeError(
+                f"every engine is dead (after engine.max_restarts={self.cfg.engine.max_restarts} restarts)"
+            )
+        ray.get(self.rollout.drop_engines.remote(list(replaced)))
+        if self.evaluator is not None:
+            self.evaluator.drop_engines(list(replaced))
+        self.joining = [u for u in self.joining if u in self.cluster.live_urls]
+        self.joining += [new for new in replaced.values() if new]
+        urls, tp = self.cluster.live_urls, self.cfg.engine.tp
+        ray.get([a.reconnect_weight_sync.remote(urls, [tp] * len(urls)) for a in self.trainers])
+        return True
 
 
 def _broadcast(trainers: list, version: int) -> dict[str, float]:
@@ -251,39 +304,19 @@ def _broadcast(trainers: list, version: int) -> dict[str, float]:
     return out
 
 
-def _next_batch(cfg: Config, buffer: RolloutBuffer, version: int, heal) -> tuple[list[Group], dict[str, float]]:
-    """Wait for the next batch, checking engine health every few seconds (a dead engine stalls generation)."""
+def _next_batch(cfg: Config, buffer: RolloutBuffer, engines: _EngineWeights) -> tuple[list[Group], dict[str, float]]:
+    """Wait for the next batch, checking engine health every few seconds (a dead or hung engine stalls generation)."""
     deadline = time.monotonic() + cfg.engine.request_timeout_s
     healed: dict[str, float] = {}
     while True:
         remaining = deadline - time.monotonic()
         try:
-            return buffer.get_batch(trainer_version=version, timeout_s=max(min(5.0, remaining), 0.01)), healed
+            batch = buffer.get_batch(trainer_version=engines.version, timeout_s=max(min(5.0, remaining), 0.01))
+            return batch, healed
         except TimeoutError:
             if remaining <= 5.0:
                 raise
-            healed.update(heal())
-
-
-def _heal(cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str, version: int) -> dict[str, float]:
-    """Between batches: restart crashed engines and give every engine the current weights."""
-    if not _replace_dead_engines(cfg, cluster, rollout, trainers, model_dir):
-        return {}
-    _sync(cfg, cluster, rollout, trainers, model_dir, version)
-    return {"engine/restarts": float(sum(cluster.restarts)), "engine/alive": float(len(cluster.live_urls))}
-
-
-def _replace_dead_engines(cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str) -> bool:
-    """Restart dead engines, re-route the rollout, rebuild the sync group. False when every engine is alive."""
-    replaced = cluster.heal_engines(model_dir)
-    if not replaced:
-        return False
-    if not cluster.live_urls:
-        raise RuntimeError(f"every engine is dead (after engine.max_restarts={cfg.engine.max_restarts} restarts)")
-    ray.get(rollout.replace_engines.remote(replaced))
-    urls = cluster.live_urls
-    ray.get([a.reconnect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls)) for a in trainers])
-    return True
+            healed.update(engines.update())
 
 
 def _shard(minibatches: list[list[list]], cfg: Config) -> list[list[list]]:

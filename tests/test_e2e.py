@@ -98,10 +98,15 @@ def test_resume_continues_the_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["crashed", "hung"])
-def test_engine_crash_mid_run_is_survived(tmp_path, sig):
-    """Chaos: the engine process is SIGKILLed (crashed) or SIGSTOPped (hung: alive, /health silent) mid-run; it is
-    restarted, gets the current weights, the run finishes and every prompt is still accounted for."""
+@pytest.mark.parametrize(
+    "sig, engines, max_restarts",
+    [(signal.SIGKILL, 1, 3), (signal.SIGSTOP, 1, 3), (signal.SIGKILL, 2, 0)],
+    ids=["crashed", "hung", "dropped"],
+)
+def test_engine_crash_mid_run_is_survived(tmp_path, sig, engines, max_restarts):
+    """Chaos: an engine process is SIGKILLed (crashed) or SIGSTOPped (hung: alive, /health silent) mid-run; it is
+    restarted, gets the current weights, the run finishes and every prompt is still accounted for. With
+    engine.max_restarts=0 it is dropped instead and the other engine carries the run."""
     killed: list[int] = []
 
     def chaos() -> None:
@@ -117,7 +122,7 @@ def test_engine_crash_mid_run_is_survived(tmp_path, sig):
                     if "engines.local" in cmd and str(tmp_path) in cmd:
                         os.kill(int(proc.name), sig)
                         killed.append(int(proc.name))
-                return
+                        return  # one engine
             time.sleep(0.5)
 
     thread = threading.Thread(target=chaos, daemon=True)
@@ -135,13 +140,17 @@ def test_engine_crash_mid_run_is_survived(tmp_path, sig):
             "engine.request_timeout_s=120",
             "engine.health_timeout_s=3",
             "weight_sync.timeout_s=20",  # a sync that meets the hung engine fails after this, then it is replaced
+            f"engine.num_engines={engines}",
+            f"engine.max_restarts={max_restarts}",
         ],
     )
     result = train(cfg)
     thread.join(timeout=5)
     assert killed, "the chaos thread found no engine to kill"
-    assert result.steps == 40 and result.engine_versions == ["40"]  # the restarted engine holds the latest weights
-    assert max(m.get("engine/restarts", 0) for m in result.history) == 1
+    # The restarted engine holds the latest weights; a dropped one is no longer asked.
+    assert result.steps == 40 and result.engine_versions == ["40"]
+    assert max(m.get("engine/restarts", 0) for m in result.history) == (1 if max_restarts else 0)
+    assert result.history[-1]["engine/alive"] == 1
     assert result.accounting["balanced"] == 1 and result.accounting["trained"] == 80, result.accounting
     assert _processes_mentioning(str(tmp_path)) == []  # the hung one was killed, not left behind
 

@@ -1,0 +1,119 @@
+"""The loop's view of the engines' weights (pipeline.train._EngineWeights): which version a sync carries, and when a
+replaced engine joins the rotation. Stand-in Ray actors record every call the loop makes, in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipeline.config import load_config
+from pipeline.train import _EngineWeights
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+
+
+@ray.remote(num_cpus=0)
+class Recorder:
+    """Plays the rollout actor and a trainer rank (stage 0, the sync source)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def _record(self, *call):
+        self.calls.append(call)
+
+    def before_weight_update(self):
+        self._record("pause")
+
+    def after_weight_update(self, version):
+        self._record("resume", version)
+
+    def drop_engines(self, urls):
+        self._record("drop", urls)
+
+    def add_engines(self, urls):
+        self._record("add", urls)
+
+    def pp_stage(self):
+        return 0
+
+    def reconnect_weight_sync(self, urls, tp):
+        self._record("group", urls)
+
+    def sync_weights(self, version, pause=True):
+        self._record("sync", version)
+        return {}
+
+    def take(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+
+class FakeCluster:
+    def __init__(self):
+        self.urls, self.restarts, self.next = ["e0", "e1"], [0, 0], {}
+
+    def heal_engines(self, model_dir):
+        replaced, self.next = self.next, {}
+        for old, new in replaced.items():
+            self.urls[self.urls.index(old)] = new
+            self.restarts[0] += new is not None
+        return replaced
+
+    @property
+    def live_urls(self):
+        return [u for u in self.urls if u]
+
+
+class FakeEval:
+    def __init__(self):
+        self.calls = []
+
+    def drop_engines(self, urls):
+        self.calls.append(("drop", urls))
+
+    def add_engines(self, urls):
+        self.calls.append(("add", urls))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=1, include_dashboard=False, namespace="weightstest")
+    yield
+    ray.shutdown()
+
+
+def test_versions_and_the_order_a_replaced_engine_joins_in(ray_local):
+    cfg = load_config(TINY)
+    rec, cluster, evaluator = Recorder.remote(), FakeCluster(), FakeEval()
+    engines = _EngineWeights(cfg, cluster, rec, [rec], "model", 3, evaluator)
+
+    assert engines.update() == {} and ray.get(rec.take.remote()) == []  # all well, nothing to publish: no sync
+
+    # A replaced engine before the trainer stepped: the same weights again, as the same version; it joins the
+    # rollout and the evaluator only after the sync gave it those weights.
+    cluster.next = {"e1": "e2"}
+    engines.update()
+    assert engines.version == 3
+    assert ray.get(rec.take.remote()) == [
+        ("drop", ["e1"]), ("group", ["e0", "e2"]), ("pause",), ("sync", 3), ("add", ["e2"]), ("resume", 3),
+    ]  # fmt: skip
+    assert evaluator.calls == [("drop", ["e1"]), ("add", ["e2"])]
+
+    # The trainer stepped, then an engine is replaced: the weights moved on, so the re-sync is a new version.
+    engines.trainer_stepped()
+    cluster.next = {"e0": "e3"}
+    assert engines.update()["engine/restarts"] == 2
+    assert engines.version == 4
+    assert [c for c in ray.get(rec.take.remote()) if c[0] in ("sync", "add")] == [("sync", 4), ("add", ["e3"])]
+
+    # Publishing always makes a new version, and the next heal-only check after it keeps it.
+    engines.trainer_stepped()
+    engines.update(publish=True)
+    assert engines.version == 5 and ("sync", 5) in ray.get(rec.take.remote())
+    cluster.next = {"e3": None}  # dropped after engine.max_restarts: nobody joins
+    engines.update()
+    assert engines.version == 5
+    assert ray.get(rec.take.remote()) == [("drop", ["e3"]), ("group", ["e2"]), ("pause",), ("sync", 5), ("resume", 5)]
