@@ -5,7 +5,9 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   (env:// or tcp:// rendezvous; gloo on CPU, nccl on GPU) with this rank and world size (a Ray actor per rank, or
   torchrun / mp.spawn in tests). `setup(hf_model_dir)` requires `torch.distributed.is_initialized()`, enables the
   CPU compatibility layer when there is no CUDA, calls `parallel_state.initialize_model_parallel(tp, pp, vpp,
-  context_parallel_size=cp, expert_model_parallel_size=ep, order="tp-cp-ep-pp-dp")`, builds the model chunks
+  context_parallel_size=cp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+  order="tp-cp-ep-pp-dp")` (a dense model's expert layout mirrors its dense one, see `expert_layout`; a MoE model
+  with pp > 1 needs ep*etp == tp*cp), builds the model chunks
   (engines/megatron/model.py), streams this rank's HF weights in from safetensors (engines/megatron/convert.py),
   wraps the chunks in megatron DDP and builds `get_megatron_optimizer` (AdamW; weight decay on matrices only,
   megatron's convention; distributed optimizer when `trainer.distributed_optimizer`).
@@ -47,7 +49,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -55,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from engines.megatron.convert import (
+    arch_from_hf,
     chunk_layers,
     hf_to_megatron,
     is_sync_source,
@@ -63,7 +66,7 @@ from engines.megatron.convert import (
 from engines.megatron.cpu_compat import enable_cpu_compat
 from engines.megatron.vocab_parallel import vocab_parallel_logprobs
 from pipeline.backend import LossFn, MicroBatch
-from pipeline.config import Config
+from pipeline.config import Config, ParallelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RANK_ORDER = "tp-cp-ep-pp-dp"
@@ -260,7 +263,8 @@ class MegatronBackend:
                 f"torch.distributed has rank {dist.get_rank()}/{dist.get_world_size()}, "
                 f"the backend was built for {self.rank}/{self.world_size}"
             )
-        p = self.cfg.trainer.parallel
+        hf_config = AutoConfig.from_pretrained(hf_model_dir)
+        p = expert_layout(self.cfg.trainer.parallel, arch_from_hf(hf_config).num_experts > 0)
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(
@@ -276,7 +280,6 @@ class MegatronBackend:
         assert ps.get_pipeline_model_parallel_rank() == self.pp_rank
         model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
 
-        hf_config = AutoConfig.from_pretrained(hf_model_dir)
         self.use_te = te_available() and torch.cuda.is_available()
         opts = BuildOptions(
             dtype=_DTYPES[self.cfg.model.dtype], recompute=self.cfg.trainer.recompute, use_te=self.use_te
@@ -575,6 +578,21 @@ class MegatronBackend:
         torch.set_rng_state(rng["cpu"])
         _set_tracker_states(rng["tracker"])
         self.optimizer_steps = int(state["optimizer_steps"])
+
+
+def expert_layout(p: ParallelConfig, moe: bool) -> ParallelConfig:
+    """The parallel layout megatron is initialised with. Megatron builds expert groups (etp x ep x expert-dp per
+    stage) even for a dense model, and under our DP-outermost rank order with pp > 1 it requires the expert
+    data-parallel size to equal dp, i.e. ep * etp == tp * cp. A dense model has no expert parameters, so its
+    expert layout mirrors the dense one (etp = tp * cp); a MoE model must be configured that way."""
+    if not moe:
+        return replace(p, etp=p.tp * p.cp)
+    if p.pp > 1 and p.ep * p.etp != p.tp * p.cp:
+        raise ValueError(
+            f"trainer.parallel.etp: with pp > 1 megatron needs ep*etp == tp*cp (rank order {RANK_ORDER}); "
+            f"got ep*etp = {p.ep}*{p.etp}, tp*cp = {p.tp}*{p.cp}"
+        )
+    return p
 
 
 def _shim_psutil_memory_log() -> None:
