@@ -40,8 +40,14 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 - `save(path)` / `load(path)`: megatron dist_checkpointing (torch_dist format) of model, optimizer (distributed
   optimizer state in megatron's `dp_reshardable` format, so a different DP size can resume; TP/PP must match),
   step counter (the LR schedule is a function of it) and per-(pp, tp) RNG states, under `path/megatron`.
+- MoE: with ep > 1 the ranks of an EP group (different DP ranks) run the same number of micro-batches, padded with
+  empty one-token micro-batches (every MoE layer runs all-to-alls across the group). The load-balancing loss enters
+  the gradient as `router_aux_loss_coef` x the token-weighted mean of megatron's per-micro-batch aux losses over the
+  whole mini-batch (all DP ranks; see `_router_tokens`); padding (the pipeline pad segment, empty micro-batches)
+  goes through the router and counts as tokens.
 - Not supported: context parallelism (cp > 1 raises; it needs TE attention and CP-aware packing) and EP > 1 together
-  with PP > 1 (the DP-outermost rank order cannot express it). bf16 (`model.dtype`) is meant for GPUs.
+  with PP > 1 (megatron then needs ep*etp == tp*cp, so tp > 1, and MoE with tp > 1 needs sequence parallelism, i.e.
+  TE: untestable here). bf16 (`model.dtype`) is meant for GPUs.
 """
 
 from __future__ import annotations
@@ -191,7 +197,8 @@ def padded_micro_batch(mb: MicroBatch, device: torch.device) -> PackedMicroBatch
 
 
 def _empty_micro_batch(like: MicroBatch) -> MicroBatch:
-    """A one-token micro-batch with no loss tokens (pads the interleaved schedule's micro-batch count)."""
+    """A one-token micro-batch with no loss tokens (pads the interleaved schedule's micro-batch count, and evens out
+    the counts of an EP group's ranks)."""
     z = torch.zeros(1, 1)
     return MicroBatch(
         input_ids=torch.zeros(1, 1, dtype=torch.long),
@@ -229,7 +236,10 @@ class MegatronBackend:
         if p.cp > 1:
             raise NotImplementedError("trainer.parallel.cp > 1 is not supported by the megatron backend yet")
         if p.ep > 1 and p.pp > 1:
-            raise NotImplementedError("trainer.parallel: ep > 1 together with pp > 1 is not supported")
+            raise NotImplementedError(
+                "trainer.parallel: ep > 1 together with pp > 1 is not supported (it needs ep*etp == tp*cp, hence "
+                "MoE with tp > 1 and sequence parallelism, which is untested)"
+            )
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
@@ -406,6 +416,10 @@ class MegatronBackend:
 
         p = self.cfg.trainer.parallel
         mbs = list(micro_batches)
+        if p.ep > 1:
+            # Every MoE layer's forward and backward runs all-to-alls across the EP group, whose ranks are different
+            # DP ranks: they must run the same number of micro-batches (a token budget can give them different ones).
+            mbs += [_empty_micro_batch(mbs[0]) for _ in range(self._max_count_over_ep(len(mbs)) - len(mbs))]
         if p.vpp > 1 and len(mbs) % p.pp:
             mbs += [_empty_micro_batch(mbs[0]) for _ in range(p.pp - len(mbs) % p.pp)]
         # Pipeline stages exchange activations of one fixed shape: pad every pack to the longest one (megatron's
@@ -416,10 +430,8 @@ class MegatronBackend:
             packed = [pack_micro_batch(mb, self.device, pad_to, align) for mb in mbs]
         else:
             packed = [padded_micro_batch(mb, self.device) for mb in mbs]
-        if self.arch.num_experts:
-            # Megatron adds each micro-batch's MoE aux loss unscaled under calculate_per_token_loss, and DDP sums
-            # over DP: divide the coefficient so the aux term is the mean over micro-batches and DP ranks.
-            self.tconfig.moe_aux_loss_coeff = self._aux_coeff / (len(micro_batches) * self.dp_size)
+        if self.arch.num_experts and loss_fn is not None:
+            self.tconfig.moe_aux_loss_coeff = self._aux_coeff / self._router_tokens(packed)
         iters: Any = [iter(packed) for _ in self.chunks] if len(self.chunks) > 1 else iter(packed)
         out = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, loss_fn),
@@ -431,6 +443,28 @@ class MegatronBackend:
             forward_only=loss_fn is None,
         )
         return out, packed[: len(micro_batches)]
+
+    def _max_count_over_ep(self, n: int) -> int:
+        from megatron.core import parallel_state as ps
+
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())
+        return int(t.item())
+
+    def _router_tokens(self, packed: list[PackedMicroBatch]) -> float:
+        """Tokens the routers of this DP replica's rank see in the mini-batch, summed over DP. Under
+        calculate_per_token_loss megatron multiplies each micro-batch's load-balancing loss by the tokens its router
+        saw (expecting a later division by the token count, which this backend skips): dividing the coefficient by
+        this sum makes the aux term coeff x the token-weighted mean of the per-micro-batch losses of the whole
+        mini-batch, whatever the micro-batch sizes and their split over DP ranks."""
+        from megatron.core import parallel_state as ps
+
+        per_rank = self.tconfig.tensor_model_parallel_size if self.tconfig.sequence_parallel else 1
+        n = torch.tensor([sum(pk.input_ids.numel() for pk in packed) / per_rank], dtype=torch.float64)
+        if self.dp_size > 1:
+            n = n.to(self.device)
+            dist.all_reduce(n, group=ps.get_data_parallel_group())
+        return float(n.item())
 
     @torch.no_grad()
     def forward_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
