@@ -90,6 +90,29 @@ def _vocab_parallel_check(rank: int) -> dict:
     }
 
 
+def _cp_gather_check(rank: int, tmp: str) -> dict:
+    """cp_gather over 2 ranks (forward: the whole row; backward: this rank's share of the gradient), and the
+    backend's refusal of cp = 2 without transformer-engine."""
+    import torch.distributed as dist
+
+    from engines.megatron.backend import build_backend
+    from engines.megatron.context_parallel import cp_gather, cp_partition_index
+
+    cu = torch.tensor([0, 8, 20], dtype=torch.int32)
+    indices = [cp_partition_index(cu, 2, r) for r in range(2)]
+    row = torch.randn(3, 20, generator=torch.Generator().manual_seed(5))  # the same on both ranks
+    weight = torch.randn(3, 20, generator=torch.Generator().manual_seed(6))
+    local = row[:, indices[rank]].clone().requires_grad_(True)
+    gathered = cp_gather(local, indices, 20, dist.group.WORLD)
+    (gathered * weight).sum().backward()
+    out = {"row": (gathered - row).abs().max().item(), "grad": (local.grad - weight[:, indices[rank]]).abs().max()}
+    try:
+        build_backend(tiny_config(cp=2), rank, 2).setup(os.path.join(tmp, "hf"))
+    except ValueError as e:
+        out["cp_error"] = str(e)
+    return out
+
+
 def _parallel_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
     init_dist(rank, world_size, port)
     out = {}
@@ -97,6 +120,8 @@ def _parallel_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
         out[layout] = _train_once(tmp, rank, *layout)
         if layout == (2, 1, 1, 1):
             out["vocab_parallel"] = _vocab_parallel_check(rank)
+    if world_size == 2:
+        out["cp"] = _cp_gather_check(rank, tmp)
     torch.save(out, os.path.join(tmp, f"par{world_size}_{rank}.pt"))
 
 
@@ -185,3 +210,10 @@ def test_expert_layout_for_dense_and_moe_models():
     assert expert_layout(ParallelConfig(tp=2, ep=2, etp=1), moe=True).etp == 1  # pp = 1: parallel folding kept
     with pytest.raises(ValueError, match=r"trainer\.parallel\.etp: .*ep\*etp == tp\*cp"):
         expert_layout(ParallelConfig(tp=2, pp=2, etp=1), moe=True)
+
+
+def test_cp_gather_autograd_and_cp_needs_transformer_engine(runs):
+    _, _, two_ranks = runs
+    for r in two_ranks:
+        assert r["cp"]["row"] == 0.0 and r["cp"]["grad"] == 0.0  # exact: pure data movement
+        assert r["cp"]["cp_error"].startswith("trainer.parallel.cp = 2: context parallelism needs transformer-engine")

@@ -45,7 +45,11 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   the gradient as `router_aux_loss_coef` x the token-weighted mean of megatron's per-micro-batch aux losses over the
   whole mini-batch (all DP ranks; see `_router_tokens`); padding (the pipeline pad segment, empty micro-batches)
   goes through the router and counts as tokens.
-- Not supported: context parallelism (cp > 1 raises; it needs TE attention and CP-aware packing) and EP > 1 together
+- Context parallelism (cp > 1) needs TE and CUDA (else setup raises): each sequence of a pack takes a slot that is a
+  multiple of 2*cp (`cu_seqlens_padded`), each CP rank runs its load-balanced share of the row (chunks r and
+  2*cp-1-r of every slot, megatron/TE's THD convention) and the per-token logprobs/entropies are all-gathered over the
+  CP group before the loss (engines/megatron/context_parallel.py); megatron sums the gradients over CP and DP.
+- Not supported: EP > 1 together
   with PP > 1 (megatron then needs ep*etp == tp*cp, so tp > 1, and MoE with tp > 1 needs sequence parallelism, i.e.
   TE: untestable here). bf16 (`model.dtype`) is meant for GPUs.
 """
@@ -53,6 +57,7 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -62,6 +67,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engines.megatron.context_parallel import cp_gather, cp_partition_index, cp_slot_length
 from engines.megatron.convert import (
     arch_from_hf,
     chunk_layers,
@@ -116,51 +122,74 @@ class HFWeights:
 @dataclass
 class PackedMicroBatch:
     """A MicroBatch as the model sees it, plus the indices to unpack per-token results to its (B, T) layout: one
-    packed row (THD, `cu_seqlens` set), or the padded (B, T) layout itself (`cu_seqlens` None; `packing=False`)."""
+    packed row (THD, `cu_seqlens` set), or the padded (B, T) layout itself (`cu_seqlens` None; `packing=False`).
+    With context parallelism the model input is this CP rank's share of the row (`cp_indices[cp_rank]`)."""
 
     mb: MicroBatch
-    input_ids: torch.Tensor  # (1, t) packed, or (B, T)
+    input_ids: torch.Tensor  # (1, t) packed (t / cp with context parallelism), or (B, T)
     position_ids: torch.Tensor  # same shape; restarting at 0 for every sequence
     target: torch.Tensor  # same shape: the next token of the same sequence (0 at a sequence's last token)
-    gather_idx: torch.Tensor  # (B, T): flat model position whose prediction is about token (b, s)
+    gather_idx: torch.Tensor  # (B, T): flat position in the whole row whose prediction is about token (b, s)
     valid: torch.Tensor  # (B, T) bool: s >= 1 and s < len(b)
-    cu_seqlens: torch.Tensor | None  # (n + 1,) int32
-    max_seqlen: int
+    cu_seqlens: torch.Tensor | None  # (n + 1,) int32, cumulative real lengths
+    max_seqlen: int  # longest slot
     real_tokens: int
+    total_len: int  # positions of the whole row (B * T for the padded layout)
+    cu_seqlens_padded: torch.Tensor | None = None  # (n + 1,) int32 slot bounds; context parallelism only
+    cp_indices: list[torch.Tensor] | None = None  # row positions each CP rank holds; context parallelism only
 
 
-def pack_micro_batch(mb: MicroBatch, device: torch.device, pad_to: int = 0, align: int = 1) -> PackedMicroBatch:
+def packed_length(mb: MicroBatch, cp: int = 1) -> int:
+    """Positions a MicroBatch takes packed (each sequence in a slot that is a multiple of 2*cp when cp > 1)."""
+    lengths = mb.attention_mask.sum(dim=1).tolist()
+    return int(sum(cp_slot_length(n, cp) if cp > 1 else n for n in lengths))
+
+
+def pack_micro_batch(
+    mb: MicroBatch, device: torch.device, pad_to: int = 0, align: int = 1, cp: int = 1, cp_rank: int = 0
+) -> PackedMicroBatch:
     """Pack a right-padded (B, T) MicroBatch into one row without padding. With `pad_to` > the packed length, or a
     length that is not a multiple of `align`, pad tokens are appended as one extra segment (attending only to itself;
     never a loss position): every micro-batch of a pipeline-parallel mini-batch gets the same shape, and sequence
-    parallelism gets a length divisible by tp."""
+    parallelism gets a length divisible by tp. With cp > 1 each sequence takes a slot that is a multiple of 2*cp
+    (`cu_seqlens_padded`; the slot's tail is never attended to nor read), and the model input is CP rank
+    `cp_rank`'s load-balanced share of the row (engines/megatron/context_parallel.py)."""
     lengths = mb.attention_mask.sum(dim=1).tolist()
     T = mb.input_ids.shape[1]
+    slots = [cp_slot_length(n, cp) if cp > 1 and n else n for n in lengths]
     offsets = []
     for b, n in enumerate(lengths):
         if not bool(mb.attention_mask[b, :n].all()):
             raise ValueError(f"MicroBatch row {b}: attention_mask must be right-padded (ones then zeros)")
-        offsets.append(sum(lengths[:b]))
+        offsets.append(sum(slots[:b]))
     real = int(sum(lengths))
-    total = max(real, pad_to, 1)
+    if cp > 1:
+        align = math.lcm(align, 2 * cp)
+    total = max(sum(slots), pad_to, 1)
     total = -(-total // align) * align
     ids = torch.zeros(total, dtype=torch.long)
     target = torch.zeros(total, dtype=torch.long)  # a sequence's last token predicts nothing in this batch
     pos = torch.zeros(total, dtype=torch.long)
-    bounds = [0]
+    bounds, real_bounds = [0], [0]
     for b, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
         if n == 0:
             continue
         ids[o : o + n] = mb.input_ids[b, :n]
         target[o : o + n - 1] = mb.input_ids[b, 1:n]
-        pos[o : o + n] = torch.arange(n)
-        bounds.append(o + n)
+        pos[o : o + slots[b]] = torch.arange(slots[b])
+        bounds.append(o + slots[b])
+        real_bounds.append(real_bounds[-1] + n)
     if total > bounds[-1]:  # padding segment
         pos[bounds[-1] :] = torch.arange(total - bounds[-1])
+        real_bounds.append(real_bounds[-1] + total - bounds[-1])
         bounds.append(total)
     s = torch.arange(T)
     valid = (s >= 1) & (s < torch.tensor(lengths).unsqueeze(1))  # (B, T)
     gather_idx = torch.where(valid, torch.tensor(offsets).unsqueeze(1) + s - 1, 0)
+    cu_padded = torch.tensor(bounds, dtype=torch.int32)
+    cp_indices = [cp_partition_index(cu_padded, cp, r) for r in range(cp)] if cp > 1 else None
+    if cp_indices is not None:
+        ids, pos, target = (x[cp_indices[cp_rank]] for x in (ids, pos, target))
     return PackedMicroBatch(
         mb=mb,
         input_ids=ids.view(1, -1).to(device),
@@ -168,9 +197,12 @@ def pack_micro_batch(mb: MicroBatch, device: torch.device, pad_to: int = 0, alig
         target=target.view(1, -1).to(device),
         gather_idx=gather_idx.to(device),
         valid=valid.to(device),
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
+        cu_seqlens=torch.tensor(real_bounds, dtype=torch.int32, device=device),
         max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)),
         real_tokens=real,
+        total_len=total,
+        cu_seqlens_padded=cu_padded.to(device) if cp > 1 else None,
+        cp_indices=[i.to(device) for i in cp_indices] if cp_indices is not None else None,
     )
 
 
@@ -193,6 +225,7 @@ def padded_micro_batch(mb: MicroBatch, device: torch.device) -> PackedMicroBatch
         cu_seqlens=None,
         max_seqlen=T,
         real_tokens=int(lengths.sum()),
+        total_len=B * T,
     )
 
 
@@ -233,8 +266,8 @@ class MegatronBackend:
         dp = p.dp or world_size // (p.tp * p.pp * p.cp)
         if p.tp * p.pp * p.cp * dp != world_size:
             raise ValueError(f"trainer.parallel: tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{dp} != world size {world_size}")
-        if p.cp > 1:
-            raise NotImplementedError("trainer.parallel.cp > 1 is not supported by the megatron backend yet")
+        if p.cp > 1 and not packing:
+            raise ValueError("the padded layout (packing=False) needs trainer.parallel.cp = 1")
         if p.ep > 1 and p.pp > 1:
             raise NotImplementedError(
                 "trainer.parallel: ep > 1 together with pp > 1 is not supported (it needs ep*etp == tp*cp, hence "
@@ -247,7 +280,8 @@ class MegatronBackend:
         self.dp_rank = rank // (p.tp * p.cp * p.pp)
         self.tp_rank = rank % p.tp
         self.pp_rank = (rank // (p.tp * p.cp)) % p.pp
-        self.is_sync_source = self.tp_rank == 0 and self.dp_rank == 0 and (rank // p.tp) % p.cp == 0
+        self.cp_rank = (rank // p.tp) % p.cp
+        self.is_sync_source = self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
         self.optimizer_steps = 0
         self.device = torch.device("cpu")
         if torch.cuda.is_available():  # torchrun: one GPU per local rank; a Ray actor sees only its own GPU
@@ -273,6 +307,11 @@ class MegatronBackend:
                 f"torch.distributed has rank {dist.get_rank()}/{dist.get_world_size()}, "
                 f"the backend was built for {self.rank}/{self.world_size}"
             )
+        if self.cfg.trainer.parallel.cp > 1 and not (te_available() and torch.cuda.is_available()):
+            raise ValueError(
+                f"trainer.parallel.cp = {self.cfg.trainer.parallel.cp}: context parallelism needs transformer-engine's "
+                "attention on CUDA GPUs (megatron's local attention has no context parallelism)"
+            )
         hf_config = AutoConfig.from_pretrained(hf_model_dir)
         p = expert_layout(self.cfg.trainer.parallel, arch_from_hf(hf_config).num_experts > 0)
         if ps.model_parallel_is_initialized():
@@ -288,6 +327,7 @@ class MegatronBackend:
         )
         assert ps.get_data_parallel_rank() == self.dp_rank and ps.get_tensor_model_parallel_rank() == self.tp_rank
         assert ps.get_pipeline_model_parallel_rank() == self.pp_rank
+        assert ps.get_context_parallel_rank() == self.cp_rank
         model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
 
         self.use_te = te_available() and torch.cuda.is_available()
@@ -384,10 +424,14 @@ class MegatronBackend:
         lp, ent = vocab_parallel_logprobs(
             logits, packed.target, self.arch.vocab_size, ps.get_tensor_model_parallel_group(), with_entropy
         )
+        if ent is not None and self.cfg.algorithm.entropy_coef == 0:
+            ent = ent.detach()
+        if packed.cp_indices is not None:  # this CP rank's share -> the whole row (see context_parallel.py)
+            group = ps.get_context_parallel_group()
+            lp = cp_gather(lp, packed.cp_indices, packed.total_len, group)
+            ent = cp_gather(ent, packed.cp_indices, packed.total_len, group) if ent is not None else None
         lp = torch.where(packed.valid, lp.reshape(-1)[packed.gather_idx], 0.0)
         if ent is not None:
-            if self.cfg.algorithm.entropy_coef == 0:
-                ent = ent.detach()
             ent = torch.where(packed.valid, ent.reshape(-1)[packed.gather_idx], 0.0)
         return lp, ent
 
@@ -424,10 +468,11 @@ class MegatronBackend:
             mbs += [_empty_micro_batch(mbs[0]) for _ in range(p.pp - len(mbs) % p.pp)]
         # Pipeline stages exchange activations of one fixed shape: pad every pack to the longest one (megatron's
         # variable_seq_lengths shape exchange broke the interleaved schedule at pp=2 on gloo).
-        pad_to = max(int(mb.attention_mask.sum()) for mb in mbs) if p.pp > 1 else 0
-        align = p.tp if self.tconfig.sequence_parallel else 1
+        pad_to = max(packed_length(mb, p.cp) for mb in mbs) if p.pp > 1 else 0
+        # Sequence parallelism splits each CP rank's share of the row over tp.
+        align = p.tp * p.cp if self.tconfig.sequence_parallel else 1
         if self.packing:
-            packed = [pack_micro_batch(mb, self.device, pad_to, align) for mb in mbs]
+            packed = [pack_micro_batch(mb, self.device, pad_to, align, p.cp, self.cp_rank) for mb in mbs]
         else:
             packed = [padded_micro_batch(mb, self.device) for mb in mbs]
         if self.arch.num_experts and loss_fn is not None:
@@ -438,7 +483,7 @@ class MegatronBackend:
             data_iterator=iters,
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(packed),
-            seq_length=max(pk.input_ids.shape[1] for pk in packed),
+            seq_length=max(pk.total_len // pk.input_ids.shape[0] for pk in packed),  # megatron divides it by cp
             micro_batch_size=packed[0].input_ids.shape[0],
             forward_only=loss_fn is None,
         )
@@ -502,7 +547,7 @@ class MegatronBackend:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["lr"] = lr
         metrics["packed_tokens"] = float(real)
-        metrics["packing_efficiency"] = real / max(sum(pk.input_ids.numel() for pk in packed), 1)
+        metrics["packing_efficiency"] = real / max(sum(pk.total_len for pk in packed), 1)
         metrics["padded_layout_efficiency"] = real / max(padded, 1)
         return metrics
 
@@ -553,8 +598,9 @@ class MegatronBackend:
         pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
         rng = {"cpu": torch.get_rng_state(), "tracker": _tracker_states()}
         state["rng_state"] = ShardedObject(
-            "rng_state", rng, (pp, tp), (self.pp_rank, self.tp_rank), replica_id=self.dp_rank
-        )
+            "rng_state", rng, (pp, tp), (self.pp_rank, self.tp_rank),
+            replica_id=self.dp_rank * self.cfg.trainer.parallel.cp + self.cp_rank,  # CP ranks share the RNG seeds
+        )  # fmt: skip
         state["optimizer_steps"] = self.optimizer_steps
         return state
 
@@ -645,6 +691,8 @@ def _packed_seq_params(packed: PackedMicroBatch) -> Any:
         qkv_format="thd",
         cu_seqlens_q=packed.cu_seqlens,
         cu_seqlens_kv=packed.cu_seqlens,
+        cu_seqlens_q_padded=packed.cu_seqlens_padded,
+        cu_seqlens_kv_padded=packed.cu_seqlens_padded,
         max_seqlen_q=packed.max_seqlen,
         max_seqlen_kv=packed.max_seqlen,
     )

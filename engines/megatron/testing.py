@@ -4,7 +4,7 @@ Contract:
 - `save_tiny_hf(path, model_type=..., vocab_size=..., tie=..., seed=..., **config)` writes a tiny random HF causal
   LM (safetensors + config.json; `config` overrides HF config fields) with non-trivial biases and norm weights, and
   returns the model (float32, eval).
-- `tiny_config(tp, pp, dp, vpp=1, **trainer)` returns a `Config` for the megatron backend (dropout is always 0).
+- `tiny_config(tp, pp, dp, vpp=1, cp=1, **trainer)` returns a `Config` for the megatron backend (dropout is always 0).
 - `spawn(fn, world_size, *args, timeout_s)` runs `fn(rank, world_size, port, *args)` in `world_size` fresh
   processes (start method forkserver with megatron preloaded; a free 127.0.0.1 port for the rendezvous), and raises if one fails or the run
   exceeds the timeout. `init_dist(rank, world_size, port)` is what `fn` calls first (gloo unless told, 1 thread).
@@ -135,13 +135,13 @@ def save_tiny_hf(
     return model
 
 
-def tiny_config(tp: int = 1, pp: int = 1, dp: int = 1, vpp: int = 1, **trainer: Any) -> Config:
+def tiny_config(tp: int = 1, pp: int = 1, dp: int = 1, vpp: int = 1, cp: int = 1, **trainer: Any) -> Config:
     cfg = Config()
     cfg.data.train_path = "synthetic:arith"
     t = cfg.trainer
     t.backend = "megatron"
-    t.world_size = tp * pp * dp
-    t.parallel.tp, t.parallel.pp, t.parallel.dp, t.parallel.vpp = tp, pp, dp, vpp
+    t.world_size = tp * pp * cp * dp
+    t.parallel.tp, t.parallel.pp, t.parallel.dp, t.parallel.vpp, t.parallel.cp = tp, pp, dp, vpp, cp
     t.lr, t.warmup_steps, t.weight_decay, t.grad_clip = 1e-2, 0, 0.1, 1.0
     for k, v in trainer.items():
         setattr(t, k, v)
