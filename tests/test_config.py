@@ -109,7 +109,12 @@ def test_context_parallelism_needs_transformer_engine_and_gpus(monkeypatch, te):
 
     real = importlib.util.find_spec
     fake = object() if te else None
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake if name == "transformer_engine" else real(name, *a))  # fmt: skip
+
+    def find_spec(name: str, *args):
+        return fake if name == "transformer_engine" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    load_config(TINY, ["trainer.backend=megatron", "trainer.world_size=2"])  # cp = 1 needs neither
     cp = ["trainer.backend=megatron", "trainer.world_size=2", "trainer.parallel.cp=2"]
     if not te:
         with pytest.raises(ConfigError, match=r"^trainer.parallel.cp: .*transformer-engine.*not installed"):
@@ -119,4 +124,3 @@ def test_context_parallelism_needs_transformer_engine_and_gpus(monkeypatch, te):
         load_config(TINY, cp)
     cfg = load_config(TINY, [*cp, "trainer.gpus_per_rank=1"])
     assert (cfg.trainer.parallel.cp, cfg.trainer.parallel.dp) == (2, 1)
-    load_config(TINY, ["trainer.world_size=2", "trainer.parallel.cp=1"])  # cp = 1 needs neither

@@ -1,7 +1,8 @@
 """Context parallelism, data side (pure tensors, no TE, no processes): the CP split is megatron's (one sequence) and
 TE's (packed sequences), balances causal work, and the gather undoes it exactly; a CP-packed micro-batch, split over
 its CP ranks and gathered back, feeds the loss the same per-token values as the plain pack. The all-gather's autograd
-runs on 2 gloo ranks in tests/test_megatron_parallel.py; the model at cp = 2 needs TE and GPUs (test_megatron_gpu.py)."""
+runs on 2 gloo ranks in tests/test_megatron_parallel.py; the model at cp = 2 needs TE and GPUs
+(tests/test_megatron_gpu.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Megatron-core trainer backend: TP/PP/DP (and EP for MoE) over a GPTModel built from a Hugging Face checkpoint.
+"""Megatron-core trainer backend: TP/PP/DP (EP for MoE, CP with TE) over a GPTModel built from a HF checkpoint.
 
 Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 - `build_backend(cfg, rank, world_size)`; the caller has already initialised torch.distributed's default group
@@ -7,8 +7,8 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   CPU compatibility layer when there is no CUDA, calls `parallel_state.initialize_model_parallel(tp, pp, vpp,
   context_parallel_size=cp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
   order="tp-cp-ep-pp-dp")` (a dense model's expert layout mirrors its dense one, see `expert_layout`; a MoE model
-  with pp > 1 needs ep*etp == tp*cp), builds the model chunks
-  (engines/megatron/model.py), streams this rank's HF weights in from safetensors (engines/megatron/convert.py),
+  with pp > 1 needs ep*etp == tp*cp), builds the model chunks (engines/megatron/model.py), streams this rank's HF
+  weights in from safetensors (engines/megatron/convert.py),
   wraps the chunks in megatron DDP and builds `get_megatron_optimizer` (AdamW; weight decay on matrices only,
   megatron's convention; distributed optimizer when `trainer.distributed_optimizer`).
 - Rank layout: DP is the outermost dimension, `dp_rank = rank // (tp * cp * pp)`, as pipeline/train.py shards
@@ -22,12 +22,12 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   longest one (stages exchange one activation shape) and with sequence parallelism to a multiple of tp; the padding
   is one extra segment that no loss position reads. Then megatron's `get_forward_backward_func()` runs them (no
   pipelining, 1F1B, or interleaved with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches
-  to a multiple of pp). On the last stage the logits stay vocabulary-parallel: `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and
-  entropies, which are unpacked to the (B, T) layout of the MicroBatch before calling `loss_fn(logprobs, entropy,
-  mb)`. Gradient = the exact SUM of the loss shares over micro-batches and DP ranks: the model runs with
-  `calculate_per_token_loss=True` (megatron then neither divides by the number of micro-batches nor averages over
-  DP: DDP's gradient scaling factor is 1) and every micro-batch reports 0 tokens, so `finalize_model_grads` skips
-  its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, the loss_fn metric
+  to a multiple of pp). On the last stage the logits stay vocabulary-parallel:
+  `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and entropies, which are unpacked to the (B, T)
+  layout of the MicroBatch before calling `loss_fn(logprobs, entropy, mb)`. Gradient = the exact SUM of the loss
+  shares over micro-batches and DP ranks: the model runs with `calculate_per_token_loss=True` (megatron then
+  neither divides by the number of micro-batches nor averages over DP: DDP's gradient scaling factor is 1) and every
+  micro-batch reports 0 tokens, so `finalize_model_grads` skips its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, the loss_fn metric
   shares summed over micro-batches and all-reduced (SUM) over DP, on every rank, and this rank's packing numbers:
   `packed_tokens` (real tokens), `packing_efficiency` (real tokens / positions the model computed; 1.0 unless pp > 1
   or sequence parallelism padded the packs) and `padded_layout_efficiency` (real tokens / B*T of the micro-batches
@@ -39,7 +39,8 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   Every rank must iterate it (TP peers take part in the gathers). Replicated tensors are live views of parameters.
 - `save(path)` / `load(path)`: megatron dist_checkpointing (torch_dist format) of model, optimizer (distributed
   optimizer state in megatron's `dp_reshardable` format, so a different DP size can resume; TP/PP must match),
-  step counter (the LR schedule is a function of it) and per-(pp, tp) RNG states, under `path/megatron`.
+  step counter (the LR schedule is a function of it) and per-(pp, tp) RNG states (DP and CP ranks hold replicas),
+  under `path/megatron`.
 - MoE: with ep > 1 the ranks of an EP group (different DP ranks) run the same number of micro-batches, padded with
   empty one-token micro-batches (every MoE layer runs all-to-alls across the group). The load-balancing loss enters
   the gradient as `router_aux_loss_coef` x the token-weighted mean of megatron's per-micro-batch aux losses over the
@@ -49,9 +50,8 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   multiple of 2*cp (`cu_seqlens_padded`), each CP rank runs its load-balanced share of the row (chunks r and
   2*cp-1-r of every slot, megatron/TE's THD convention) and the per-token logprobs/entropies are all-gathered over the
   CP group before the loss (engines/megatron/context_parallel.py); megatron sums the gradients over CP and DP.
-- Not supported: EP > 1 together
-  with PP > 1 (megatron then needs ep*etp == tp*cp, so tp > 1, and MoE with tp > 1 needs sequence parallelism, i.e.
-  TE: untestable here). bf16 (`model.dtype`) is meant for GPUs.
+- Not supported: EP > 1 together with PP > 1 (megatron then needs ep*etp == tp*cp, so tp > 1, and MoE with tp > 1
+  needs sequence parallelism, i.e. TE: untested). bf16 (`model.dtype`) is meant for GPUs.
 """
 
 from __future__ import annotations

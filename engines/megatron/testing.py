@@ -6,8 +6,8 @@ Contract:
   returns the model (float32, eval).
 - `tiny_config(tp, pp, dp, vpp=1, cp=1, **trainer)` returns a `Config` for the megatron backend (dropout is always 0).
 - `spawn(fn, world_size, *args, timeout_s)` runs `fn(rank, world_size, port, *args)` in `world_size` fresh
-  processes (start method forkserver with megatron preloaded; a free 127.0.0.1 port for the rendezvous), and raises if one fails or the run
-  exceeds the timeout. `init_dist(rank, world_size, port)` is what `fn` calls first (gloo unless told, 1 thread).
+  processes (start method forkserver with megatron preloaded; a free 127.0.0.1 port for the rendezvous), and raises
+  if one fails or the run exceeds the timeout. `init_dist(rank, world_size, port)` is what `fn` calls first (gloo unless told, 1 thread).
 - `assert_same_update(before, after, ref_before, ref_after, lr)` asserts that one Adam step moved every HF tensor
   as in the reference run.
 - `random_micro_batches(...)` builds right-padded MicroBatches with variable lengths, advantages and behaviour
