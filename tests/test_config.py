@@ -103,3 +103,26 @@ def test_expert_parallel_must_fit_the_ranks_of_a_stage():
         load_config(TINY, [*moe, "trainer.parallel.ep=4", "trainer.parallel.etp=4"])  # megatron's etp = tp default
     with pytest.raises(ConfigError, match=r"trainer.parallel.ep: ep\*etp = 8\*1"):
         load_config(TINY, [*moe, "trainer.parallel.ep=8"])
+
+
+@pytest.mark.parametrize("te", [False, True])
+def test_context_parallelism_needs_transformer_engine_and_gpus(monkeypatch, te):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    fake = object() if te else None
+
+    def find_spec(name: str, *args):
+        return fake if name == "transformer_engine" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    load_config(TINY, ["trainer.backend=megatron", "trainer.world_size=2"])  # cp = 1 needs neither
+    cp = ["trainer.backend=megatron", "trainer.world_size=2", "trainer.parallel.cp=2"]
+    if not te:
+        with pytest.raises(ConfigError, match=r"^trainer.parallel.cp: .*transformer-engine.*not installed"):
+            load_config(TINY, [*cp, "trainer.gpus_per_rank=1"])
+        return
+    with pytest.raises(ConfigError, match=r"^trainer.parallel.cp: .*GPUs only \(trainer.gpus_per_rank\)"):
+        load_config(TINY, cp)
+    cfg = load_config(TINY, [*cp, "trainer.gpus_per_rank=1"])
+    assert (cfg.trainer.parallel.cp, cfg.trainer.parallel.dp) == (2, 1)

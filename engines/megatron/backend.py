@@ -1,12 +1,14 @@
-"""Megatron-core trainer backend: TP/PP/DP (and EP for MoE) over a GPTModel built from a Hugging Face checkpoint.
+"""Megatron-core trainer backend: TP/PP/DP (EP for MoE, CP with TE) over a GPTModel built from a HF checkpoint.
 
 Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 - `build_backend(cfg, rank, world_size)`; the caller has already initialised torch.distributed's default group
   (env:// or tcp:// rendezvous; gloo on CPU, nccl on GPU) with this rank and world size (a Ray actor per rank, or
   torchrun / mp.spawn in tests). `setup(hf_model_dir)` requires `torch.distributed.is_initialized()`, enables the
   CPU compatibility layer when there is no CUDA, calls `parallel_state.initialize_model_parallel(tp, pp, vpp,
-  context_parallel_size=cp, expert_model_parallel_size=ep, order="tp-cp-ep-pp-dp")`, builds the model chunks
-  (engines/megatron/model.py), streams this rank's HF weights in from safetensors (engines/megatron/convert.py),
+  context_parallel_size=cp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+  order="tp-cp-ep-pp-dp")` (a dense model's expert layout mirrors its dense one, see `expert_layout`; a MoE model
+  with pp > 1 needs ep*etp == tp*cp), builds the model chunks (engines/megatron/model.py), streams this rank's HF
+  weights in from safetensors (engines/megatron/convert.py),
   wraps the chunks in megatron DDP and builds `get_megatron_optimizer` (AdamW; weight decay on matrices only,
   megatron's convention; distributed optimizer when `trainer.distributed_optimizer`).
 - Rank layout: DP is the outermost dimension, `dp_rank = rank // (tp * cp * pp)`, as pipeline/train.py shards
@@ -20,12 +22,12 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   longest one (stages exchange one activation shape) and with sequence parallelism to a multiple of tp; the padding
   is one extra segment that no loss position reads. Then megatron's `get_forward_backward_func()` runs them (no
   pipelining, 1F1B, or interleaved with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches
-  to a multiple of pp). On the last stage the logits stay vocabulary-parallel: `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and
-  entropies, which are unpacked to the (B, T) layout of the MicroBatch before calling `loss_fn(logprobs, entropy,
-  mb)`. Gradient = the exact SUM of the loss shares over micro-batches and DP ranks: the model runs with
-  `calculate_per_token_loss=True` (megatron then neither divides by the number of micro-batches nor averages over
-  DP: DDP's gradient scaling factor is 1) and every micro-batch reports 0 tokens, so `finalize_model_grads` skips
-  its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, the loss_fn metric
+  to a multiple of pp). On the last stage the logits stay vocabulary-parallel:
+  `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and entropies, which are unpacked to the (B, T)
+  layout of the MicroBatch before calling `loss_fn(logprobs, entropy, mb)`. Gradient = the exact SUM of the loss
+  shares over micro-batches and DP ranks: the model runs with `calculate_per_token_loss=True` (megatron then
+  neither divides by the number of micro-batches nor averages over DP: DDP's gradient scaling factor is 1) and every
+  micro-batch reports 0 tokens, so `finalize_model_grads` skips its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, the loss_fn metric
   shares summed over micro-batches and all-reduced (SUM) over DP, on every rank, and this rank's packing numbers:
   `packed_tokens` (real tokens), `packing_efficiency` (real tokens / positions the model computed; 1.0 unless pp > 1
   or sequence parallelism padded the packs) and `padded_layout_efficiency` (real tokens / B*T of the micro-batches
@@ -37,24 +39,37 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   Every rank must iterate it (TP peers take part in the gathers). Replicated tensors are live views of parameters.
 - `save(path)` / `load(path)`: megatron dist_checkpointing (torch_dist format) of model, optimizer (distributed
   optimizer state in megatron's `dp_reshardable` format, so a different DP size can resume; TP/PP must match),
-  step counter (the LR schedule is a function of it) and per-(pp, tp) RNG states, under `path/megatron`.
-- Not supported: context parallelism (cp > 1 raises; it needs TE attention and CP-aware packing) and EP > 1 together
-  with PP > 1 (the DP-outermost rank order cannot express it). bf16 (`model.dtype`) is meant for GPUs.
+  step counter (the LR schedule is a function of it) and per-(pp, tp) RNG states (DP and CP ranks hold replicas),
+  under `path/megatron`.
+- MoE: with ep > 1 the ranks of an EP group (different DP ranks) run the same number of micro-batches, padded with
+  empty one-token micro-batches (every MoE layer runs all-to-alls across the group). The load-balancing loss enters
+  the gradient as `router_aux_loss_coef` x the token-weighted mean of megatron's per-micro-batch aux losses over the
+  whole mini-batch (all DP ranks; see `_router_tokens`); padding (the pipeline pad segment, empty micro-batches)
+  goes through the router and counts as tokens.
+- Context parallelism (cp > 1) needs TE and CUDA (else setup raises): each sequence of a pack takes a slot that is a
+  multiple of 2*cp (`cu_seqlens_padded`), each CP rank runs its load-balanced share of the row (chunks r and
+  2*cp-1-r of every slot, megatron/TE's THD convention) and the per-token logprobs/entropies are all-gathered over the
+  CP group before the loss (engines/megatron/context_parallel.py); megatron sums the gradients over CP and DP.
+- Not supported: EP > 1 together with PP > 1 (megatron then needs ep*etp == tp*cp, so tp > 1, and MoE with tp > 1
+  needs sequence parallelism, i.e. TE: untested). bf16 (`model.dtype`) is meant for GPUs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from engines.megatron.context_parallel import cp_gather, cp_partition_index, cp_slot_length
 from engines.megatron.convert import (
+    arch_from_hf,
     chunk_layers,
     hf_to_megatron,
     is_sync_source,
@@ -63,7 +78,7 @@ from engines.megatron.convert import (
 from engines.megatron.cpu_compat import enable_cpu_compat
 from engines.megatron.vocab_parallel import vocab_parallel_logprobs
 from pipeline.backend import LossFn, MicroBatch
-from pipeline.config import Config
+from pipeline.config import Config, ParallelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RANK_ORDER = "tp-cp-ep-pp-dp"
@@ -107,51 +122,74 @@ class HFWeights:
 @dataclass
 class PackedMicroBatch:
     """A MicroBatch as the model sees it, plus the indices to unpack per-token results to its (B, T) layout: one
-    packed row (THD, `cu_seqlens` set), or the padded (B, T) layout itself (`cu_seqlens` None; `packing=False`)."""
+    packed row (THD, `cu_seqlens` set), or the padded (B, T) layout itself (`cu_seqlens` None; `packing=False`).
+    With context parallelism the model input is this CP rank's share of the row (`cp_indices[cp_rank]`)."""
 
     mb: MicroBatch
-    input_ids: torch.Tensor  # (1, t) packed, or (B, T)
+    input_ids: torch.Tensor  # (1, t) packed (t / cp with context parallelism), or (B, T)
     position_ids: torch.Tensor  # same shape; restarting at 0 for every sequence
     target: torch.Tensor  # same shape: the next token of the same sequence (0 at a sequence's last token)
-    gather_idx: torch.Tensor  # (B, T): flat model position whose prediction is about token (b, s)
+    gather_idx: torch.Tensor  # (B, T): flat position in the whole row whose prediction is about token (b, s)
     valid: torch.Tensor  # (B, T) bool: s >= 1 and s < len(b)
-    cu_seqlens: torch.Tensor | None  # (n + 1,) int32
-    max_seqlen: int
+    cu_seqlens: torch.Tensor | None  # (n + 1,) int32, cumulative real lengths
+    max_seqlen: int  # longest slot
     real_tokens: int
+    total_len: int  # positions of the whole row (B * T for the padded layout)
+    cu_seqlens_padded: torch.Tensor | None = None  # (n + 1,) int32 slot bounds; context parallelism only
+    cp_indices: list[torch.Tensor] | None = None  # row positions each CP rank holds; context parallelism only
 
 
-def pack_micro_batch(mb: MicroBatch, device: torch.device, pad_to: int = 0, align: int = 1) -> PackedMicroBatch:
+def packed_length(mb: MicroBatch, cp: int = 1) -> int:
+    """Positions a MicroBatch takes packed (each sequence in a slot that is a multiple of 2*cp when cp > 1)."""
+    lengths = mb.attention_mask.sum(dim=1).tolist()
+    return int(sum(cp_slot_length(n, cp) if cp > 1 else n for n in lengths))
+
+
+def pack_micro_batch(
+    mb: MicroBatch, device: torch.device, pad_to: int = 0, align: int = 1, cp: int = 1, cp_rank: int = 0
+) -> PackedMicroBatch:
     """Pack a right-padded (B, T) MicroBatch into one row without padding. With `pad_to` > the packed length, or a
     length that is not a multiple of `align`, pad tokens are appended as one extra segment (attending only to itself;
     never a loss position): every micro-batch of a pipeline-parallel mini-batch gets the same shape, and sequence
-    parallelism gets a length divisible by tp."""
+    parallelism gets a length divisible by tp. With cp > 1 each sequence takes a slot that is a multiple of 2*cp
+    (`cu_seqlens_padded`; the slot's tail is never attended to nor read), and the model input is CP rank
+    `cp_rank`'s load-balanced share of the row (engines/megatron/context_parallel.py)."""
     lengths = mb.attention_mask.sum(dim=1).tolist()
     T = mb.input_ids.shape[1]
+    slots = [cp_slot_length(n, cp) if cp > 1 and n else n for n in lengths]
     offsets = []
     for b, n in enumerate(lengths):
         if not bool(mb.attention_mask[b, :n].all()):
             raise ValueError(f"MicroBatch row {b}: attention_mask must be right-padded (ones then zeros)")
-        offsets.append(sum(lengths[:b]))
+        offsets.append(sum(slots[:b]))
     real = int(sum(lengths))
-    total = max(real, pad_to, 1)
+    if cp > 1:
+        align = math.lcm(align, 2 * cp)
+    total = max(sum(slots), pad_to, 1)
     total = -(-total // align) * align
     ids = torch.zeros(total, dtype=torch.long)
     target = torch.zeros(total, dtype=torch.long)  # a sequence's last token predicts nothing in this batch
     pos = torch.zeros(total, dtype=torch.long)
-    bounds = [0]
+    bounds, real_bounds = [0], [0]
     for b, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
         if n == 0:
             continue
         ids[o : o + n] = mb.input_ids[b, :n]
         target[o : o + n - 1] = mb.input_ids[b, 1:n]
-        pos[o : o + n] = torch.arange(n)
-        bounds.append(o + n)
+        pos[o : o + slots[b]] = torch.arange(slots[b])
+        bounds.append(o + slots[b])
+        real_bounds.append(real_bounds[-1] + n)
     if total > bounds[-1]:  # padding segment
         pos[bounds[-1] :] = torch.arange(total - bounds[-1])
+        real_bounds.append(real_bounds[-1] + total - bounds[-1])
         bounds.append(total)
     s = torch.arange(T)
     valid = (s >= 1) & (s < torch.tensor(lengths).unsqueeze(1))  # (B, T)
     gather_idx = torch.where(valid, torch.tensor(offsets).unsqueeze(1) + s - 1, 0)
+    cu_padded = torch.tensor(bounds, dtype=torch.int32)
+    cp_indices = [cp_partition_index(cu_padded, cp, r) for r in range(cp)] if cp > 1 else None
+    if cp_indices is not None:
+        ids, pos, target = (x[cp_indices[cp_rank]] for x in (ids, pos, target))
     return PackedMicroBatch(
         mb=mb,
         input_ids=ids.view(1, -1).to(device),
@@ -159,9 +197,12 @@ def pack_micro_batch(mb: MicroBatch, device: torch.device, pad_to: int = 0, alig
         target=target.view(1, -1).to(device),
         gather_idx=gather_idx.to(device),
         valid=valid.to(device),
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
+        cu_seqlens=torch.tensor(real_bounds, dtype=torch.int32, device=device),
         max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)),
         real_tokens=real,
+        total_len=total,
+        cu_seqlens_padded=cu_padded.to(device) if cp > 1 else None,
+        cp_indices=[i.to(device) for i in cp_indices] if cp_indices is not None else None,
     )
 
 
@@ -184,11 +225,13 @@ def padded_micro_batch(mb: MicroBatch, device: torch.device) -> PackedMicroBatch
         cu_seqlens=None,
         max_seqlen=T,
         real_tokens=int(lengths.sum()),
+        total_len=B * T,
     )
 
 
 def _empty_micro_batch(like: MicroBatch) -> MicroBatch:
-    """A one-token micro-batch with no loss tokens (pads the interleaved schedule's micro-batch count)."""
+    """A one-token micro-batch with no loss tokens (pads the interleaved schedule's micro-batch count, and evens out
+    the counts of an EP group's ranks)."""
     z = torch.zeros(1, 1)
     return MicroBatch(
         input_ids=torch.zeros(1, 1, dtype=torch.long),
@@ -223,10 +266,13 @@ class MegatronBackend:
         dp = p.dp or world_size // (p.tp * p.pp * p.cp)
         if p.tp * p.pp * p.cp * dp != world_size:
             raise ValueError(f"trainer.parallel: tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{dp} != world size {world_size}")
-        if p.cp > 1:
-            raise NotImplementedError("trainer.parallel.cp > 1 is not supported by the megatron backend yet")
+        if p.cp > 1 and not packing:
+            raise ValueError("the padded layout (packing=False) needs trainer.parallel.cp = 1")
         if p.ep > 1 and p.pp > 1:
-            raise NotImplementedError("trainer.parallel: ep > 1 together with pp > 1 is not supported")
+            raise NotImplementedError(
+                "trainer.parallel: ep > 1 together with pp > 1 is not supported (it needs ep*etp == tp*cp, hence "
+                "MoE with tp > 1 and sequence parallelism, which is untested)"
+            )
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
@@ -234,7 +280,8 @@ class MegatronBackend:
         self.dp_rank = rank // (p.tp * p.cp * p.pp)
         self.tp_rank = rank % p.tp
         self.pp_rank = (rank // (p.tp * p.cp)) % p.pp
-        self.is_sync_source = self.tp_rank == 0 and self.dp_rank == 0 and (rank // p.tp) % p.cp == 0
+        self.cp_rank = (rank // p.tp) % p.cp
+        self.is_sync_source = self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
         self.optimizer_steps = 0
         self.device = torch.device("cpu")
         if torch.cuda.is_available():  # torchrun: one GPU per local rank; a Ray actor sees only its own GPU
@@ -260,7 +307,13 @@ class MegatronBackend:
                 f"torch.distributed has rank {dist.get_rank()}/{dist.get_world_size()}, "
                 f"the backend was built for {self.rank}/{self.world_size}"
             )
-        p = self.cfg.trainer.parallel
+        if self.cfg.trainer.parallel.cp > 1 and not (te_available() and torch.cuda.is_available()):
+            raise ValueError(
+                f"trainer.parallel.cp = {self.cfg.trainer.parallel.cp}: context parallelism needs transformer-engine's "
+                "attention on CUDA GPUs (megatron's local attention has no context parallelism)"
+            )
+        hf_config = AutoConfig.from_pretrained(hf_model_dir)
+        p = expert_layout(self.cfg.trainer.parallel, arch_from_hf(hf_config).num_experts > 0)
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(
@@ -274,9 +327,9 @@ class MegatronBackend:
         )
         assert ps.get_data_parallel_rank() == self.dp_rank and ps.get_tensor_model_parallel_rank() == self.tp_rank
         assert ps.get_pipeline_model_parallel_rank() == self.pp_rank
+        assert ps.get_context_parallel_rank() == self.cp_rank
         model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
 
-        hf_config = AutoConfig.from_pretrained(hf_model_dir)
         self.use_te = te_available() and torch.cuda.is_available()
         opts = BuildOptions(
             dtype=_DTYPES[self.cfg.model.dtype], recompute=self.cfg.trainer.recompute, use_te=self.use_te
@@ -371,10 +424,14 @@ class MegatronBackend:
         lp, ent = vocab_parallel_logprobs(
             logits, packed.target, self.arch.vocab_size, ps.get_tensor_model_parallel_group(), with_entropy
         )
+        if ent is not None and self.cfg.algorithm.entropy_coef == 0:
+            ent = ent.detach()
+        if packed.cp_indices is not None:  # this CP rank's share -> the whole row (see context_parallel.py)
+            group = ps.get_context_parallel_group()
+            lp = cp_gather(lp, packed.cp_indices, packed.total_len, group)
+            ent = cp_gather(ent, packed.cp_indices, packed.total_len, group) if ent is not None else None
         lp = torch.where(packed.valid, lp.reshape(-1)[packed.gather_idx], 0.0)
         if ent is not None:
-            if self.cfg.algorithm.entropy_coef == 0:
-                ent = ent.detach()
             ent = torch.where(packed.valid, ent.reshape(-1)[packed.gather_idx], 0.0)
         return lp, ent
 
@@ -403,31 +460,56 @@ class MegatronBackend:
 
         p = self.cfg.trainer.parallel
         mbs = list(micro_batches)
+        if p.ep > 1:
+            # Every MoE layer's forward and backward runs all-to-alls across the EP group, whose ranks are different
+            # DP ranks: they must run the same number of micro-batches (a token budget can give them different ones).
+            mbs += [_empty_micro_batch(mbs[0]) for _ in range(self._max_count_over_ep(len(mbs)) - len(mbs))]
         if p.vpp > 1 and len(mbs) % p.pp:
             mbs += [_empty_micro_batch(mbs[0]) for _ in range(p.pp - len(mbs) % p.pp)]
         # Pipeline stages exchange activations of one fixed shape: pad every pack to the longest one (megatron's
         # variable_seq_lengths shape exchange broke the interleaved schedule at pp=2 on gloo).
-        pad_to = max(int(mb.attention_mask.sum()) for mb in mbs) if p.pp > 1 else 0
-        align = p.tp if self.tconfig.sequence_parallel else 1
+        pad_to = max(packed_length(mb, p.cp) for mb in mbs) if p.pp > 1 else 0
+        # Sequence parallelism splits each CP rank's share of the row over tp.
+        align = p.tp * p.cp if self.tconfig.sequence_parallel else 1
         if self.packing:
-            packed = [pack_micro_batch(mb, self.device, pad_to, align) for mb in mbs]
+            packed = [pack_micro_batch(mb, self.device, pad_to, align, p.cp, self.cp_rank) for mb in mbs]
         else:
             packed = [padded_micro_batch(mb, self.device) for mb in mbs]
-        if self.arch.num_experts:
-            # Megatron adds each micro-batch's MoE aux loss unscaled under calculate_per_token_loss, and DDP sums
-            # over DP: divide the coefficient so the aux term is the mean over micro-batches and DP ranks.
-            self.tconfig.moe_aux_loss_coeff = self._aux_coeff / (len(micro_batches) * self.dp_size)
+        if self.arch.num_experts and loss_fn is not None:
+            self.tconfig.moe_aux_loss_coeff = self._aux_coeff / self._router_tokens(packed)
         iters: Any = [iter(packed) for _ in self.chunks] if len(self.chunks) > 1 else iter(packed)
         out = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, loss_fn),
             data_iterator=iters,
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(packed),
-            seq_length=max(pk.input_ids.shape[1] for pk in packed),
+            seq_length=max(pk.total_len // pk.input_ids.shape[0] for pk in packed),  # megatron divides it by cp
             micro_batch_size=packed[0].input_ids.shape[0],
             forward_only=loss_fn is None,
         )
         return out, packed[: len(micro_batches)]
+
+    def _max_count_over_ep(self, n: int) -> int:
+        from megatron.core import parallel_state as ps
+
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())
+        return int(t.item())
+
+    def _router_tokens(self, packed: list[PackedMicroBatch]) -> float:
+        """Tokens the routers of this DP replica's rank see in the mini-batch, summed over DP. Under
+        calculate_per_token_loss megatron multiplies each micro-batch's load-balancing loss by the tokens its router
+        saw (expecting a later division by the token count, which this backend skips): dividing the coefficient by
+        this sum makes the aux term coeff x the token-weighted mean of the per-micro-batch losses of the whole
+        mini-batch, whatever the micro-batch sizes and their split over DP ranks."""
+        from megatron.core import parallel_state as ps
+
+        per_rank = self.tconfig.tensor_model_parallel_size if self.tconfig.sequence_parallel else 1
+        n = torch.tensor([sum(pk.input_ids.numel() for pk in packed) / per_rank], dtype=torch.float64)
+        if self.dp_size > 1:
+            n = n.to(self.device)
+            dist.all_reduce(n, group=ps.get_data_parallel_group())
+        return float(n.item())
 
     @torch.no_grad()
     def forward_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
@@ -465,7 +547,7 @@ class MegatronBackend:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["lr"] = lr
         metrics["packed_tokens"] = float(real)
-        metrics["packing_efficiency"] = real / max(sum(pk.input_ids.numel() for pk in packed), 1)
+        metrics["packing_efficiency"] = real / max(sum(pk.total_len for pk in packed), 1)
         metrics["padded_layout_efficiency"] = real / max(padded, 1)
         return metrics
 
@@ -516,8 +598,9 @@ class MegatronBackend:
         pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
         rng = {"cpu": torch.get_rng_state(), "tracker": _tracker_states()}
         state["rng_state"] = ShardedObject(
-            "rng_state", rng, (pp, tp), (self.pp_rank, self.tp_rank), replica_id=self.dp_rank
-        )
+            "rng_state", rng, (pp, tp), (self.pp_rank, self.tp_rank),
+            replica_id=self.dp_rank * self.cfg.trainer.parallel.cp + self.cp_rank,  # CP ranks share the RNG seeds
+        )  # fmt: skip
         state["optimizer_steps"] = self.optimizer_steps
         return state
 
@@ -577,6 +660,21 @@ class MegatronBackend:
         self.optimizer_steps = int(state["optimizer_steps"])
 
 
+def expert_layout(p: ParallelConfig, moe: bool) -> ParallelConfig:
+    """The parallel layout megatron is initialised with. Megatron builds expert groups (etp x ep x expert-dp per
+    stage) even for a dense model, and under our DP-outermost rank order with pp > 1 it requires the expert
+    data-parallel size to equal dp, i.e. ep * etp == tp * cp. A dense model has no expert parameters, so its
+    expert layout mirrors the dense one (etp = tp * cp); a MoE model must be configured that way."""
+    if not moe:
+        return replace(p, etp=p.tp * p.cp)
+    if p.pp > 1 and p.ep * p.etp != p.tp * p.cp:
+        raise ValueError(
+            f"trainer.parallel.etp: with pp > 1 megatron needs ep*etp == tp*cp (rank order {RANK_ORDER}); "
+            f"got ep*etp = {p.ep}*{p.etp}, tp*cp = {p.tp}*{p.cp}"
+        )
+    return p
+
+
 def _shim_psutil_memory_log() -> None:
     """megatron's torch_dist writer logs process memory with psutil and raises when psutil is missing; it is only
     a log line, so without psutil report 0 bytes instead (install psutil to get the real numbers)."""
@@ -593,6 +691,8 @@ def _packed_seq_params(packed: PackedMicroBatch) -> Any:
         qkv_format="thd",
         cu_seqlens_q=packed.cu_seqlens,
         cu_seqlens_kv=packed.cu_seqlens,
+        cu_seqlens_q_padded=packed.cu_seqlens_padded,
+        cu_seqlens_kv_padded=packed.cu_seqlens_padded,
         max_seqlen_q=packed.max_seqlen,
         max_seqlen_kv=packed.max_seqlen,
     )

@@ -11,7 +11,10 @@ Contract:
     empty_cache, memory_allocated, max_memory_allocated}` become CPU stubs;
   * the "cuda" RNG is the CPU generator: `torch.cuda.{get_rng_state, set_rng_state, manual_seed}`
     and megatron's `tensor_parallel.random._{get,set}_cuda_rng_state`, so megatron's RNG tracker
-    (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`) forks and restores the CPU generator.
+    (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`) forks and restores the CPU generator;
+  * the MoE alltoall token dispatcher's device-to-host copy of its split sizes (`maybe_move_tensor_to_cpu`, as bound
+    in `token_dispatcher`) returns numpy arrays for CPU tensors too, as it does for GPU tensors: gloo's
+    `all_to_all_single` takes them, and EP > 1 runs on gloo.
 - Idempotent: the process-wide patches are applied once; the function mode is pushed once per thread (torch keeps
   the function-mode stack per thread), so call it at the top of every entry point that may run on a new thread.
 - Nothing else in the repository patches CUDA. Only the megatron backend and its tests call this.
@@ -143,6 +146,19 @@ def _patch_process() -> None:
 
     mrandom._get_cuda_rng_state = _cpu_get_rng_state
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
+
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_host
+
+
+def _cpu_move_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron's `maybe_move_tensor_to_cpu` for tensors that already live on the CPU: its GPU path returns the
+    MoE dispatcher's all-to-all split sizes as numpy arrays, which torch.distributed takes as a list of ints; the
+    original leaves a CPU tensor as is, which `all_to_all_single` rejects."""
+    if as_numpy and isinstance(tensor, torch.Tensor):
+        return tensor.numpy()
+    return tensor
 
 
 def cpu_compat_enabled() -> bool:

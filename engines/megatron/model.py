@@ -8,7 +8,9 @@ Contract:
 - Supported `model_type`s: qwen2 (QKV bias), qwen3 (QK RMSNorm, explicit head_dim), llama / mistral (optionally
   llama3 RoPE scaling), all with GQA, SwiGLU, RMSNorm, RoPE theta and tied or untied embeddings; qwen3_moe builds a
   megatron MoE layer (top-k softmax router, renormalised top-k, no shared expert). Anything else raises
-  `ValueError` naming the field. The MoE path is built from the same spec code but is not covered by tests.
+  `ValueError` naming the field. MoE logits equal HF's (tests/test_megatron_model.py) and EP=2 trains like EP=1 on
+  CPU (tests/test_megatron_ep.py); MoE with tp > 1 needs sequence parallelism, hence TE (megatron's MoE layer refuses
+  to train otherwise).
 - The layer spec: transformer-engine's when TE is importable (`use_te=None`) or requested, else megatron's local
   spec with its core attention replaced by `SDPACoreAttention`, which also accepts packed sequences (THD,
   `PackedSeqParams` with `cu_seqlens`), so sequence packing works on CPU.
