@@ -268,11 +268,6 @@ class MegatronBackend:
             raise ValueError(f"trainer.parallel: tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{dp} != world size {world_size}")
         if p.cp > 1 and not packing:
             raise ValueError("the padded layout (packing=False) needs trainer.parallel.cp = 1")
-        if p.ep > 1 and p.pp > 1:
-            raise NotImplementedError(
-                "trainer.parallel: ep > 1 together with pp > 1 is not supported (it needs ep*etp == tp*cp, hence "
-                "MoE with tp > 1 and sequence parallelism, which is untested)"
-            )
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
