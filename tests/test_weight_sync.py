@@ -19,10 +19,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from engines.client import EngineClient, EngineError
-from engines.local.dist import flatten_bucket, unflatten_bucket, weights_checksum
+from engines.local.dist import (
+    flatten_bucket,
+    read_safetensors_into,
+    safetensors_layout,
+    unflatten_bucket,
+    weights_checksum,
+    write_safetensors,
+)
 from engines.local.testing import build_tiny_model, reference_greedy, save_tiny_model
 from engines.process import free_port, launch_engine
 from pipeline.config import ConfigError, EngineConfig, WeightSyncConfig
@@ -272,6 +281,41 @@ def test_stream_reraises_source_errors_and_drains_on_close():
     assert done.wait(5)
 
 
+def test_safetensors_files_are_the_standard_format_both_ways(tmp_path):
+    named = {
+        "w": torch.randn(3, 5).bfloat16(),
+        "ids": torch.arange(7),
+        "mask": torch.tensor([True, False, True]),
+        "scale": torch.tensor(1.5),
+        "empty": torch.zeros(0, 4),
+        "h": torch.randn(6, dtype=torch.float16),
+    }
+    path = tmp_path / "a.safetensors"
+    assert write_safetensors(path, list(named), list(named.values())) == sum(t.nbytes for t in named.values())
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = st_load_file(path)  # the reference implementation reads what we wrote
+    assert set(loaded) == set(named) and all(torch.equal(loaded[n], t) for n, t in named.items())
+    save_file({"b": torch.arange(4.0), "a": torch.ones(2, 2).bfloat16()}, tmp_path / "ref.safetensors")
+    start, entries = safetensors_layout(tmp_path / "ref.safetensors")  # and we read what it wrote, in file order
+    assert sorted((n, d, tuple(s)) for n, d, s, _, _ in entries) == [
+        ("a", torch.bfloat16, (2, 2)),
+        ("b", torch.float32, (4,)),
+    ]
+    assert [e[3] for e in entries] == sorted(e[3] for e in entries)
+    b, a = sorted(entries, key=lambda e: e[0], reverse=True)
+    dest = torch.empty(4)
+    with open(tmp_path / "ref.safetensors", "rb") as f:
+        read_safetensors_into(f, start, *b[3:], dest)
+        with pytest.raises(ValueError, match="8 bytes in the file for a 16-byte tensor"):
+            read_safetensors_into(f, start, *a[3:], dest)
+    assert torch.equal(dest, torch.arange(4.0))
+    with pytest.raises(FileExistsError):  # never overwrites: a staged checkpoint is written once
+        write_safetensors(path, ["x"], [torch.ones(1)])
+    path.write_bytes(path.read_bytes()[:-8])  # truncated: refused before any offset is trusted
+    with pytest.raises(Exception, match="(?i)invalid|incomplete|metadata"):
+        safetensors_layout(path)
+
+
 def test_sender_validates_config_and_lays_out_ranks():
     with pytest.raises(ConfigError, match="weight_sync.dtype"):
         WeightSyncSender(["http://x:1"], WeightSyncConfig(dtype="int8"))
@@ -471,8 +515,12 @@ def test_staging_removes_what_dead_processes_left(tmp_path):
     assert len(ours) == 1  # the first DiskStaging's checkpoint (never closed) belongs to a live process: kept
     staged = staging.open(2)
     assert staged.path.name.startswith(f"dapo-wsync-{host}-{os.getpid()}-s1-v2-")
+    staged.write(["x"], [torch.ones(1 << 20)])
+    staged.remove_later()  # as after a sync: the next one waits until it is gone
+    again = staging.open(3)
+    assert not staged.path.exists() and again.path.exists()
     staging.close()
-    assert not staged.path.exists()
+    assert not again.path.exists()
 
 
 def test_two_sources_one_per_pipeline_stage(engines):

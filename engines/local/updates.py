@@ -20,7 +20,9 @@ safetensors files the way SGLang's DefaultModelLoader picks them: the files name
 if there is one, else every *.safetensors file. model_path must be an existing directory, inside `allowed_root`
 when one is set (symlinked files may not lead out of it either). Every file's header is checked against the model
 (names, shapes) before any tensor is read: a bad checkpoint changes nothing; then the files are loaded one after
-another, and `weight_version` is set after the last, all in one engine operation (no forward sees a mix).
+another, each tensor read straight into its parameter where dtype and layout allow (else into the receive buffer,
+then copied and cast), and `weight_version` is set after the last, all in one engine operation (no forward sees a
+mix).
 
 Receive path (why it is shaped like this: on a CPU host the wire is memcpy-bound, so every extra pass over the
 bytes, or first-touch page faults of fresh memory, costs a large fraction of the sync):
@@ -43,7 +45,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from engines.local.dist import (
     FLATTENED_BUCKET_FORMAT,
@@ -53,6 +54,8 @@ from engines.local.dist import (
     create_sync_group,
     decode_named_tensors,
     parse_dtype,
+    read_safetensors_into,
+    safetensors_layout,
     unflatten_bucket,
 )
 from engines.local.engine import Engine
@@ -235,22 +238,39 @@ class WeightReceiver:
         if load_format not in DISK_LOAD_FORMATS:
             return False, f"load_format {load_format!r}: the CPU engine loads safetensors files (auto or safetensors)"
         try:
-            files = checkpoint_files(model_path, self.allowed_root)
-            metas = [(name, shape) for f in files for name, shape in _safetensors_shapes(f)]
+            layouts = [(f, *safetensors_layout(f)) for f in checkpoint_files(model_path, self.allowed_root)]
         except Exception as e:  # noqa: BLE001 - a missing, unreadable or corrupt checkpoint is a bad request
             return False, f"Failed to get weights iterator: {e}"
+        metas = [(name, shape) for _, _, entries in layouts for name, _, shape, _, _ in entries]
         if not metas:
             return False, f"Failed to update weights: no tensors in the safetensors files of {model_path}"
         problems = self.engine.check_tensors(metas)
         if problems:
             return False, "Failed to update weights, nothing changed: " + "; ".join(problems[:5])
-        for f in files:  # one file's tensors at a time: at most one bucket in memory besides the model
-            with safe_open(f, framework="pt") as st:
-                tensors = [(name, st.get_tensor(name)) for name in st.keys()]  # noqa: SIM118 - not a dict
-            self._finish(tensors, tensors, None)
+        try:
+            for path, start, entries in layouts:
+                with open(path, "rb", buffering=0) as f:
+                    for name, dtype, shape, begin, end in entries:
+                        self._read_tensor(f, start, name, dtype, shape, begin, end)
+        except (OSError, ValueError) as e:
+            return False, f"Failed to update weights, some may be updated: {e}"
+        finally:
+            if not self.groups:
+                self._buffer = None
         self.engine.load_tensors([], weight_version)
-        msg = f"Succeeded to update {len(metas)} tensors from {len(files)} files."
+        msg = f"Succeeded to update {len(metas)} tensors from {len(layouts)} files."
         return True, msg + (f" Weight version updated to {weight_version}." if weight_version is not None else "")
+
+    def _read_tensor(self, f, start: int, name: str, dtype: torch.dtype, shape, begin: int, end: int) -> None:
+        """Straight into the parameter when it is contiguous and of the file's dtype, else via the receive buffer."""
+        param = self.engine.params[name]
+        if self.direct and param.dtype == dtype and param.is_contiguous():
+            read_safetensors_into(f, start, begin, end, param.detach())
+            self._finish([(name, param)], [], None)
+            return
+        target = self.receive_buffer(end - begin).view(dtype).view(shape)
+        read_safetensors_into(f, start, begin, end, target)
+        self._finish([(name, target)], [(name, target)], None)
 
     def _finish(
         self,
@@ -300,8 +320,3 @@ def checkpoint_files(model_path: str, allowed_root: str = "") -> list[Path]:
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _safetensors_shapes(path: Path) -> list[tuple[str, torch.Size]]:
-    with safe_open(path, framework="pt") as st:
-        return [(name, torch.Size(st.get_slice(name).get_shape())) for name in st.keys()]  # noqa: SIM118

@@ -22,7 +22,7 @@ Colocated mode (weight_sync.mode = colocated) needs no group; steps 2-3 become, 
 - disk: every bucket is written as a safetensors file into a fresh directory under weight_sync.disk_dir (disk.py;
   the producer thread moves and casts the next bucket meanwhile), then every engine gets one POST
   /update_weights_from_disk {model_path, load_format="safetensors", weight_version, flush_cache}; the directory is
-  removed once they answered, also when the sync fails.
+  removed (on a background thread) once they answered, also when the sync fails.
 Colocated engines can give their memory back while the trainer trains: `release_memory(tags)` pauses them and posts
 /release_memory_occupation {tags}; `resume_memory(tags)` posts /resume_memory_occupation and leaves them paused
 (the caller syncs, or calls `resume(version)`).
@@ -305,7 +305,7 @@ class WeightSyncSender:
         finally:
             stream.close()
             if staged is not None:
-                staged.remove()
+                staged.remove_later()  # off the critical path; the next sync and close() wait for it
         if checksums is not None:
             self.verify_checksums(checksums, deadline)
         if pause:
