@@ -414,6 +414,33 @@ class EngineClient:
         }
         return await self._checked(url, "/update_weights_from_tensor", body)
 
+    async def update_weights_from_disk(
+        self,
+        url: str,
+        model_path: str,
+        load_format: str | None = None,
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+        abort_all_requests: bool = False,
+    ) -> dict:
+        """Load a checkpoint directory the engine can read (answers success, message, num_paused_requests)."""
+        body: dict[str, Any] = {
+            "model_path": model_path,
+            "load_format": load_format,
+            "abort_all_requests": abort_all_requests,
+            "weight_version": weight_version,
+        }
+        if not flush_cache:  # sglang 0.5.23's field (default true); 0.5.5 has none and always flushes
+            body["flush_cache"] = False
+        return await self._checked(url, "/update_weights_from_disk", body)
+
+    async def release_memory_occupation(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Every engine gives back the memory of `tags` (None: all); SGLang needs --enable-memory-saver."""
+        return await self._on_all("/release_memory_occupation", {"tags": tags})
+
+    async def resume_memory_occupation(self, tags: list[str] | None = None) -> dict[str, Any]:
+        return await self._on_all("/resume_memory_occupation", {"tags": tags})
+
     async def update_weight_version(self, url: str, new_version: str, abort_all_requests: bool = False) -> dict:
         body = {"new_version": str(new_version), "abort_all_requests": abort_all_requests}
         return await self._checked(url, "/update_weight_version", body)

@@ -10,8 +10,9 @@ Contract:
   the child has been reaped.
 - `health(timeout_s)`: "ok" (GET /health answered 200 within the time), "dead" (the process exited) or "hung" (alive,
   but no 200: frozen, deadlocked, or its engine thread died).
-- `launch_engine(cfg, model_dir, port, log_path)` builds the command for `cfg.backend` (local | sglang), starts it
-  and waits for health (`cfg.startup_timeout_s`). API keys never appear in logs or reprs.
+- `launch_engine(cfg, model_dir, port, log_path, extra_args)` builds the command for `cfg.backend` (local | sglang),
+  with `extra_args` (flags the run's mode needs) appended, starts it and waits for health (`cfg.startup_timeout_s`).
+  API keys never appear in logs or reprs.
 """
 
 from __future__ import annotations
@@ -183,7 +184,9 @@ def local_command(cfg: EngineConfig, model_dir: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def launch_engine(cfg: EngineConfig, model_dir: str, port: int, log_path: str | Path) -> EngineProcess:
+def launch_engine(
+    cfg: EngineConfig, model_dir: str, port: int, log_path: str | Path, extra_args: list[str] | tuple = ()
+) -> EngineProcess:
     """Start one server for `cfg.backend` on `port` and wait until it is healthy."""
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     url = f"http://{host}:{port}"
@@ -202,6 +205,7 @@ def launch_engine(cfg: EngineConfig, model_dir: str, port: int, log_path: str | 
         cmd = sglang_command(cfg, model_dir, port, api_key=key)
     else:
         raise ValueError(f"engine.backend: cannot launch {cfg.backend!r} servers (external servers are given by URL)")
+    cmd += list(extra_args)
     proc = EngineProcess(cmd, url, log_path, env=env, secret=key).start()
     try:
         proc.wait_healthy(cfg.startup_timeout_s)

@@ -274,7 +274,19 @@ class WeightSyncConfig:
     every: int = 1
     """Broadcast new weights to the engines every k trainer steps."""
     mode: str = "disaggregated"
-    """disaggregated (broadcast over a process group) | colocated (/update_weights_from_tensor)."""
+    """disaggregated (broadcast over a process group) | colocated (no process group; see colocated_transport)."""
+    colocated_transport: str = "auto"
+    """How colocated mode hands the weights over: tensor (safetensors bytes in /update_weights_from_tensor; the CPU
+    engine only) | disk (a safetensors checkpoint staged in disk_dir, loaded by /update_weights_from_disk; works with
+    SGLang on CUDA) | auto (disk where CUDA is available, else tensor). Neither puts a pickle on a socket."""
+    disk_dir: str = "/dev/shm"
+    """colocated_transport=disk: where each sync stages its checkpoint (one directory per sync, removed after it);
+    use a memory filesystem (tmpfs). It must hold the model once in the wire dtype while a sync runs."""
+    release_memory: list[str] = field(default_factory=list)
+    """colocated: memory the engines give back while the trainer trains (SGLang's /release_memory_occupation tags:
+    kv_cache, weights, cuda_graph); generation stops meanwhile. Empty (default): off, generation and training
+    overlap. SGLang needs --enable-memory-saver (added by the launcher); weights need every = 1 (they are resynced)
+    unless engine.extra_args has --enable-weights-cpu-backup."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
     bucket_mb: float = 512.0
@@ -387,6 +399,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "trainer.backend": ("fsdp", "megatron"),
     "weight_sync.mode": ("disaggregated", "colocated"),
+    "weight_sync.colocated_transport": ("auto", "tensor", "disk"),
     "cluster.placement_strategy": ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"),
     "weight_sync.backend": ("auto", "nccl", "gloo"),
     "weight_sync.pause_mode": ("abort", "retract", "in_place"),
@@ -504,11 +517,39 @@ def validate(cfg: Config) -> Config:
     for path in ("weight_sync.bucket_mb", "weight_sync.timeout_s", "engine.health_timeout_s"):
         if _get(cfg, path) <= 0:
             _fail(path, f"must be > 0; got {_get(cfg, path)}")
+    _validate_colocated(cfg)
     if cfg.engine.backend == "external" and not cfg.engine.urls:
         _fail("engine.urls", "the external backend needs at least one URL")
     if not cfg.model.path and not cfg.model.tokenizer.startswith("builtin:"):
         _fail("model.tokenizer", "a model built from config (empty model.path) needs a builtin: tokenizer")
     return cfg
+
+
+RELEASE_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU memory types (sglang/srt/constants.py)
+
+
+def _validate_colocated(cfg: Config) -> None:
+    ws, e = cfg.weight_sync, cfg.engine
+    if ws.colocated_transport == "tensor" and ws.mode == "colocated" and e.backend == "sglang":
+        _fail(
+            "weight_sync.colocated_transport",
+            "tensor sends safetensors bytes that only the CPU engine reads (SGLang expects a pickle); use disk or auto",
+        )
+    if not ws.disk_dir:
+        _fail("weight_sync.disk_dir", "must not be empty")
+    bad = [t for t in ws.release_memory if t not in RELEASE_TAGS]
+    if bad:
+        _fail("weight_sync.release_memory", f"unknown tag {bad[0]!r}; tags are {', '.join(RELEASE_TAGS)}")
+    if ws.release_memory and ws.mode != "colocated":
+        _fail("weight_sync.release_memory", "only with weight_sync.mode=colocated (engines and trainer share GPUs)")
+    backup = "--enable-weights-cpu-backup" in e.extra_args
+    if "weights" in ws.release_memory and ws.every != 1 and not backup:
+        _fail(
+            "weight_sync.release_memory",
+            f"releasing weights loses them (SGLang restores them only with --enable-weights-cpu-backup in "
+            f"engine.extra_args), so every training step must be followed by a sync: weight_sync.every must be 1, "
+            f"got {ws.every}",
+        )
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:

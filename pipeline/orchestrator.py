@@ -57,11 +57,12 @@ class EngineActor:
 
     def start(self, model_dir: str) -> str:
         from engines.process import launch_engine
+        from pipeline.weight_sync.colocated import engine_args
 
         e = self.cfg.engine
         port = e.base_port + self.index if e.base_port else free_port(e.host)
         log_path = os.path.join(self.log_dir, f"engine{self.index}.log")
-        self.proc = launch_engine(e, model_dir, port, log_path)
+        self.proc = launch_engine(e, model_dir, port, log_path, engine_args(self.cfg))
         if e.host not in ANY_HOST:
             return self.proc.url
         return f"http://{advertised(e.host, ray.util.get_node_ip_address())}:{port}"  # proc.url is the loopback
@@ -108,9 +109,11 @@ class TrainerActor:
         self.cfg = cfg
         self.worker = TrainWorker(cfg, build_backend(cfg, rank, world_size))
         self.sender = None
+        self.model_dir = ""
 
     def setup(self, model_dir: str) -> None:
         self.worker.backend.setup(model_dir)
+        self.model_dir = model_dir  # its config files go with a staged checkpoint (colocated_transport=disk)
 
     def train_step(self, minibatches: list) -> dict[str, float]:
         return self.worker.train_step(minibatches)
@@ -131,8 +134,9 @@ class TrainerActor:
         ws = self.cfg.weight_sync
         ws = dataclasses.replace(ws, master_address=advertised(ws.master_address, ray.util.get_node_ip_address()))
         self.sender = WeightSyncSender(
-            urls, ws, api_key=engine_api_key(self.cfg), engine_tp=engine_tp, stage=self.pp_stage()
-        )
+            urls, ws, api_key=engine_api_key(self.cfg), engine_tp=engine_tp, stage=self.pp_stage(),
+            model_dir=self.model_dir,
+        )  # fmt: skip
         self.sender.connect()
 
     def reconnect_weight_sync(self, urls: list[str], engine_tp: list[int]) -> None:
@@ -158,6 +162,15 @@ class TrainerActor:
     def resume_engines(self, version: int) -> None:
         if self.sender is not None:
             self.sender.resume(version)
+
+    def release_engine_memory(self) -> None:
+        """weight_sync.release_memory: the engines pause and give back that memory while the trainer trains."""
+        if self.sender is not None:
+            self.sender.release_memory(self.cfg.weight_sync.release_memory)
+
+    def resume_engine_memory(self) -> None:
+        if self.sender is not None:
+            self.sender.resume_memory(self.cfg.weight_sync.release_memory)
 
     def save(self, path: str) -> None:
         self.worker.backend.save(path)

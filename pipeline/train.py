@@ -9,11 +9,13 @@ on the previous batch; the staleness bound (rollout.max_staleness) decides how f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +96,8 @@ def train(cfg: Config) -> RunResult:
                 groups, healed = _next_batch(cfg, buffer, engines)
                 t_wait = time.perf_counter() - t0
                 per_rank = _shard(make_step_batches(groups, cfg, t.parallel.dp), cfg)
-                rank_metrics = ray.get([a.train_step.remote(mbs) for a, mbs in zip(trainers, per_rank, strict=True)])
+                with _engines_released(cfg, rollout, trainers, engines.version, synced=step % every == 0):
+                    rank_metrics = ray.get([a.train_step.remote(b) for a, b in zip(trainers, per_rank, strict=True)])
                 t_train = time.perf_counter() - t0 - t_wait
                 metrics = step_metrics(groups, rank_metrics, engines.version, t_wait, t_train)
                 metrics.update(healed)
@@ -281,6 +284,32 @@ class _EngineWeights:
         urls, tp = self.cluster.live_urls, self.cfg.engine.tp
         ray.get([a.reconnect_weight_sync.remote(urls, [tp] * len(urls)) for a in self.trainers])
         return True
+
+
+@contextlib.contextmanager
+def _engines_released(cfg: Config, rollout, trainers: list, version: int, synced: bool) -> Iterator[None]:
+    """weight_sync.release_memory (colocated): generation stops and the engines give that memory back while the
+    trainer trains, and take it back after. A step followed by a sync leaves them paused (the sync continues them);
+    otherwise they continue at once under `version`."""
+    if not (cfg.weight_sync.mode == "colocated" and cfg.weight_sync.release_memory):
+        yield
+        return
+    first = _stage0_source(trainers)
+    ray.get(rollout.before_weight_update.remote())
+    ray.get(first.release_engine_memory.remote())
+    try:
+        yield
+    finally:
+        ray.get(first.resume_engine_memory.remote())
+    if not synced:
+        ray.get(first.resume_engines.remote(version))
+        ray.get(rollout.after_weight_update.remote(version))
+
+
+def _stage0_source(trainers: list):
+    """The trainer actor that syncs pipeline stage 0 (it pauses and resumes the engines for every stage)."""
+    stages = ray.get([a.pp_stage.remote() for a in trainers])
+    return trainers[stages.index(0)]
 
 
 def _broadcast(trainers: list, version: int) -> dict[str, float]:

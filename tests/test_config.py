@@ -39,6 +39,41 @@ def test_errors_name_the_key(override, key):
     assert str(e.value).startswith(key), str(e.value)
 
 
+COLOCATED = ["weight_sync.mode=colocated"]
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (COLOCATED + ["weight_sync.colocated_transport=shm"], "weight_sync.colocated_transport", "auto, tensor"),
+        (
+            COLOCATED + ["weight_sync.colocated_transport=tensor", "engine.backend=sglang"],
+            "weight_sync.colocated_transport",
+            "only the CPU engine",
+        ),
+        (COLOCATED + ["weight_sync.release_memory=[kv_cache,gpu]"], "weight_sync.release_memory", "'gpu'"),
+        (["weight_sync.release_memory=[kv_cache]"], "weight_sync.release_memory", "only with weight_sync.mode"),
+        (
+            COLOCATED + ["weight_sync.release_memory=[weights]", "weight_sync.every=2"],
+            "weight_sync.release_memory",
+            "weight_sync.every must be 1",
+        ),
+        (COLOCATED + ["weight_sync.disk_dir=''"], "weight_sync.disk_dir", "empty"),
+    ],
+)
+def test_colocated_options_are_checked(overrides, key, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert str(e.value).startswith(key) and words in str(e.value), str(e.value)
+
+
+def test_colocated_release_of_weights_with_a_cpu_backup_may_skip_syncs():
+    backup = ["engine.extra_args=[--enable-weights-cpu-backup]", "weight_sync.every=2"]
+    cfg = load_config(TINY, COLOCATED + ["weight_sync.release_memory=[weights,kv_cache]"] + backup)
+    assert cfg.weight_sync.release_memory == ["weights", "kv_cache"]
+    assert cfg.weight_sync.colocated_transport == "auto" and cfg.weight_sync.disk_dir == "/dev/shm"
+
+
 def test_parallel_product_must_match_world_size(tmp_path):
     y = tmp_path / "p.yaml"
     y.write_text(f"base: {TINY}\ntrainer: {{backend: megatron, world_size: 8, parallel: {{tp: 2, pp: 2, dp: 3}}}}\n")

@@ -2,7 +2,9 @@
 a real FSDP-backend trainer and a real gloo weight broadcast."""
 
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,9 +17,20 @@ from pipeline.train import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# colocated: a checkpoint staged on a memory filesystem per sync (what SGLang loads on GPUs), and the engine's memory
+# released while the trainer trains
+COLOCATED_DISK = [
+    "weight_sync.mode=colocated",
+    "weight_sync.colocated_transport=disk",
+    "weight_sync.release_memory=[kv_cache,weights]",
+]
+
+
 @pytest.mark.slow
-def test_embedded_default_runs_end_to_end(tmp_path):
+@pytest.mark.parametrize("sync", [[], COLOCATED_DISK], ids=["broadcast", "colocated_disk"])
+def test_embedded_default_runs_end_to_end(tmp_path, sync):
     B, G = 4, 4
+    shm = Path(tempfile.mkdtemp(prefix="dapo-test-", dir="/dev/shm" if os.path.isdir("/dev/shm") else tmp_path))
     cfg = load_config(
         ROOT / "configs" / "tiny-cpu.yaml",
         [
@@ -30,10 +43,19 @@ def test_embedded_default_runs_end_to_end(tmp_path):
             "weight_sync.every=1",
             "eval.every=2",
             "data.eval_path=synthetic:arith?split=test&n=16",
+            f"weight_sync.disk_dir={shm}",
+            *sync,
         ],
     )
-    result = train(cfg)
+    try:
+        result = train(cfg)
+        assert os.listdir(shm) == []  # every staged checkpoint was removed
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
     assert result.steps == 3 and result.version == 3
+    engine_log = (Path(result.run_dir) / "engine0.log").read_text()
+    disk_loads = engine_log.count(f"update_weights_from_disk {shm}/")
+    assert (disk_loads, engine_log.count("release_memory_occupation: released")) == ((3, 3) if sync else (0, 0))
     assert result.engine_versions == ["3"]  # the engine reports the version of the last broadcast
     assert len(result.history) == 3
     for step, m in enumerate(result.history, start=1):

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from engines.client import EngineClient
+from engines.client import EngineClient, EngineError
 from engines.local.dist import create_sync_group, dtype_name, encode_named_tensors, flatten_bucket, weights_checksum
 from engines.local.engine import Engine, Request
 from engines.local.sampling import SamplingParams
@@ -208,6 +208,59 @@ def test_pause_keeps_requests_and_continue_finishes_them(eng, mode):
     assert (before["num_running"], before["num_waiting"]) == ((1, 0) if mode == "in_place" else (0, 1))
     assert out.finish_reason == "length"
     assert out.output_ids == reference_greedy(eng.ref, PROMPTS[3], n)
+
+
+def test_release_and_resume_memory_round_trip(eng):
+    """SGLang's /release_memory_occupation and /resume_memory_occupation: refused while a request runs; once
+    released, requests wait (even after continue_generation) until every tag is resumed, then run normally."""
+
+    async def go(c):
+        running = asyncio.create_task(c.generate(PROMPTS[2], greedy(1500)))
+        await _wait_running(c, eng.url)
+        with pytest.raises(EngineError) as busy:
+            await c.release_memory_occupation(["kv_cache"])
+        with pytest.raises(EngineError) as unknown:
+            await c.resume_memory_occupation(["gpu"])
+        await c.pause_generation("abort")
+        await running
+        answers = await c.release_memory_occupation(["kv_cache", "weights"])
+        await c.continue_generation()
+        late = asyncio.create_task(c.generate(PROMPTS[3], greedy(6)))
+        await asyncio.sleep(0.3)
+        waited = not late.done()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+            async with s.get(eng.url + "/health_generate") as r:
+                health = r.status  # alive, with nothing to prove while released (SGLang skips the probe too)
+        state = (await c.get_server_info(eng.url))["internal_states"][0]
+        await c.resume_memory_occupation(["kv_cache"])
+        await asyncio.sleep(0.3)
+        still_waited = not late.done()
+        await c.resume_memory_occupation(None)  # no tags: all of them
+        out = await asyncio.wait_for(late, 30)
+        after = (await c.get_server_info(eng.url))["internal_states"][0]
+        return busy.value, unknown.value, answers, waited, health, state, still_waited, out, after
+
+    busy, unknown, answers, waited, health, state, still_waited, out, after = run(_with_client(eng.url, go))
+    assert "HTTP 400" in str(busy) and "idle" in str(busy) and eng.url in str(busy)
+    assert "HTTP 400" in str(unknown) and "'gpu'" in str(unknown)
+    assert answers == {eng.url: None}  # SGLang answers JSON null
+    assert waited and still_waited and health == 200
+    assert state["released"] == ["kv_cache", "weights"] and state["num_waiting"] == 1 and state["paused"] is None
+    assert after["released"] == [] and out.finish_reason == "length"
+    assert out.output_ids == reference_greedy(eng.ref, PROMPTS[3], 6)
+
+
+def test_released_kv_cache_is_freed_and_restored_in_process():
+    engine = Engine(build_tiny_model(seed=3, **MODEL), max_running=4).start()
+    try:
+        sizes = [sum(t.numel() for t in lane.runner.kv) for lane in engine.lanes]
+        engine.release_memory(["kv_cache"]).result(10)
+        released = [sum(t.numel() for t in lane.runner.kv) for lane in engine.lanes]
+        engine.resume_memory(["kv_cache"]).result(10)
+        restored = [sum(t.numel() for t in lane.runner.kv) for lane in engine.lanes]
+    finally:
+        engine.stop()
+    assert all(n > 0 for n in sizes) and released == [0] * len(sizes) and restored == sizes
 
 
 def test_api_key_is_required_except_for_health(eng):

@@ -3,8 +3,10 @@
 Checked against sglang 0.5.5 and 0.5.23 (`pip download --no-deps sglang==X`), files
 `sglang/srt/entrypoints/http_server.py` (routes), `sglang/srt/managers/io_struct.py` (request dataclasses:
 GenerateReqInput, InitWeightsUpdateGroupReqInput, UpdateWeightsFromDistributedReqInput,
-UpdateWeightsFromTensorReqInput, PauseGenerationReqInput, AbortReq, GetWeightsByNameReqInput,
-DestroyWeightsUpdateGroupReqInput, UpdateWeightVersionReqInput), `sglang/srt/sampling/sampling_params.py`,
+UpdateWeightsFromTensorReqInput, UpdateWeightFromDiskReqInput, ReleaseMemoryOccupationReqInput,
+ResumeMemoryOccupationReqInput, PauseGenerationReqInput, AbortReq, GetWeightsByNameReqInput,
+DestroyWeightsUpdateGroupReqInput, UpdateWeightVersionReqInput), `sglang/srt/constants.py` (memory tags),
+`sglang/srt/sampling/sampling_params.py`,
 `sglang/srt/utils/auth.py` (0.5.23) / `utils/common.py` (0.5.5) for the API-key header, and
 `sglang/srt/managers/schedule_batch.py` for finish reasons. sglang is never imported here.
 
@@ -15,11 +17,13 @@ accepts them, (3) SGLang-shaped answers are normalised, (4) the launcher builds 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from safetensors.torch import save_file
 
 from engines.client import EngineClient, EngineError, parse_generate_output
 from engines.local.dist import encode_named_tensors
@@ -48,6 +52,9 @@ ROUTES = {
     "update_weights_from_distributed": ("POST", "/update_weights_from_distributed"),
     "update_weights_from_tensor": ("POST", "/update_weights_from_tensor"),
     "update_weight_version": ("POST", "/update_weight_version"),
+    "update_weights_from_disk": ("POST", "/update_weights_from_disk"),
+    "release_memory_occupation": ("POST", "/release_memory_occupation"),  # also GET
+    "resume_memory_occupation": ("POST", "/resume_memory_occupation"),  # also GET
     "get_weights_by_name": ("POST", "/get_weights_by_name"),
 }
 
@@ -69,6 +76,10 @@ UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS_0_5_23 = {"load_format"}  # e.g. "flatten
 UPDATE_WEIGHTS_FROM_TENSOR_FIELDS = {
     "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
 }  # fmt: skip
+UPDATE_WEIGHTS_FROM_DISK_FIELDS = {"model_path", "load_format", "abort_all_requests", "weight_version"}
+UPDATE_WEIGHTS_FROM_DISK_FIELDS_0_5_23 = {"flush_cache"}  # default true; 0.5.5 always flushes after a disk update
+MEMORY_OCCUPATION_FIELDS = {"tags"}  # Release/ResumeMemoryOccupationReqInput; null or [] means every tag
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # GPU_MEMORY_ALL_TYPES
 DESTROY_WEIGHTS_UPDATE_GROUP_FIELDS = {"group_name"}
 UPDATE_WEIGHT_VERSION_FIELDS = {"new_version", "abort_all_requests"}
 GET_WEIGHTS_BY_NAME_FIELDS = {"name", "truncate_size"}
@@ -83,6 +94,8 @@ META_INFO_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "
 META_INFO_LOGPROB_KEY = "output_token_logprobs"  # [[logprob, token_id, text|None], ...]
 FINISH_TYPES = {"stop", "length", "abort"}  # FINISH_MATCHED_TOKEN / FINISH_LENGTH / FINISH_ABORT .to_json()["type"]
 WEIGHT_RESULT_KEYS = {"success", "message"}
+DISK_RESULT_KEYS = WEIGHT_RESULT_KEYS | {"num_paused_requests"}  # /update_weights_from_disk
+MEMORY_OCCUPATION_RESULT = None  # the release/resume handlers return nothing: JSON null, 200 (errors: 400)
 MODEL_INFO_WEIGHT_VERSION_KEY = "weight_version"  # /get_model_info carries it in both versions
 API_KEY_HEADER, API_KEY_PREFIX = "Authorization", "Bearer "
 PUBLIC_PATH_PREFIX = "/health"  # exempt from the API key
@@ -117,6 +130,8 @@ def _fake_sglang() -> tuple[web.Application, list]:
             return web.Response(text="Cache flushed.\n" if path == "/flush_cache" else "")
         if path == "/get_weights_by_name":
             return web.json_response([[0.5, 0.25]])
+        if path in ("/release_memory_occupation", "/resume_memory_occupation"):
+            return web.json_response(MEMORY_OCCUPATION_RESULT)
         return web.json_response({"success": True, "message": "ok"})
 
     app = web.Application()
@@ -148,13 +163,17 @@ def test_client_sends_exactly_sglang_fields():
             await c.get_weights_by_name(url, "w", 1)
             await c.destroy_weights_update_group(url, "g")
             await c.update_weight_version(url, "v2")
+            await c.update_weights_from_disk(url, "/dev/shm/ckpt", "safetensors", weight_version="v3")
+            await c.update_weights_from_disk(url, "/dev/shm/ckpt", flush_cache=False)
+            released = await c.release_memory_occupation(["kv_cache"])
+            await c.resume_memory_occupation()
             version = await c.get_weight_version(url)
         finally:
             await c.close()
             await server.close()
-        return one, many, version, seen
+        return one, many, version, released, seen
 
-    one, many, version, seen = run(go())
+    one, many, version, released, seen = run(go())
     assert all(auth == API_KEY_PREFIX + "k" for *_, auth in seen)
     by_path: dict[str, list] = {}
     for method, path, body, _ in seen:
@@ -178,6 +197,15 @@ def test_client_sends_exactly_sglang_fields():
     assert set(by_path["/get_weights_by_name"][0][1]) == GET_WEIGHTS_BY_NAME_FIELDS
     assert set(by_path["/destroy_weights_update_group"][0][1]) == DESTROY_WEIGHTS_UPDATE_GROUP_FIELDS
     assert set(by_path["/update_weight_version"][0][1]) == UPDATE_WEIGHT_VERSION_FIELDS
+    disk_bodies = [b for _, b in by_path["/update_weights_from_disk"]]
+    assert set(disk_bodies[0]) == UPDATE_WEIGHTS_FROM_DISK_FIELDS  # what sglang 0.5.5 accepts
+    assert disk_bodies[0]["model_path"] == "/dev/shm/ckpt" and disk_bodies[0]["weight_version"] == "v3"
+    assert set(disk_bodies[1]) == UPDATE_WEIGHTS_FROM_DISK_FIELDS | UPDATE_WEIGHTS_FROM_DISK_FIELDS_0_5_23
+    assert disk_bodies[1]["flush_cache"] is False
+    assert by_path["/release_memory_occupation"] == [("POST", {"tags": ["kv_cache"]})]
+    assert by_path["/resume_memory_occupation"] == [("POST", {"tags": None})]
+    assert set(by_path["/release_memory_occupation"][0][1]) == MEMORY_OCCUPATION_FIELDS
+    assert list(released.values()) == [MEMORY_OCCUPATION_RESULT]
     # (3) normalisation of SGLang's answer
     assert (one.output_ids, one.logprobs, one.finish_reason) == ([9, 2], [-0.5, -1.25], "stop")
     assert one.weight_version == "7" and one.prompt_tokens == 2 and len(many) == 2 and version == "7"
@@ -206,7 +234,7 @@ def local_app():
     torch.set_num_threads(before)
 
 
-def test_local_server_accepts_sglang_payloads(local_app):
+def test_local_server_accepts_sglang_payloads(local_app, tmp_path):
     auth = {API_KEY_HEADER: API_KEY_PREFIX + "k"}
     name = "model.norm.weight"
     shape = list(local_app.engine.params[name].shape)
@@ -216,11 +244,14 @@ def test_local_server_accepts_sglang_payloads(local_app):
         await client.start_server()
         got = {}
 
-        async def call(key, body=None, **kw):
+        async def call(key, body=None, label=None, **kw):
             method, path = ROUTES[key]
             async with client.request(method, path, json=body, headers=auth, **kw) as r:
-                got[key] = (r.status, await r.json() if r.content_type == "application/json" else await r.text())
-                return got[key]
+                got[label or key] = (
+                    r.status,
+                    await r.json() if r.content_type == "application/json" else await r.text(),
+                )
+                return got[label or key]
 
         try:
             sp = {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "stop_token_ids": [],
@@ -246,6 +277,15 @@ def test_local_server_accepts_sglang_payloads(local_app):
                     "abort_all_requests": False, "weight_version": "t1"}  # fmt: skip
             await call("update_weights_from_tensor", tens)
             await call("get_weights_by_name", {"name": name, "truncate_size": 3})
+            save_file({name: torch.full(shape, 2.0)}, tmp_path / "model.safetensors")
+            disk = {"model_path": str(tmp_path), "load_format": "safetensors", "abort_all_requests": False,
+                    "weight_version": "k1", "flush_cache": True}  # fmt: skip
+            assert set(disk) == UPDATE_WEIGHTS_FROM_DISK_FIELDS | UPDATE_WEIGHTS_FROM_DISK_FIELDS_0_5_23
+            await call("update_weights_from_disk", disk)
+            await call("get_weights_by_name", {"name": name, "truncate_size": 3}, label="after_disk")
+            await call("release_memory_occupation", {"tags": list(MEMORY_TAGS)})
+            assert set(MEMORY_TAGS) == {"kv_cache", "weights", "cuda_graph"}
+            await call("resume_memory_occupation", {"tags": None})
             await call("destroy_weights_update_group", {"group_name": "g1"})
             await call("update_weight_version", {"new_version": "u1", "abort_all_requests": True})
             for key in ("get_model_info", "get_server_info", "health", "health_generate"):
@@ -263,6 +303,9 @@ def test_local_server_accepts_sglang_payloads(local_app):
     for key in ("init_weights_update_group", "update_weights_from_distributed", "update_weights_from_tensor"):
         assert set(got[key][1]) >= WEIGHT_RESULT_KEYS and got[key][1]["success"], got[key]
     assert got["get_weights_by_name"][1] == [1.0, 1.0, 1.0]  # the tensor update landed
+    assert set(got["update_weights_from_disk"][1]) >= DISK_RESULT_KEYS and got["update_weights_from_disk"][1]["success"]
+    assert got["after_disk"][1] == [2.0, 2.0, 2.0]  # then the disk update
+    assert got["release_memory_occupation"][1] is MEMORY_OCCUPATION_RESULT is got["resume_memory_occupation"][1]
     assert got["get_model_info"][1][MODEL_INFO_WEIGHT_VERSION_KEY] == "u1"
 
 
@@ -297,3 +340,19 @@ def test_sglang_command_line():
         "-m", "sglang_router.launch_router", "--worker-urls", "http://a:1", "http://b:2",
         "--policy", "cache_aware", "--host", "127.0.0.1", "--port", "9000",
     ]  # fmt: skip
+
+
+def test_colocated_engine_flags():
+    from pipeline.config import load_config
+    from pipeline.weight_sync.colocated import engine_args
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+    colocated = ["weight_sync.mode=colocated", "weight_sync.release_memory=[kv_cache]"]
+    sglang = ["engine.backend=sglang", "model.path=/m", "model.tokenizer=/m"]
+    # --enable-memory-saver: ServerArgs.enable_memory_saver in 0.5.5 and 0.5.23, needed by release_memory
+    assert engine_args(load_config(tiny, colocated + sglang)) == ["--enable-memory-saver"]
+    assert engine_args(load_config(tiny, colocated[:1] + sglang)) == []
+    assert engine_args(load_config(tiny, colocated + ["weight_sync.disk_dir=/dev/shm/x"])) == [
+        "--update-weights-root", "/dev/shm/x",
+    ]  # fmt: skip
+    assert engine_args(load_config(tiny, sglang)) == []

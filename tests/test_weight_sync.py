@@ -1,11 +1,16 @@
 """Weight sync: bucket planning and preparation without engines, then real syncs into two CPU engines (subprocesses)
-over gloo, checked by checksums, reported versions and greedy generations against HF references."""
+over gloo, and colocated (safetensors payloads, or a checkpoint staged on /dev/shm), checked by checksums, reported
+versions and greedy generations against HF references."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,9 +19,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
-from engines.client import EngineClient
-from engines.local.dist import flatten_bucket, unflatten_bucket, weights_checksum
+from engines.client import EngineClient, EngineError
+from engines.local.dist import (
+    flatten_bucket,
+    read_safetensors_into,
+    safetensors_layout,
+    unflatten_bucket,
+    weights_checksum,
+    write_safetensors,
+)
 from engines.local.testing import build_tiny_model, reference_greedy, save_tiny_model
 from engines.process import free_port, launch_engine
 from pipeline.config import ConfigError, EngineConfig, WeightSyncConfig
@@ -29,6 +44,7 @@ from pipeline.weight_sync import (
     plan_buckets,
     prepare_bucket,
 )
+from pipeline.weight_sync.disk import DiskStaging, StagedCheckpoint
 
 MODEL = dict(init_std=0.3, max_position=256)  # vocab 128, hidden 64, 2 layers: ~90k parameters
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43]]
@@ -265,6 +281,41 @@ def test_stream_reraises_source_errors_and_drains_on_close():
     assert done.wait(5)
 
 
+def test_safetensors_files_are_the_standard_format_both_ways(tmp_path):
+    named = {
+        "w": torch.randn(3, 5).bfloat16(),
+        "ids": torch.arange(7),
+        "mask": torch.tensor([True, False, True]),
+        "scale": torch.tensor(1.5),
+        "empty": torch.zeros(0, 4),
+        "h": torch.randn(6, dtype=torch.float16),
+    }
+    path = tmp_path / "a.safetensors"
+    assert write_safetensors(path, list(named), list(named.values())) == sum(t.nbytes for t in named.values())
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = st_load_file(path)  # the reference implementation reads what we wrote
+    assert set(loaded) == set(named) and all(torch.equal(loaded[n], t) for n, t in named.items())
+    save_file({"b": torch.arange(4.0), "a": torch.ones(2, 2).bfloat16()}, tmp_path / "ref.safetensors")
+    start, entries = safetensors_layout(tmp_path / "ref.safetensors")  # and we read what it wrote, in file order
+    assert sorted((n, d, tuple(s)) for n, d, s, _, _ in entries) == [
+        ("a", torch.bfloat16, (2, 2)),
+        ("b", torch.float32, (4,)),
+    ]
+    assert [e[3] for e in entries] == sorted(e[3] for e in entries)
+    b, a = sorted(entries, key=lambda e: e[0], reverse=True)
+    dest = torch.empty(4)
+    with open(tmp_path / "ref.safetensors", "rb") as f:
+        read_safetensors_into(f, start, *b[3:], dest)
+        with pytest.raises(ValueError, match="8 bytes in the file for a 16-byte tensor"):
+            read_safetensors_into(f, start, *a[3:], dest)
+    assert torch.equal(dest, torch.arange(4.0))
+    with pytest.raises(FileExistsError):  # never overwrites: a staged checkpoint is written once
+        write_safetensors(path, ["x"], [torch.ones(1)])
+    path.write_bytes(path.read_bytes()[:-8])  # truncated: refused before any offset is trusted
+    with pytest.raises(Exception, match="(?i)invalid|incomplete|metadata"):
+        safetensors_layout(path)
+
+
 def test_sender_validates_config_and_lays_out_ranks():
     with pytest.raises(ConfigError, match="weight_sync.dtype"):
         WeightSyncSender(["http://x:1"], WeightSyncConfig(dtype="int8"))
@@ -308,12 +359,18 @@ def one_thread():
 def engines(tmp_path_factory):
     root = tmp_path_factory.mktemp("weight_sync")
     model_dir = save_tiny_model(root / "model", seed=0, **MODEL)
-    cfg = EngineConfig(backend="local", startup_timeout_s=90, max_running_requests=8, threads=1)
+    # colocated_transport=disk stages checkpoints here; the engines load from nowhere else
+    shm = tempfile.mkdtemp(prefix="dapo-test-", dir="/dev/shm" if os.path.isdir("/dev/shm") else root)
+    cfg = EngineConfig(
+        backend="local", startup_timeout_s=90, max_running_requests=8, threads=1,
+        extra_args=["--update-weights-root", shm],
+    )  # fmt: skip
     with ThreadPoolExecutor(2) as pool:
         procs = list(pool.map(lambda i: launch_engine(cfg, str(model_dir), free_port(), root / f"e{i}.log"), (0, 1)))
-    yield SimpleNamespace(procs=procs, urls=[p.url for p in procs])
+    yield SimpleNamespace(procs=procs, urls=[p.url for p in procs], shm=shm, model_dir=str(model_dir))
     for p in procs:
         p.stop(grace_s=2)  # one may sit in a group rendezvous that will never complete
+    shutil.rmtree(shm, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -387,18 +444,103 @@ def test_per_tensor_broadcast_with_bf16_cast(engines, sender):
     _assert_engines_run(engines.urls, model, 2)
 
 
-def test_colocated_mode_sends_safetensors_buckets(engines):
-    model = build_tiny_model(seed=13, **MODEL)
-    cfg = WeightSyncConfig(mode="colocated", bucket_mb=BUCKET_MB, checksum=True, timeout_s=30)
-    s = WeightSyncSender(engines.urls, cfg)
+@pytest.mark.parametrize("transport, seed", [("tensor", 13), ("disk", 14)])  # each changes the engines' weights
+def test_colocated_mode(engines, monkeypatch, transport, seed):
+    model = build_tiny_model(seed=seed, **MODEL)
+    cfg = WeightSyncConfig(
+        mode="colocated", colocated_transport=transport, disk_dir=engines.shm, bucket_mb=BUCKET_MB, checksum=True,
+        timeout_s=30,
+    )  # fmt: skip
+    staged = _spy_on_staging(monkeypatch)
+    s = WeightSyncSender(engines.urls, cfg, model_dir=engines.model_dir)
     try:
         s.connect()
-        assert s.group is None  # no process group in colocated mode
+        assert s.group is None and s.transport == transport  # no process group in colocated mode
         stats = s.sync(_state(model), version=3)
     finally:
         s.close()
     assert stats.buckets >= 6
-    _assert_engines_run(engines.urls, model, 3)
+    _assert_engines_run(engines.urls, model, 3)  # the checksums matched too (weight_sync.checksum)
+    if transport == "tensor":
+        assert staged == []
+        return
+    ((files, loaded),) = staged  # one checkpoint, loaded by both engines, gone after the sync
+    assert {"config.json", "model.safetensors.index.json"} <= set(files)
+    assert sum(f.endswith(".safetensors") for f in files) == stats.buckets
+    expected = dict(_state(model))
+    assert all(torch.equal(loaded[n], t) for n, t in expected.items())
+    assert os.listdir(engines.shm) == []
+
+
+def _spy_on_staging(monkeypatch) -> list:
+    """Records, for every checkpoint staged for the engines: its files, and its weights as a plain HF load reads
+    them (so the directory is a loadable HF checkpoint)."""
+    seen = []
+    finish = StagedCheckpoint.finish
+
+    def spy(self):
+        finish(self)
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+        seen.append((sorted(os.listdir(self.path)), {n: t.clone() for n, t in model.state_dict().items()}))
+
+    monkeypatch.setattr(StagedCheckpoint, "finish", spy)
+    return seen
+
+
+def test_disk_load_refuses_bad_paths_naming_the_engine(engines, tmp_path):
+    url = engines.urls[0]
+    inside = tempfile.mkdtemp(dir=engines.shm)  # allowed, but holds no weights
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    cases = {
+        os.path.join(engines.shm, "missing"): "does not exist",
+        inside: "no *.safetensors files",
+        str(tmp_path): "outside the directory this engine loads from",
+        os.path.join(engines.shm, "..", os.path.basename(tmp_path)): "outside the directory",
+    }
+    try:
+        for path, words in cases.items():
+            with pytest.raises(EngineError) as err:
+                _ask([url], lambda c, u, path=path: c.update_weights_from_disk(u, path, weight_version="bad"))
+            assert url in str(err.value) and words in str(err.value), str(err.value)
+        # A sender staging outside the engines' directory: its sync fails naming both engines, and cleans up.
+        cfg = WeightSyncConfig(mode="colocated", colocated_transport="disk", disk_dir=str(tmp_path), timeout_s=30)
+        s = WeightSyncSender(engines.urls, cfg)
+        try:
+            with pytest.raises(WeightSyncError) as err:
+                s.sync(_state(build_tiny_model(seed=15, **MODEL)), version=9)
+        finally:
+            s.close()
+        assert set(err.value.urls) == set(engines.urls) and all(u in str(err.value) for u in engines.urls)
+        assert "outside the directory" in str(err.value)
+        assert os.listdir(tmp_path) == ["model.safetensors"]
+    finally:
+        os.rmdir(inside)
+    assert _ask(engines.urls, lambda c, u: c.get_weight_version(u)) == ["3", "3"]  # nothing changed
+    with pytest.raises(ConfigError, match="weight_sync.disk_dir"):
+        WeightSyncSender(engines.urls, replace(cfg, disk_dir=str(tmp_path / "nope")))
+
+
+def test_staging_removes_what_dead_processes_left(tmp_path):
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(child.stdout), os.getppid()
+    host = DiskStaging(str(tmp_path)).open(0).path.name.split("-")[2]
+    for pid in (dead, alive):
+        (tmp_path / f"dapo-wsync-{host}-{pid}-s0-v1-x").mkdir()
+    (tmp_path / f"dapo-wsync-otherhost-{dead}-s0-v1-x").mkdir()  # another node's, on a shared filesystem
+    staging = DiskStaging(str(tmp_path), stage=1)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert f"dapo-wsync-{host}-{dead}-s0-v1-x" not in left
+    assert f"dapo-wsync-{host}-{alive}-s0-v1-x" in left and f"dapo-wsync-otherhost-{dead}-s0-v1-x" in left
+    ours = [n for n in left if n.startswith(f"dapo-wsync-{host}-{os.getpid()}-")]
+    assert len(ours) == 1  # the first DiskStaging's checkpoint (never closed) belongs to a live process: kept
+    staged = staging.open(2)
+    assert staged.path.name.startswith(f"dapo-wsync-{host}-{os.getpid()}-s1-v2-")
+    staged.write(["x"], [torch.ones(1 << 20)])
+    staged.remove_later()  # as after a sync: the next one waits until it is gone
+    again = staging.open(3)
+    assert not staged.path.exists() and again.path.exists()
+    staging.close()
+    assert not again.path.exists()
 
 
 def test_two_sources_one_per_pipeline_stage(engines):

@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="report log_softmax(logits) at temperature 1 instead of the temperature-scaled distribution",
     )
+    p.add_argument(
+        "--update-weights-root",
+        default="",
+        help="/update_weights_from_disk loads only directories under this one (default: any directory)",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--parent-pid", type=int, default=0, help="shut down when this process (our launcher) is gone")
     return p.parse_args(argv)
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model_path,
         tokenizer,
         api_key=api_key,
+        weights_root=args.update_weights_root,
         host=args.host,
         port=args.port,
         threads=args.threads,

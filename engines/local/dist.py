@@ -16,17 +16,27 @@ Contract (DESIGN.md contract 2; mirrors SGLang's `init_custom_process_group`, ch
 - `weights_checksum` is what `POST /weights_checksum` (our extension) answers, so a sender can compare.
 - `/update_weights_from_tensor` on the CPU engine takes base64 safetensors bytes (`encode_named_tensors`), not
   SGLang's pickled `MultiprocessingSerializer` payload: no pickle crosses a socket here.
+- Safetensors files for /update_weights_from_disk: `write_safetensors` writes the standard format (8-byte header
+  length, JSON header, raw bytes in order) straight from the tensors' memory with one write per tensor, and
+  `read_safetensors_into` reads one tensor's bytes straight into a destination tensor's memory; on tmpfs each is
+  a single memcpy (safetensors' own save/load measured 1.3 and 1.5 GB/s here, these 2.1 and 6.9 GB/s: see the
+  weight-sync benchmark). Files are validated by `safetensors.safe_open` before their offsets are trusted.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
+import struct
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -153,3 +163,79 @@ def weights_checksum(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dty
         h.update(b"\0")
         h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no extra copy
     return h.hexdigest()
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy (writable when the tensor is)."""
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path: str | Path, names: list[str], tensors: list[torch.Tensor]) -> int:
+    """Save contiguous CPU tensors as a safetensors file, in the given order; returns the bytes of tensor data."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in zip(names, tensors, strict=True):
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"{name}: write_safetensors needs a contiguous CPU tensor of a plain dtype")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the tensor data starts 8-byte aligned
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
+        for t in tensors:
+            if t.numel():
+                _write_all(fd, _bytes_of(t))
+    finally:
+        os.close(fd)
+    return offset
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def safetensors_layout(path: str | Path) -> tuple[int, list[tuple[str, torch.dtype, torch.Size, int, int]]]:
+    """(where the data starts, [(name, dtype, shape, begin, end)] in file order) of a safetensors file that
+    `safe_open` accepts (it checks that offsets, shapes and dtypes agree); ValueError for a dtype torch lacks."""
+    with safe_open(path, framework="pt"):
+        pass
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    entries = []
+    for name, meta in header.items():
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: {name} has dtype {meta['dtype']}, which the CPU engine does not load")
+        entries.append((name, dtype, torch.Size(meta["shape"]), *meta["data_offsets"]))
+    return 8 + length, sorted(entries, key=lambda e: e[3])
+
+
+def read_safetensors_into(f, start: int, begin: int, end: int, dest: torch.Tensor) -> None:
+    """Read bytes [begin, end) of the data section of the open file `f` into the contiguous CPU tensor `dest`."""
+    view = _bytes_of(dest)
+    if len(view) != end - begin:
+        raise ValueError(f"{end - begin} bytes in the file for a {len(view)}-byte tensor")
+    f.seek(start + begin)
+    while view:
+        n = f.readinto(view)
+        if not n:
+            raise ValueError(f"{f.name}: file ends {len(view)} bytes early")
+        view = view[n:]

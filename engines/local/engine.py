@@ -15,6 +15,12 @@ Contract:
   with their KV; "retract" frees their KV and re-queues them first, to be recomputed from prompt + output on
   continue. Requests submitted while paused wait. `resume()` continues.
 - Weight updates (`load_tensors`) run between iterations, so no forward ever sees half-updated weights.
+- `release_memory(tags)` / `resume_memory(tags)` (SGLang's /release_memory_occupation and
+  /resume_memory_occupation; tags kv_cache, weights, cuda_graph, none = all): release is refused unless the engine
+  is idle, or paused with only waiting requests (SGLang's rule); "kv_cache" frees every lane's KV cache, the other
+  tags are only recorded (nothing to free on CPU; weights are kept, where SGLang without a CPU backup loses them).
+  While any tag is released nothing is scheduled: requests wait, as they do while paused, until every tag is
+  resumed.
 - Lanes: with `lanes` > 1 the running batch is split into that many independent row groups (own KV cache and
   sampler), stepped concurrently on a thread pool with one torch thread each. On a few CPU cores this uses every
   core without OpenMP barriers on the many small ops of a decode step. Control semantics are unchanged: lanes
@@ -41,6 +47,7 @@ from engines.local.sampling import SamplingParams, sample
 log = logging.getLogger(__name__)
 
 PAUSE_MODES = ("abort", "in_place", "retract")
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU memory types
 
 
 @dataclass
@@ -130,6 +137,7 @@ class Engine:
         self._ops: deque[tuple[Callable[[], Any], Future]] = deque()
         self._aborts: list[str | None] = []  # None = abort all
         self._paused: str | None = None
+        self.released: set[str] = set()  # memory tags given back by release_memory (nothing runs meanwhile)
         self._stop = False
         self.error: str | None = None
         self.steps = 0
@@ -159,7 +167,13 @@ class Engine:
     def load(self) -> dict:
         with self._cv:
             running = sum(len(lane.running) for lane in self.lanes)
-            return {"num_running": running, "num_waiting": len(self._waiting), "paused": self._paused}
+            waiting = len(self._waiting)
+            return {
+                "num_running": running,
+                "num_waiting": waiting,
+                "paused": self._paused,
+                "released": sorted(self.released),
+            }
 
     def submit(self, req: Request) -> None:
         with self._cv:
@@ -194,6 +208,14 @@ class Engine:
     def resume(self) -> Future:
         return self.call(self._do_resume)
 
+    def release_memory(self, tags: list[str] | None = None) -> Future:
+        tags = _memory_tags(tags)
+        return self.call(lambda: self._do_release(tags))
+
+    def resume_memory(self, tags: list[str] | None = None) -> Future:
+        tags = _memory_tags(tags)
+        return self.call(lambda: self._do_resume_memory(tags))
+
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
         try:
@@ -209,7 +231,7 @@ class Engine:
                     _run_op(fn, fut)
                 if aborts:
                     self._apply_aborts(aborts)
-                if self._paused is None:
+                if self._scheduling:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - the engine must report, not vanish
             log.exception("engine loop failed")
@@ -218,7 +240,11 @@ class Engine:
             self._drain_ops()
 
     def _has_work(self) -> bool:
-        return self._paused is None and bool(self._waiting or any(lane.running for lane in self.lanes))
+        return self._scheduling and bool(self._waiting or any(lane.running for lane in self.lanes))
+
+    @property
+    def _scheduling(self) -> bool:
+        return self._paused is None and not self.released
 
     def _step(self) -> None:
         new = self._admit()
@@ -317,6 +343,24 @@ class Engine:
     def _do_resume(self) -> None:
         self._paused = None
 
+    def _do_release(self, tags: list[str]) -> None:
+        busy = any(lane.running for lane in self.lanes) or bool(self._waiting and self._scheduling)
+        if busy:
+            raise ValueError(
+                "release_memory_occupation should be called only when the server is idle (pause_generation first: "
+                f"{self.load()['num_running']} requests running)"
+            )
+        self.released.update(tags)
+        if "kv_cache" in tags:
+            for lane in self.lanes:
+                lane.runner.release_cache()
+
+    def _do_resume_memory(self, tags: list[str]) -> None:
+        if "kv_cache" in tags and "kv_cache" in self.released:
+            for lane in self.lanes:
+                lane.runner.restore_cache()
+        self.released.difference_update(tags)
+
     def _fail_all(self, message: str) -> None:
         with self._cv:
             self.error = message
@@ -369,6 +413,16 @@ def _run_op(fn: Callable[[], Any], fut: Future) -> None:
         fut.set_result(fn())
     except BaseException as e:  # noqa: BLE001 - handed to the caller
         fut.set_exception(e)
+
+
+def _memory_tags(tags: list[str] | None) -> list[str]:
+    """SGLang's rule: no tags (None or []) means every memory type; an unknown tag is refused here."""
+    if not tags:
+        return list(MEMORY_TAGS)
+    bad = [t for t in tags if t not in MEMORY_TAGS]
+    if bad:
+        raise ValueError(f"unknown memory tag {bad[0]!r}; tags are {', '.join(MEMORY_TAGS)}")
+    return list(tags)
 
 
 def _eos_ids(model: torch.nn.Module) -> set[int]:

@@ -114,7 +114,8 @@ class SlotRunner:
         self.n = 0
         self.lens = torch.zeros(capacity, dtype=torch.long)
         self._rope_tables()
-        self._alloc(min(init_len, max_len))
+        self.init_len = min(init_len, max_len)
+        self._alloc(self.init_len)
 
     def _rope_tables(self) -> None:
         """cos/sin for every position from the model's own rotary module (shared by an engine's runners), with
@@ -165,6 +166,14 @@ class SlotRunner:
     def reset(self) -> None:
         self.n = 0
         self.lens.zero_()
+
+    def release_cache(self) -> None:
+        """Free the KV cache (the engine is idle); `restore_cache` allocates the initial one again."""
+        self.reset()
+        self._alloc(0)
+
+    def restore_cache(self) -> None:
+        self._alloc(self.init_len)
 
     @torch.inference_mode()
     def remove(self, row: int) -> None:
@@ -300,6 +309,11 @@ class HFRunner:
 
     def reset(self) -> None:
         self.seqs, self.cache, self.valid = [], None, False
+
+    release_cache = reset  # the HF cache lives only while rows run
+
+    def restore_cache(self) -> None:
+        pass
 
     def remove(self, row: int) -> None:
         self.seqs[row] = self.seqs[-1]

@@ -10,6 +10,10 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23 `entrypoints
   POST /continue_generation; POST /init_weights_update_group, /destroy_weights_update_group,
   /update_weights_from_distributed, /update_weights_from_tensor, /update_weight_version; GET|POST
   /get_weights_by_name {name, truncate_size}.
+- POST /update_weights_from_disk {model_path, load_format, abort_all_requests, weight_version, flush_cache} ->
+  {"success", "message", "num_paused_requests"} (see updates.py; `weights_root` restricts model_path).
+- GET|POST /release_memory_occupation {tags} and /resume_memory_occupation {tags} -> JSON null, or 400 with
+  {"error": {"message"}} (release while requests run). While released, requests wait (see engine.py).
 - Our extension, not SGLang's: POST /weights_checksum {names?: [str], dtype?: str} -> {"checksum": hex sha256 over
   (name, bytes) of the named parameters in order (default: the model's state_dict order)}.
 - With an API key every route except /health* needs `Authorization: Bearer <key>` (SGLang's rule), else 401.
@@ -93,13 +97,15 @@ def _require(body: dict, *keys: str) -> None:
 
 
 class LocalServer:
-    def __init__(self, engine: Engine, model_path: str, tokenizer=None, api_key: str = "", **info: Any) -> None:
+    def __init__(
+        self, engine: Engine, model_path: str, tokenizer=None, api_key: str = "", weights_root: str = "", **info: Any
+    ) -> None:
         self.engine = engine
         self.model_path = model_path
         self.tokenizer = tokenizer
         self._api_key = api_key
         self.info = info
-        self.receiver = WeightReceiver(engine)
+        self.receiver = WeightReceiver(engine, allowed_root=weights_root)
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -118,6 +124,8 @@ class LocalServer:
         for method in ("GET", "POST"):
             r.add_route(method, "/flush_cache", self.flush_cache)
             r.add_route(method, "/get_weights_by_name", self.get_weights_by_name)
+            r.add_route(method, "/release_memory_occupation", self.release_memory_occupation)
+            r.add_route(method, "/resume_memory_occupation", self.resume_memory_occupation)
         r.add_post("/abort_request", self.abort_request)
         r.add_post("/pause_generation", self.pause_generation)
         r.add_post("/continue_generation", self.continue_generation)
@@ -125,6 +133,7 @@ class LocalServer:
         r.add_post("/destroy_weights_update_group", self.destroy_weights_update_group)
         r.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
         r.add_post("/update_weights_from_tensor", self.update_weights_from_tensor)
+        r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
         r.add_post("/update_weight_version", self.update_weight_version)
         r.add_post("/weights_checksum", self.weights_checksum)
         return app
@@ -158,8 +167,8 @@ class LocalServer:
         if not self.engine.alive:
             return web.Response(status=503)
         load = self.engine.load()
-        if load["paused"] or load["num_running"]:
-            return web.Response(status=200)  # busy or paused: the engine thread is alive, nothing to prove
+        if load["paused"] or load["num_running"] or load["released"]:
+            return web.Response(status=200)  # busy, paused or released: the engine thread is alive, nothing to prove
         params = SamplingParams(max_new_tokens=1, temperature=0.0)
         req = Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", prompt=[0], params=params, return_logprob=False)
         try:
@@ -322,6 +331,18 @@ class LocalServer:
         await asyncio.wrap_future(self.engine.resume())
         return _json({"message": "Generation continued successfully.", "status": "ok"})
 
+    async def release_memory_occupation(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        await asyncio.wrap_future(self.engine.release_memory(body.get("tags")))
+        log.info("release_memory_occupation: released %s", sorted(self.engine.released))
+        return _json(None)
+
+    async def resume_memory_occupation(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        await asyncio.wrap_future(self.engine.resume_memory(body.get("tags")))
+        log.info("resume_memory_occupation: still released %s", sorted(self.engine.released))
+        return _json(None)
+
     async def flush_cache(self, request: web.Request) -> web.Response:
         # No prefix cache to drop: KV lives only as long as its request.
         return web.Response(text="Cache flushed.\n", status=200)
@@ -343,34 +364,49 @@ class LocalServer:
         ok, msg = await self._on_engine(lambda: self.receiver.destroy_group(group))
         return _result(ok, msg)
 
-    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+    async def _weight_update(self, request: web.Request, required: tuple[str, ...], update) -> tuple[dict, bool, str]:
+        """The frame of SGLang's update_weights_* routes: the body (with `required`), abort_all_requests, then
+        `update(body) -> (success, message)` on the engine thread."""
         body = await _body(request)
-        _require(body, "names", "dtypes", "shapes")
+        _require(body, *required)
         if body.get("abort_all_requests"):
             self.engine.abort(abort_all=True)
-        ok, msg = await self._on_engine(
-            lambda: self.receiver.update_from_distributed(
-                body["names"],
-                body["dtypes"],
-                body["shapes"],
-                body.get("group_name", "weight_update_group"),
-                body.get("weight_version"),
-                body.get("load_format"),
-            )
+        ok, msg = await self._on_engine(lambda: update(body))
+        return body, ok, msg
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        _, ok, msg = await self._weight_update(
+            request,
+            ("names", "dtypes", "shapes"),
+            lambda b: self.receiver.update_from_distributed(
+                b["names"],
+                b["dtypes"],
+                b["shapes"],
+                b.get("group_name", "weight_update_group"),
+                b.get("weight_version"),
+                b.get("load_format"),
+            ),
         )
         return _result(ok, msg)
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
-        body = await _body(request)
-        _require(body, "serialized_named_tensors")
-        if body.get("abort_all_requests"):
-            self.engine.abort(abort_all=True)
-        ok, msg = await self._on_engine(
-            lambda: self.receiver.update_from_tensor(
-                body["serialized_named_tensors"], body.get("load_format"), body.get("weight_version")
-            )
+        _, ok, msg = await self._weight_update(
+            request,
+            ("serialized_named_tensors",),
+            lambda b: self.receiver.update_from_tensor(
+                b["serialized_named_tensors"], b.get("load_format"), b.get("weight_version")
+            ),
         )
         return _result(ok, msg)
+
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        body, ok, msg = await self._weight_update(
+            request,
+            ("model_path",),
+            lambda b: self.receiver.update_from_disk(b["model_path"], b.get("load_format"), b.get("weight_version")),
+        )
+        log.log(logging.INFO if ok else logging.WARNING, "update_weights_from_disk %s: %s", body["model_path"], msg)
+        return _result(ok, msg, num_paused_requests=0)
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = await _body(request)

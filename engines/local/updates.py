@@ -15,6 +15,15 @@ Contract (what a trainer-side sender must do, identical to driving SGLang):
 3. POST /destroy_weights_update_group {group_name} when done with the group (optional; frees the receive buffer).
 Receiving and copying run on the engine thread between decode steps (the engine is normally paused then).
 
+/update_weights_from_disk {model_path, load_format, weight_version} (`update_from_disk`) loads a directory of
+safetensors files the way SGLang's DefaultModelLoader picks them: the files named in model.safetensors.index.json
+if there is one, else every *.safetensors file. model_path must be an existing directory, inside `allowed_root`
+when one is set (symlinked files may not lead out of it either). Every file's header is checked against the model
+(names, shapes) before any tensor is read: a bad checkpoint changes nothing; then the files are loaded one after
+another, each tensor read straight into its parameter where dtype and layout allow (else into the receive buffer,
+then copied and cast), and `weight_version` is set after the last, all in one engine operation (no forward sees a
+mix).
+
 Receive path (why it is shaped like this: on a CPU host the wire is memcpy-bound, so every extra pass over the
 bytes, or first-touch page faults of fresh memory, costs a large fraction of the sync):
 - zero copy: a tensor whose parameter is contiguous and of the wire dtype is broadcast straight into the
@@ -28,8 +37,11 @@ bytes, or first-touch page faults of fresh memory, costs a large fraction of the
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,15 +54,21 @@ from engines.local.dist import (
     create_sync_group,
     decode_named_tensors,
     parse_dtype,
+    read_safetensors_into,
+    safetensors_layout,
     unflatten_bucket,
 )
 from engines.local.engine import Engine
 
+DISK_LOAD_FORMATS = (None, "auto", SAFETENSORS_FORMAT)
+INDEX_FILE = "model.safetensors.index.json"
+
 
 class WeightReceiver:
-    def __init__(self, engine: Engine, group_timeout_s: float = 600.0) -> None:
+    def __init__(self, engine: Engine, group_timeout_s: float = 600.0, allowed_root: str = "") -> None:
         self.engine = engine
         self.group_timeout_s = group_timeout_s
+        self.allowed_root = os.path.realpath(allowed_root) if allowed_root else ""
         self.groups: dict[str, dist.ProcessGroup] = {}
         self._lock = threading.Lock()
         self.direct = True  # receive straight into the parameters where their layout allows (off: always copy)
@@ -214,6 +232,46 @@ class WeightReceiver:
             return False, "Failed to update weights, nothing changed: " + "; ".join(problems[:5])
         return self._finish(tensors, tensors, weight_version)
 
+    def update_from_disk(
+        self, model_path: str, load_format: str | None = None, weight_version: str | None = None
+    ) -> tuple[bool, str]:
+        if load_format not in DISK_LOAD_FORMATS:
+            return False, f"load_format {load_format!r}: the CPU engine loads safetensors files (auto or safetensors)"
+        try:
+            layouts = [(f, *safetensors_layout(f)) for f in checkpoint_files(model_path, self.allowed_root)]
+        except Exception as e:  # noqa: BLE001 - a missing, unreadable or corrupt checkpoint is a bad request
+            return False, f"Failed to get weights iterator: {e}"
+        metas = [(name, shape) for _, _, entries in layouts for name, _, shape, _, _ in entries]
+        if not metas:
+            return False, f"Failed to update weights: no tensors in the safetensors files of {model_path}"
+        problems = self.engine.check_tensors(metas)
+        if problems:
+            return False, "Failed to update weights, nothing changed: " + "; ".join(problems[:5])
+        try:
+            for path, start, entries in layouts:
+                with open(path, "rb", buffering=0) as f:
+                    for name, dtype, shape, begin, end in entries:
+                        self._read_tensor(f, start, name, dtype, shape, begin, end)
+        except (OSError, ValueError) as e:
+            return False, f"Failed to update weights, some may be updated: {e}"
+        finally:
+            if not self.groups:
+                self._buffer = None
+        self.engine.load_tensors([], weight_version)
+        msg = f"Succeeded to update {len(metas)} tensors from {len(layouts)} files."
+        return True, msg + (f" Weight version updated to {weight_version}." if weight_version is not None else "")
+
+    def _read_tensor(self, f, start: int, name: str, dtype: torch.dtype, shape, begin: int, end: int) -> None:
+        """Straight into the parameter when it is contiguous and of the file's dtype, else via the receive buffer."""
+        param = self.engine.params[name]
+        if self.direct and param.dtype == dtype and param.is_contiguous():
+            read_safetensors_into(f, start, begin, end, param.detach())
+            self._finish([(name, param)], [], None)
+            return
+        target = self.receive_buffer(end - begin).view(dtype).view(shape)
+        read_safetensors_into(f, start, begin, end, target)
+        self._finish([(name, target)], [(name, target)], None)
+
     def _finish(
         self,
         received: list[tuple[str, torch.Tensor]],
@@ -227,3 +285,38 @@ class WeightReceiver:
         if weight_version is not None:
             msg += f" Weight version updated to {weight_version}."
         return True, msg
+
+
+def checkpoint_files(model_path: str, allowed_root: str = "") -> list[Path]:
+    """The safetensors files SGLang would load from `model_path`; ValueError naming what is wrong with it."""
+    if not isinstance(model_path, str) or not model_path:
+        raise ValueError("model_path must be a non-empty string")
+    real = os.path.realpath(model_path)
+    if allowed_root and not _inside(real, allowed_root):
+        raise ValueError(f"model_path {model_path!r} is outside the directory this engine loads from ({allowed_root})")
+    if not os.path.exists(real):
+        raise ValueError(f"model_path {model_path!r} does not exist")
+    if not os.path.isdir(real):
+        raise ValueError(f"model_path {model_path!r} is not a directory")
+    root = Path(real)
+    index = root / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{INDEX_FILE} has no weight_map")
+        files = [root / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {model_path}")
+    for f in files:
+        target = os.path.realpath(f)
+        if allowed_root and not _inside(target, allowed_root):
+            raise ValueError(f"{f.name} leads outside the directory this engine loads from ({allowed_root})")
+        if not os.path.isfile(target):
+            raise ValueError(f"{f.name}: no such file in {model_path}")
+    return files
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

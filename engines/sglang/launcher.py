@@ -2,8 +2,9 @@
 
 Flags checked against sglang 0.5.5 (`srt/server_args.py`) and 0.5.23 (`srt/arg_groups/fields`): `--model-path`,
 `--tp-size` (alias `--tensor-parallel-size`), `--mem-fraction-static`, `--max-running-requests`, `--host`,
-`--port`, `--api-key`. SGLang takes its API key only on the command line; `EngineProcess` masks it in anything it
-prints. The router (`python -m sglang_router.launch_router --worker-urls ... --policy ...`) is optional: use
+`--port`, `--api-key`; colocated runs with weight_sync.release_memory add `--enable-memory-saver` (both versions;
+`pipeline.weight_sync.colocated.engine_args`). SGLang takes its API key only on the command line; `EngineProcess`
+masks it in anything it prints. The router (`python -m sglang_router.launch_router --worker-urls ... --policy ...`) is optional: use
 `router_available()` first; our `EngineClient` balances across engines itself when there is no router.
 """
 

@@ -2,8 +2,9 @@
 
 `WeightSyncSender` (sender.py) drives SGLang's protocol: pause, a dedicated process group (NCCL on GPU, gloo on
 CPU), bucketed broadcasts with per-bucket metadata over HTTP, continue, verified `weight_version`. Buckets are
-planned and prepared ahead of the wire in buckets.py; colocated payloads (/update_weights_from_tensor) are in
-colocated.py.
+planned and prepared ahead of the wire in buckets.py. Colocated mode has no group: safetensors payloads in
+/update_weights_from_tensor (colocated.py; CPU engine), or a checkpoint staged on a memory filesystem and loaded
+with /update_weights_from_disk (disk.py; SGLang on CUDA).
 """
 
 from pipeline.weight_sync.buckets import (

@@ -1,12 +1,22 @@
-"""Payloads of `/update_weights_from_tensor` (weight_sync.mode = colocated): one list of strings per engine.
+"""Colocated mode (weight_sync.mode = colocated): engine i shares trainer rank i's GPU share, no process group.
 
-Contract:
-- CPU tensors (the CPU engine, tested): `load_format="safetensors"`, each engine gets one entry holding the
-  bucket as base64 safetensors bytes (`engines.local.dist.encode_named_tensors`); no pickle anywhere.
-- CUDA tensors are refused with a clear error. SGLang's colocated route takes a base64 *pickle* of CUDA-IPC
-  handles (torch's ForkingPickler via its MultiprocessingSerializer), and this project never puts a pickle on a
-  socket. On GPUs use weight_sync.mode=disaggregated (NCCL broadcast), which needs no pickle. A pickle-free IPC
-  hand-over (handles as plain fields) would need an engine-side route SGLang does not have.
+Two pickle-free ways to hand the weights over (weight_sync.colocated_transport; auto = disk where CUDA is
+available, else tensor):
+- tensor: `/update_weights_from_tensor` with CPU tensors (the CPU engine, tested): `load_format="safetensors"`,
+  each engine gets one entry holding the bucket as base64 safetensors bytes (`engines.local.dist.
+  encode_named_tensors`). CUDA tensors are refused with a clear error: SGLang's version of this route takes a base64
+  *pickle* of CUDA-IPC handles (torch's ForkingPickler via its MultiprocessingSerializer), and this project never
+  puts a pickle on a socket.
+- disk: the buckets are written as safetensors files into a fresh checkpoint directory on a memory filesystem
+  (weight_sync.disk_dir, default /dev/shm; disk.py) and every engine loads it with `/update_weights_from_disk`
+  {model_path, load_format, weight_version, flush_cache}, a route SGLang has (0.5.5 and 0.5.23) and the CPU engine
+  serves too. Works on CUDA with real SGLang servers, any engine TP size; costs one write and one read of the model
+  through RAM per sync (see the README's benchmark), and the directory holds the model once while a sync runs.
+
+Optionally (weight_sync.release_memory) engines give back their memory while the trainer trains:
+/release_memory_occupation and /resume_memory_occupation {tags}; SGLang needs `--enable-memory-saver`, which
+`engine_args` adds, as it adds `--update-weights-root weight_sync.disk_dir` to CPU engines (they then load only
+from there).
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from engines.local.dist import SAFETENSORS_FORMAT, encode_named_tensors
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
 from pipeline.weight_sync.buckets import Bucket
 
 Encoder = Callable[[Bucket], list[list[str]]]
@@ -26,8 +36,8 @@ def colocated_encoder(engine_tp: list[int]) -> Encoder:
     def encode(bucket: Bucket) -> list[list[str]]:
         if bucket.tensors[0].is_cuda:
             raise ConfigError(
-                "weight_sync.mode: colocated sync of CUDA tensors needs SGLang's pickled CUDA-IPC payload, and this "
-                "project sends no pickle over a socket; use weight_sync.mode=disaggregated (NCCL broadcast)"
+                "weight_sync.colocated_transport: tensor sync of CUDA tensors needs SGLang's pickled CUDA-IPC payload, "
+                "and this project sends no pickle over a socket; use colocated_transport=disk (or auto)"
             )
         bucket.load_format = SAFETENSORS_FORMAT
         return safetensors_encoder(len(engine_tp))[0](bucket)
@@ -41,3 +51,15 @@ def safetensors_encoder(num_engines: int) -> tuple[Encoder, str]:
         return [[entry] for _ in range(num_engines)]  # the same string: nothing is reference-counted
 
     return encode, SAFETENSORS_FORMAT
+
+
+def engine_args(cfg: Config) -> list[str]:
+    """Server flags colocated mode needs on the engines we launch (none otherwise)."""
+    ws, e = cfg.weight_sync, cfg.engine
+    if ws.mode != "colocated" or e.backend == "external":
+        return []
+    if e.backend == "local":
+        return ["--update-weights-root", ws.disk_dir]
+    if ws.release_memory and "--enable-memory-saver" not in e.extra_args:
+        return ["--enable-memory-saver"]
+    return []

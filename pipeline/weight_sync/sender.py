@@ -15,13 +15,22 @@ Protocol (SGLang's; the CPU engine serves the same routes):
    Meanwhile a producer thread prepares the following bucket (see buckets.py).
 4. resume: POST /continue_generation on every engine, then each engine must report `weight_version == str(version)`
    (GET /get_model_info); the rollout manager stamps that version on new samples.
-Colocated mode (weight_sync.mode = colocated) replaces steps 2-3 with one POST /update_weights_from_tensor per
-bucket and engine (payloads in colocated.py).
+Colocated mode (weight_sync.mode = colocated) needs no group; steps 2-3 become, by weight_sync.colocated_transport
+(`transport`; auto = disk where CUDA is available, else tensor):
+- tensor: one POST /update_weights_from_tensor per bucket and engine (safetensors payloads, colocated.py; CPU
+  engine only);
+- disk: every bucket is written as a safetensors file into a fresh directory under weight_sync.disk_dir (disk.py;
+  the producer thread moves and casts the next bucket meanwhile), then every engine gets one POST
+  /update_weights_from_disk {model_path, load_format="safetensors", weight_version, flush_cache}; the directory is
+  removed (on a background thread) once they answered, also when the sync fails.
+Colocated engines can give their memory back while the trainer trains: `release_memory(tags)` pauses them and posts
+/release_memory_occupation {tags}; `resume_memory(tags)` posts /resume_memory_occupation and leaves them paused
+(the caller syncs, or calls `resume(version)`).
 
 Memory: the sender keeps up to prefetch + 1 flattened-bucket buffers between syncs (reused; `close()` frees them);
 a bucket whose tensors are already wire-ready and back to back in memory (a lone tensor, or parameters in one
 flat buffer) is sent as a view, without a copy. `cfg` is read at each sync, so
-bucket_mb, flatten, dtype, prefetch, checksum and timeout_s may change between syncs (backend and master_* take
+bucket_mb, flatten, dtype, prefetch, checksum, colocated_transport, disk_dir and timeout_s may change between syncs (backend and master_* take
 effect at the next `connect()`; the HTTP client keeps the timeout it was built with as its per-request limit).
 
 Optional checks: with weight_sync.checksum, after the last bucket each engine's POST /weights_checksum {names,
@@ -56,11 +65,12 @@ import torch
 import torch.distributed as dist
 
 from engines.client import EngineClient, EngineError
-from engines.local.dist import FLATTENED_BUCKET_FORMAT, create_sync_group, dtype_name, parse_dtype
+from engines.local.dist import FLATTENED_BUCKET_FORMAT, SAFETENSORS_FORMAT, create_sync_group, dtype_name, parse_dtype
 from engines.process import free_port
 from pipeline.config import ConfigError, WeightSyncConfig
 from pipeline.weight_sync.buckets import Bucket, BucketStream, BufferPool, Checksums, MiB, wire_device
 from pipeline.weight_sync.colocated import colocated_encoder
+from pipeline.weight_sync.disk import DiskStaging, StagedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +103,7 @@ class WeightSyncSender:
         api_key: str = "",
         engine_tp: list[int] | None = None,
         stage: int = 0,
+        model_dir: str = "",
     ) -> None:
         self.urls = [u.rstrip("/") for u in engine_urls]
         if not self.urls:
@@ -111,6 +122,10 @@ class WeightSyncSender:
         self.master_port = 0
         self.pool = BufferPool()  # flattened-bucket buffers, reused across syncs (freed by close())
         self.zero_copy = True  # send buckets whose tensors already lie back to back as views (benchmarks: False)
+        self.model_dir = model_dir  # the engines' model directory: its config files go with a staged checkpoint
+        self._staging: DiskStaging | None = None
+        if self.transport == "disk":
+            self._disk_staging()  # checks weight_sync.disk_dir now rather than at the first sync
 
     def __repr__(self) -> str:  # never shows the API key
         return f"WeightSyncSender(urls={self.urls}, stage={self.stage}, group={self.group_name or None})"
@@ -132,6 +147,22 @@ class WeightSyncSender:
     @property
     def colocated(self) -> bool:
         return self.cfg.mode == "colocated"
+
+    @property
+    def transport(self) -> str:
+        """distributed (a process group) | tensor | disk (colocated; see weight_sync.colocated_transport)."""
+        if not self.colocated:
+            return "distributed"
+        if self.cfg.colocated_transport == "auto":
+            return "disk" if torch.cuda.is_available() else "tensor"
+        return self.cfg.colocated_transport
+
+    def _disk_staging(self) -> DiskStaging:
+        if self._staging is None or str(self._staging.root) != self.cfg.disk_dir:
+            if self._staging is not None:
+                self._staging.close()
+            self._staging = DiskStaging(self.cfg.disk_dir, self.model_dir, self.stage)
+        return self._staging
 
     # ------------------------------------------------------------------ group
     def connect(self) -> None:
@@ -212,6 +243,8 @@ class WeightSyncSender:
     def close(self) -> None:
         self.close_group()
         self.pool.clear()
+        if self._staging is not None:
+            self._staging.close()
         self.client.close_sync()
 
     # ------------------------------------------------------------------ pause / resume
@@ -227,6 +260,17 @@ class WeightSyncSender:
         deadline = deadline or time.monotonic() + self.cfg.timeout_s
         self._call_all(self.client.continue_generation(), deadline, "continue_generation")
         self.verify_version(version, deadline)
+
+    def release_memory(self, tags: list[str], deadline: float | None = None) -> None:
+        """Pause every engine, then have it give back the memory of `tags` (/release_memory_occupation)."""
+        deadline = deadline or time.monotonic() + self.cfg.timeout_s
+        self.pause(deadline)
+        self._call_all(self.client.release_memory_occupation(list(tags)), deadline, "release_memory_occupation")
+
+    def resume_memory(self, tags: list[str], deadline: float | None = None) -> None:
+        """Every engine takes the memory of `tags` back (/resume_memory_occupation); they stay paused."""
+        deadline = deadline or time.monotonic() + self.cfg.timeout_s
+        self._call_all(self.client.resume_memory_occupation(list(tags)), deadline, "resume_memory_occupation")
 
     def verify_version(self, version: int, deadline: float | None = None) -> None:
         deadline = deadline or time.monotonic() + self.cfg.timeout_s
@@ -246,23 +290,30 @@ class WeightSyncSender:
         # Created first, so that a failure anywhere below still drains `named_tensors` (stream.close()): on TP
         # ranks its iteration is a collective that the other ranks of the stage are running too.
         stream = self._stream(named_tensors, checksums)
+        staged = self._stage(version) if self.transport == "disk" else None
         nbytes = nbuckets = 0
         try:
             if pause:
                 self.pause(deadline)
             self.connect()
             for bucket in stream:
-                if self.colocated:
+                if staged is not None:
+                    self._write_bucket(staged, bucket)
+                elif self.colocated:
                     self._send_tensor_bucket(bucket, version, deadline)
                 else:
                     self._send_distributed_bucket(bucket, version, deadline)
                 nbytes += bucket.nbytes
                 nbuckets += 1
                 stream.release(bucket)
+            if nbuckets == 0:
+                raise ValueError("weight sync: no tensors to send")
+            if staged is not None:
+                self._load_from_disk(staged, version, deadline)
         finally:
             stream.close()
-        if nbuckets == 0:
-            raise ValueError("weight sync: no tensors to send")
+            if staged is not None:
+                staged.remove_later()  # off the critical path; the next sync and close() wait for it
         if checksums is not None:
             self.verify_checksums(checksums, deadline)
         if pause:
@@ -276,6 +327,8 @@ class WeightSyncSender:
         cfg = self.cfg
         dtype = parse_dtype(cfg.dtype) if cfg.dtype else None
         bucket_bytes = max(1, int(cfg.bucket_mb * MiB))
+        if self.transport == "disk":  # the producer moves and casts the next bucket while this one is written
+            return BucketStream(named, bucket_bytes, torch.device("cpu"), dtype, False, cfg.prefetch, checksums)
         if not self.colocated:
             device = wire_device(self._wire_backend())
             self.pool.resize(cfg.prefetch + 1)
@@ -346,6 +399,33 @@ class WeightSyncSender:
         what = (
             f"bucket {bucket.index} ({len(bucket.names)} tensors, {bucket.nbytes / MiB:.1f} MiB) of version {version}"
         )
+        self._await(futures, deadline, what)
+
+    def _stage(self, version: int) -> StagedCheckpoint:
+        try:
+            return self._disk_staging().open(version)
+        except OSError as e:
+            raise WeightSyncError(str(e)) from e
+
+    @staticmethod
+    def _write_bucket(staged: StagedCheckpoint, bucket: Bucket) -> None:
+        try:
+            staged.write(bucket.names, bucket.tensors)
+        except OSError as e:
+            raise WeightSyncError(f"bucket {bucket.index} of {staged.path}: {e}") from e
+
+    def _load_from_disk(self, staged: StagedCheckpoint, version: int, deadline: float) -> None:
+        staged.finish()
+        flush = self.cfg.pause_mode != "in_place"
+        futures = {
+            url: self.client.submit(
+                self.client.update_weights_from_disk(
+                    url, str(staged.path), SAFETENSORS_FORMAT, weight_version=str(version), flush_cache=flush
+                )
+            )
+            for url in self.urls
+        }
+        what = f"loading {staged.path} ({staged.files} files, {staged.nbytes / MiB:.1f} MiB) as version {version}"
         self._await(futures, deadline, what)
 
     # ------------------------------------------------------------------ checks
@@ -434,3 +514,7 @@ def _check_config(cfg: WeightSyncConfig) -> None:
         raise ConfigError(f"weight_sync.prefetch: must be >= 0; got {cfg.prefetch}")
     if cfg.mode not in ("disaggregated", "colocated"):
         raise ConfigError(f"weight_sync.mode: must be disaggregated or colocated; got {cfg.mode!r}")
+    if cfg.colocated_transport not in ("auto", "tensor", "disk"):
+        raise ConfigError(
+            f"weight_sync.colocated_transport: must be auto, tensor or disk; got {cfg.colocated_transport!r}"
+        )

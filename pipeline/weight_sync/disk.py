@@ -1,0 +1,156 @@
+"""Colocated weight sync through a memory filesystem (weight_sync.colocated_transport = disk).
+
+Why: SGLang's colocated route (/update_weights_from_tensor) takes a base64 pickle of CUDA-IPC handles, and no pickle
+crosses a socket here. /update_weights_from_disk takes a path instead: the trainer writes the HF-named weights as
+safetensors into a memory filesystem on its node, and every engine there loads them (one write, N reads, no
+network, no pickle). It is SGLang's own checkpoint loader reading a checkpoint directory, so it works with any
+engine TP size.
+
+Contract:
+- `DiskStaging(root, model_dir, stage)`: `root` (weight_sync.disk_dir) must be a writable directory (ConfigError
+  naming the key otherwise). Directories that earlier processes on this host left behind when they died are
+  removed (their names carry host and pid), so a crash does not pin GBs of RAM in /dev/shm for good.
+- `open(version)` creates `<root>/dapo-wsync-<host>-<pid>-s<stage>-v<version>-<random>/` (mode 0700) and links the
+  non-weight files of `model_dir` into it (config.json, generation_config.json, tokenizer files; not *.safetensors,
+  *.bin, *.pt or index files), so that once written it is a loadable HF checkpoint directory.
+- `StagedCheckpoint.write(names, tensors)` saves one bucket (CPU tensors, HF names) as `model-<n>.safetensors`;
+  `finish()` writes model.safetensors.index.json (weight_map, total_size; both SGLang and the CPU engine load the
+  files it names); `remove_later()` deletes the directory on a background thread (freeing GBs of tmpfs pages took
+  0.5 s per 3 GB here), `remove()` now (waiting for a removal under way; idempotent). The sender removes it as soon
+  as the engines have loaded it, also when the sync fails; the next `open()` and `DiskStaging.close()` wait until
+  it is gone: at most one staged checkpoint per sender exists, and only during a sync and the moment after. It
+  holds the model once in the wire dtype.
+- Writing fails with an OSError naming weight_sync.disk_dir and its free space (e.g. a container's 64 MB /dev/shm).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from engines.local.dist import write_safetensors
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "dapo-wsync-"
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
+class StagedCheckpoint:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files = 0
+        self.nbytes = 0
+        self.weight_map: dict[str, str] = {}
+        self._removal: threading.Thread | None = None
+
+    def write(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+        name = f"model-{self.files:05d}.safetensors"
+        try:
+            self.nbytes += write_safetensors(self.path / name, names, tensors)
+        except OSError as e:
+            raise _disk_error(self.path, f"writing {name} failed ({e})") from e
+        self.files += 1
+        self.weight_map.update(dict.fromkeys(names, name))
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.nbytes}, "weight_map": self.weight_map}
+        (self.path / INDEX_FILE).write_text(json.dumps(index))
+
+    def remove_later(self) -> None:
+        if self._removal is None:
+            args = (self.path, True)  # ignore_errors
+            self._removal = threading.Thread(target=shutil.rmtree, args=args, name="weight-sync-rm", daemon=True)
+            self._removal.start()
+
+    def remove(self) -> None:
+        if self._removal is not None:
+            self._removal.join()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class DiskStaging:
+    def __init__(self, root: str, model_dir: str = "", stage: int = 0) -> None:
+        if not os.path.isdir(root):
+            raise ConfigError(f"weight_sync.disk_dir: {root!r} is not a directory")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError(f"weight_sync.disk_dir: {root!r} is not writable")
+        self.root, self.model_dir, self.stage = Path(root), model_dir, stage
+        self._open: list[StagedCheckpoint] = []
+        reap_orphans(self.root)
+
+    def open(self, version: int) -> StagedCheckpoint:
+        self.close()  # the previous sync's checkpoint is gone before a new one takes the space
+        prefix = f"{PREFIX}{_host()}-{os.getpid()}-s{self.stage}-v{version}-"
+        try:
+            staged = StagedCheckpoint(Path(tempfile.mkdtemp(prefix=prefix, dir=self.root)))
+        except OSError as e:
+            raise _disk_error(self.root, f"creating a directory failed ({e})") from e
+        self._open = [staged]
+        if self.model_dir:
+            for src in Path(self.model_dir).iterdir():
+                if src.is_file() and not _is_weight_file(src.name) and not src.name.startswith("."):
+                    os.symlink(src.resolve(), staged.path / src.name)
+        return staged
+
+    def close(self) -> None:
+        for staged in self._open:
+            staged.remove()
+        self._open = []
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
+def _disk_error(where: Path, what: str) -> OSError:
+    try:
+        free = f"{shutil.disk_usage(where).free / 1e9:.2f} GB free"
+    except OSError:
+        free = "free space unknown"
+    return OSError(
+        f"weight_sync.disk_dir: {what} in {where} ({free}); a sync stages the whole model once in the wire dtype: "
+        "enlarge the memory filesystem (e.g. docker --shm-size) or point weight_sync.disk_dir elsewhere"
+    )
+
+
+def reap_orphans(root: Path) -> list[Path]:
+    """Remove staging directories under `root` whose process (on this host, of this user) is gone."""
+    removed = []
+    host, uid = _host(), os.getuid()
+    for entry in root.glob(f"{PREFIX}{host}-*"):
+        pid = entry.name[len(PREFIX) + len(host) + 1 :].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or int(pid) == os.getpid() or entry.lstat().st_uid != uid or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        log.warning("removed %s, left behind by process %s (gone)", entry, pid)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
