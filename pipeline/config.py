@@ -217,8 +217,8 @@ class ParallelConfig:
     vpp: int = 1
     """Virtual pipeline stages per rank (megatron interleaved schedule)."""
     cp: int = 1
-    """Context parallel degree (megatron; needs transformer-engine and GPUs: each sequence is split into 2*cp chunks,
-    rank r taking chunks r and 2*cp-1-r)."""
+    """Context parallel degree (megatron: each sequence is split into 2*cp chunks, rank r taking chunks r and
+    2*cp-1-r; on GPUs it needs transformer-engine, on CPU our attention runs it)."""
     ep: int = 1
     """Expert parallel degree (megatron MoE)."""
     etp: int = 1
@@ -484,16 +484,14 @@ def validate(cfg: Config) -> Config:
             "trainer.parallel.ep",
             f"ep*etp = {p.ep}*{p.etp} must divide the ranks of a pipeline stage, tp*cp*dp = {p.tp}*{p.cp}*{p.dp}",
         )
-    if p.cp > 1 and t.backend == "megatron":
-        # Megatron's local attention has no context parallelism (it asserts cp == 1); only transformer-engine's does.
+    if p.cp > 1 and t.backend == "megatron" and t.gpus_per_rank > 0:
+        # On GPUs context parallelism is transformer-engine's attention; our SDPACoreAttention runs it on CPU only.
         if importlib.util.find_spec("transformer_engine") is None:
             _fail(
                 "trainer.parallel.cp",
-                f"context parallelism (cp = {p.cp}) needs transformer-engine's attention, and transformer_engine is "
-                "not installed; install it on the GPU machines or set cp = 1",
+                f"context parallelism (cp = {p.cp}) on GPUs needs transformer-engine's attention, and "
+                "transformer_engine is not installed; install it on the GPU machines or set cp = 1",
             )
-        if t.gpus_per_rank <= 0:
-            _fail("trainer.parallel.cp", f"context parallelism (cp = {p.cp}) runs on GPUs only (trainer.gpus_per_rank)")
     if p.vpp > 1 and p.pp == 1:
         _fail("trainer.parallel.vpp", "virtual pipeline stages need trainer.parallel.pp > 1")
     samples = t.batch_size * cfg.rollout.n_samples_per_prompt

@@ -1,8 +1,8 @@
 """Context parallelism, data side (pure tensors, no TE, no processes): the CP split is megatron's (one sequence) and
 TE's (packed sequences), balances causal work, and the gather undoes it exactly; a CP-packed micro-batch, split over
-its CP ranks and gathered back, feeds the loss the same per-token values as the plain pack. The all-gather's autograd
-runs on 2 gloo ranks in tests/test_megatron_parallel.py; the model at cp = 2 needs TE and GPUs
-(tests/test_megatron_gpu.py)."""
+its CP ranks and gathered back, feeds the loss the same per-token values as the plain pack; megatron's RoPE gives a CP
+rank's chunks their global positions. The all-gathers' autograd and the model at cp = 2 (CPU attention), against
+cp = 1, run on gloo ranks in tests/test_megatron_parallel.py; TE's at cp = 2 in tests/test_megatron_gpu.py."""
 
 from __future__ import annotations
 
@@ -94,3 +94,43 @@ def test_cp_pack_gathers_back_to_the_loss_layout(cp, pad_to, align):
     got = torch.where(whole.valid, row.reshape(-1)[whole.gather_idx], 0.0)
     want = torch.where(plain.valid, f(plain).reshape(-1)[plain.gather_idx], 0.0)
     assert torch.equal(got, want) and got.abs().sum() > 0
+
+
+class _Group:
+    """What megatron's THD RoPE reads of a process group."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_rope_gives_each_cp_chunk_its_global_position(monkeypatch, cp):
+    """Megatron's unfused THD RoPE on a CP rank's share of the row, with the slot bounds (`cu_seqlens_q_padded`,
+    which SelfAttention passes when set) and the rank, rotates each token by its position within its slot."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # where RotaryEmbedding moves its table
+    g = torch.Generator().manual_seed(cp)
+    slots = [cp_slot_length(int(n), cp) for n in torch.randint(1, 40, (5,), generator=g)]
+    cu = torch.tensor([0, *torch.tensor(slots).cumsum(0).tolist()], dtype=torch.int32)
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)
+    freqs = rope(max(slots), packed_seq=True)  # (max slot, 1, 1, 16), as GPTModel computes it for THD
+    config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False)
+    row = torch.randn(int(cu[-1]), 3, 16, generator=g)  # (t, heads, dim)
+    pos = torch.cat([torch.arange(n) for n in slots])
+    # Every token rotated by its own position (sbhd, one position per row).
+    want = apply_rotary_pos_emb(row[:, None], freqs[pos], config, cp_group=_Group(1, 0))[:, 0]
+    assert (want - row).abs().max() > 1.0
+    for rank in range(cp):
+        idx = cp_partition_index(cu, cp, rank)
+        got = apply_rotary_pos_emb(row[idx], freqs, config, cu_seqlens=cu, cp_group=_Group(cp, rank))
+        assert torch.equal(got, want[idx])

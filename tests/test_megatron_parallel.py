@@ -1,7 +1,9 @@
-"""TP=2, PP=2 (also interleaved, vpp=2), DP=2 and TP=2 x PP=2 (4 ranks, also with vpp=2) train exactly like TP=1
-(same DAPO loss, grad norm, updated weights); the gradient is the sum of the loss shares whatever the micro-batch
-split; activation recomputation changes nothing; the vocabulary-parallel log-softmax equals the full-vocabulary one,
-gradients included. gloo, a 4-layer tiny Qwen2 with tied embeddings and a padded vocabulary (200 -> 256)."""
+"""TP=2, PP=2 (also interleaved, vpp=2), DP=2, CP=2, and TP=2 x PP=2 (4 ranks, also with vpp=2), TP=2 x CP=2 and
+PP=2 x CP=2 (4 ranks) train exactly like TP=1 (same DAPO loss, grad norm, per-token logprobs, updated weights); the
+gradient is the sum of the loss shares whatever the micro-batch split; activation recomputation changes nothing; the
+vocabulary-parallel log-softmax equals the full-vocabulary one, gradients included; the CP all-gathers' backward.
+gloo, a 4-layer tiny Qwen2 with tied embeddings and a padded vocabulary (200 -> 256); CP runs model.SDPACoreAttention
+on packs of sequences of different lengths, most of them in slots with padding."""
 
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from engines.megatron.testing import (
     tiny_config,
 )
 
-LAYOUTS_2 = [(2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 2, 1, 2)]  # (tp, pp, dp, vpp) on 2 ranks
-LAYOUTS_4 = [(2, 2, 1, 1), (2, 2, 1, 2)]  # on 4 ranks
+# (tp, pp, dp, vpp, cp) on 2 ranks
+LAYOUTS_2 = [(2, 1, 1, 1, 1), (1, 2, 1, 1, 1), (1, 1, 2, 1, 1), (1, 2, 1, 2, 1), (1, 1, 1, 1, 2)]
+LAYOUTS_4 = [(2, 2, 1, 1, 1), (2, 2, 1, 2, 1), (2, 1, 1, 1, 2), (1, 2, 1, 1, 2)]  # on 4 ranks
 LAYOUTS = LAYOUTS_2 + LAYOUTS_4
-IDS = ["tp2", "pp2", "dp2", "pp2-vpp2", "tp2-pp2", "tp2-pp2-vpp2"]
+IDS = ["tp2", "pp2", "dp2", "pp2-vpp2", "cp2", "tp2-pp2", "tp2-pp2-vpp2", "tp2-cp2", "pp2-cp2"]
 N_MICRO = 3  # odd: DP ranks get 2 and 1 micro-batches, vpp pads the schedule with an empty micro-batch
 
 
@@ -31,13 +34,15 @@ def _batch() -> list:
     return random_micro_batches(N_MICRO, 3, 200, seed=11)
 
 
-def _train_once(tmp: str, rank: int, tp: int, pp: int, dp: int, vpp: int = 1, merge: bool = False, **kw) -> dict:
+def _train_once(
+    tmp: str, rank: int, tp: int, pp: int, dp: int, vpp: int = 1, cp: int = 1, merge: bool = False, **kw
+) -> dict:
     """One optimizer step of the DAPO loss on the shared batch; returns metrics and the HF weights around it."""
     from engines.megatron.backend import build_backend
     from pipeline.algorithm.losses import make_loss_fn
 
-    cfg = tiny_config(tp, pp, dp, vpp=vpp, **kw)
-    backend = build_backend(cfg, rank, tp * pp * dp)
+    cfg = tiny_config(tp, pp, dp, vpp=vpp, cp=cp, **kw)
+    backend = build_backend(cfg, rank, tp * pp * dp * cp)
     backend.setup(os.path.join(tmp, "hf"))
     before = {k: v.clone() for k, v in backend.named_hf_weights()}  # replicated tensors are live views
     index = list(range(N_MICRO))[backend.dp_rank :: backend.dp_size]
@@ -90,26 +95,27 @@ def _vocab_parallel_check(rank: int) -> dict:
     }
 
 
-def _cp_gather_check(rank: int, tmp: str) -> dict:
-    """cp_gather over 2 ranks (forward: the whole row; backward: this rank's share of the gradient), and the
-    backend's refusal of cp = 2 without transformer-engine."""
+def _cp_gather_check(rank: int) -> dict:
+    """cp_gather over 2 ranks. Forward: the whole row. Backward: this rank's share of the gradient, which every rank
+    back-propagates identically (the loss's logprobs), or of the sum of the ranks' different gradients (`sum_grads`:
+    attention's keys and values, gathered along dim 0)."""
     import torch.distributed as dist
 
-    from engines.megatron.backend import build_backend
     from engines.megatron.context_parallel import cp_gather, cp_partition_index
 
     cu = torch.tensor([0, 8, 20], dtype=torch.int32)
-    indices = [cp_partition_index(cu, 2, r) for r in range(2)]
+    indices, mine = [cp_partition_index(cu, 2, r) for r in range(2)], cp_partition_index(cu, 2, rank)
     row = torch.randn(3, 20, generator=torch.Generator().manual_seed(5))  # the same on both ranks
-    weight = torch.randn(3, 20, generator=torch.Generator().manual_seed(6))
-    local = row[:, indices[rank]].clone().requires_grad_(True)
+    weights = [torch.randn(3, 20, generator=torch.Generator().manual_seed(6 + r)) for r in range(2)]
+    local = row[:, mine].clone().requires_grad_(True)
     gathered = cp_gather(local, indices, 20, dist.group.WORLD)
-    (gathered * weight).sum().backward()
-    out = {"row": (gathered - row).abs().max().item(), "grad": (local.grad - weight[:, indices[rank]]).abs().max()}
-    try:
-        build_backend(tiny_config(cp=2), rank, 2).setup(os.path.join(tmp, "hf"))
-    except ValueError as e:
-        out["cp_error"] = str(e)
+    (gathered * weights[0]).sum().backward()
+    out = {"row": (gathered - row).abs().max().item(), "grad": (local.grad - weights[0][:, mine]).abs().max().item()}
+    local = row.T[mine].clone().requires_grad_(True)  # (10, 3)
+    gathered = cp_gather(local, indices, 20, dist.group.WORLD, dim=0, sum_grads=True)
+    (gathered * weights[rank].T).sum().backward()  # each rank its own gradient
+    out["row_dim0"] = (gathered - row.T).abs().max().item()
+    out["grad_sum"] = (local.grad - (weights[0] + weights[1]).T[mine]).abs().max().item()
     return out
 
 
@@ -118,10 +124,10 @@ def _parallel_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
     out = {}
     for layout in LAYOUTS_2 if world_size == 2 else LAYOUTS_4:  # the same processes re-initialise megatron
         out[layout] = _train_once(tmp, rank, *layout)
-        if layout == (2, 1, 1, 1):
+        if layout == (2, 1, 1, 1, 1):
             out["vocab_parallel"] = _vocab_parallel_check(rank)
     if world_size == 2:
-        out["cp"] = _cp_gather_check(rank, tmp)
+        out["cp"] = _cp_gather_check(rank)
     torch.save(out, os.path.join(tmp, f"par{world_size}_{rank}.pt"))
 
 
@@ -155,7 +161,8 @@ def test_same_loss_and_grad_norm_as_tp1(runs, layout):
     ref, by_layout, _ = runs
     want = ref["metrics"]
     assert want["grad_norm"] > 0.05 and abs(want["loss"]) > 1e-3  # a non-trivial step
-    assert len(by_layout[layout]) == layout[0] * layout[1] * layout[2]
+    tp, pp, dp, _, cp = layout
+    assert len(by_layout[layout]) == tp * pp * dp * cp
     for r in by_layout[layout]:
         got = r["metrics"]
         assert abs(got["loss"] - want["loss"]) < 1e-6
@@ -212,8 +219,7 @@ def test_expert_layout_for_dense_and_moe_models():
         expert_layout(ParallelConfig(tp=2, pp=2, etp=1), moe=True)
 
 
-def test_cp_gather_autograd_and_cp_needs_transformer_engine(runs):
+def test_cp_gather_autograd(runs):
     _, _, two_ranks = runs
-    for r in two_ranks:
-        assert r["cp"]["row"] == 0.0 and r["cp"]["grad"] == 0.0  # exact: pure data movement
-        assert r["cp"]["cp_error"].startswith("trainer.parallel.cp = 2: context parallelism needs transformer-engine")
+    for r in two_ranks:  # exact: pure data movement, and a sum of two terms
+        assert r["cp"] == {"row": 0.0, "grad": 0.0, "row_dim0": 0.0, "grad_sum": 0.0}

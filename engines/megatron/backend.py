@@ -1,4 +1,4 @@
-"""Megatron-core trainer backend: TP/PP/DP (EP for MoE, CP with TE) over a GPTModel built from a HF checkpoint.
+"""Megatron-core trainer backend: TP/PP/CP/DP (EP for MoE) over a GPTModel built from a HF checkpoint.
 
 Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 - `build_backend(cfg, rank, world_size)`; the caller has already initialised torch.distributed's default group
@@ -46,10 +46,11 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   the gradient as `router_aux_loss_coef` x the token-weighted mean of megatron's per-micro-batch aux losses over the
   whole mini-batch (all DP ranks; see `_router_tokens`); padding (the pipeline pad segment, empty micro-batches)
   goes through the router and counts as tokens.
-- Context parallelism (cp > 1) needs TE and CUDA (else setup raises): each sequence of a pack takes a slot that is a
-  multiple of 2*cp (`cu_seqlens_padded`), each CP rank runs its load-balanced share of the row (chunks r and
-  2*cp-1-r of every slot, megatron/TE's THD convention) and the per-token logprobs/entropies are all-gathered over the
-  CP group before the loss (engines/megatron/context_parallel.py); megatron sums the gradients over CP and DP.
+- Context parallelism (cp > 1): each sequence of a pack takes a slot that is a multiple of 2*cp
+  (`cu_seqlens_padded`), each CP rank runs its load-balanced share of the row (chunks r and 2*cp-1-r of every slot,
+  megatron/TE's THD convention) and the per-token logprobs/entropies are all-gathered over the CP group before the
+  loss (engines/megatron/context_parallel.py); megatron sums the gradients over CP and DP. The attention is TE's on
+  GPUs (CUDA without TE: setup raises) and `model.SDPACoreAttention`'s on CPU.
 - Not supported: EP > 1 together with PP > 1 (megatron then needs ep*etp == tp*cp, so tp > 1, and MoE with tp > 1
   needs sequence parallelism, i.e. TE: untested). bf16 (`model.dtype`) is meant for GPUs.
 """
@@ -302,10 +303,10 @@ class MegatronBackend:
                 f"torch.distributed has rank {dist.get_rank()}/{dist.get_world_size()}, "
                 f"the backend was built for {self.rank}/{self.world_size}"
             )
-        if self.cfg.trainer.parallel.cp > 1 and not (te_available() and torch.cuda.is_available()):
+        if self.cfg.trainer.parallel.cp > 1 and torch.cuda.is_available() and not te_available():
             raise ValueError(
-                f"trainer.parallel.cp = {self.cfg.trainer.parallel.cp}: context parallelism needs transformer-engine's "
-                "attention on CUDA GPUs (megatron's local attention has no context parallelism)"
+                f"trainer.parallel.cp = {self.cfg.trainer.parallel.cp}: context parallelism on GPUs needs "
+                "transformer-engine's attention (model.SDPACoreAttention runs it on CPU only)"
             )
         hf_config = AutoConfig.from_pretrained(hf_model_dir)
         p = expert_layout(self.cfg.trainer.parallel, arch_from_hf(hf_config).num_experts > 0)

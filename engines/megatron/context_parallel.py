@@ -10,12 +10,14 @@ Contract:
 - `cp_partition_index(cu_seqlens_padded, cp, rank)` -> (t/cp,) long: the row positions rank r holds, in the order
   its model input takes them. The index of TE's `thd_get_partitioned_indices`, in torch; for a one-sequence row it is
   megatron's `get_batch_on_this_cp_rank` split.
-- `cp_unshard(pieces, indices, total)`: the inverse, a (..., total) tensor holding pieces[r] (..., t/cp) at
-  positions indices[r]; split then unshard is the identity.
-- `cp_gather(local, indices, total, group)`: all-gather over the CP group, then unshard. Autograd: the backward
-  returns this rank's positions of the incoming gradient. Every CP rank then computes the same whole-row loss and
-  back-propagates it through its own tokens only; megatron sums the gradients over the CP group (with DP), which
-  gives the gradient of the loss once.
+- `cp_unshard(pieces, indices, total, dim=-1)`: the inverse, a tensor of `total` positions along `dim` holding
+  pieces[r] (t/cp positions) at positions indices[r]; split then unshard is the identity.
+- `cp_gather(local, indices, total, group, dim=-1, sum_grads=False)`: all-gather over the CP group, then unshard.
+  Autograd: the backward returns this rank's positions of the incoming gradient, summed over the CP group (a
+  reduce-scatter) when `sum_grads`: the ranks back-propagate different gradients into the gathered tensor (keys and
+  values, which every rank's queries attend to). Without it every rank must back-propagate the same gradient: every CP rank
+  computes the same whole-row loss from the gathered logprobs and back-propagates it through its own tokens only;
+  megatron sums the parameter gradients over the CP group (with DP), which gives the gradient of the loss once.
 """
 
 from __future__ import annotations
@@ -43,29 +45,40 @@ def cp_partition_index(cu_seqlens_padded: torch.Tensor, cp: int, rank: int) -> t
     return torch.cat(parts).to(cu_seqlens_padded.device) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def cp_unshard(pieces: list[torch.Tensor], indices: list[torch.Tensor], total: int) -> torch.Tensor:
-    """(..., total) from the CP ranks' (..., t/cp) pieces at their positions."""
-    out = pieces[0].new_zeros(*pieces[0].shape[:-1], total)
+def cp_unshard(pieces: list[torch.Tensor], indices: list[torch.Tensor], total: int, dim: int = -1) -> torch.Tensor:
+    """`total` positions along `dim` from the CP ranks' pieces (t/cp positions each) at their positions."""
+    shape = list(pieces[0].shape)
+    shape[dim] = total
+    out = pieces[0].new_zeros(shape)
     for piece, index in zip(pieces, indices, strict=True):
-        out[..., index] = piece
+        out.index_copy_(dim, index, piece)
     return out
 
 
 class _CPGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local, indices, total, group):  # type: ignore[override]
+    def forward(ctx, local, indices, total, group, dim, sum_grads):  # type: ignore[override]
         pieces = [torch.empty_like(local) for _ in indices]
         dist.all_gather(pieces, local.contiguous(), group=group)
-        ctx.index = indices[dist.get_rank(group)]
-        return cp_unshard(pieces, indices, total)
+        ctx.indices, ctx.rank, ctx.dim, ctx.group, ctx.sum_grads = indices, dist.get_rank(group), dim, group, sum_grads
+        return cp_unshard(pieces, indices, total, dim)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return grad[..., ctx.index], None, None, None
+        if not ctx.sum_grads:
+            return grad.index_select(ctx.dim, ctx.indices[ctx.rank]), None, None, None, None, None
+        # Every rank's positions one after another, then a reduce-scatter: each receives its own, summed.
+        rows = grad.movedim(ctx.dim, 0)
+        by_rank = torch.cat([rows.index_select(0, index) for index in ctx.indices])
+        mine = rows.new_empty(len(ctx.indices[ctx.rank]), *rows.shape[1:])
+        dist.reduce_scatter_tensor(mine, by_rank.contiguous(), group=ctx.group)
+        return mine.movedim(0, ctx.dim), None, None, None, None, None
 
 
-def cp_gather(local: torch.Tensor, indices: list[torch.Tensor], total: int, group: Any) -> torch.Tensor:
-    """The whole row (..., total) of a per-token result held as (..., t/cp) pieces by the CP ranks."""
+def cp_gather(
+    local: torch.Tensor, indices: list[torch.Tensor], total: int, group: Any, dim: int = -1, sum_grads: bool = False
+) -> torch.Tensor:
+    """The whole row (`total` positions along `dim`) of a tensor held as t/cp-position pieces by the CP ranks."""
     if len(indices) == 1:
         return local
-    return _CPGather.apply(local, indices, total, group)
+    return _CPGather.apply(local, indices, total, group, dim, sum_grads)

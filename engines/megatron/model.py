@@ -13,7 +13,7 @@ Contract:
   to train otherwise).
 - The layer spec: transformer-engine's when TE is importable (`use_te=None`) or requested, else megatron's local
   spec with its core attention replaced by `SDPACoreAttention`, which also accepts packed sequences (THD,
-  `PackedSeqParams` with `cu_seqlens`), so sequence packing works on CPU.
+  `PackedSeqParams` with `cu_seqlens`) and context parallelism on them, so sequence packing and cp > 1 run on CPU.
 - The padded vocabulary is `convert.padded_vocab_size(vocab, make_vocab_size_divisible_by, tp)`; the extra logit
   columns are masked out by the backend's vocab-parallel log-softmax, never trained towards.
 - Dropout is 0 (RL fine-tuning; and it keeps TP/PP/DP runs comparable).
@@ -39,6 +39,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from engines.megatron.context_parallel import cp_gather, cp_partition_index
 from engines.megatron.convert import ArchInfo, arch_from_hf
 from pipeline.config import ParallelConfig
 
@@ -60,6 +61,14 @@ class SDPACoreAttention(MegatronModule):
     Takes what megatron's `SelfAttention` hands its core attention: sbhd tensors `[s, b, heads, dim]`, or with
     `packed_seq_params.qkv_format == "thd"` packed tensors `[t, heads, dim]` holding sequences back to back at
     `cu_seqlens_q` (each sequence attends causally to itself only). Returns `[s, b, heads*dim]` / `[t, heads*dim]`.
+
+    Context parallelism (cp > 1, THD only): the tensors are this CP rank's share of the row, chunks r and 2*cp-1-r
+    of every slot `cu_seqlens_q_padded` (engines/megatron/context_parallel.py). Keys and values are all-gathered
+    over the CP group (the backward sums their gradients over the group) and each local query attends causally to
+    its slot's keys up to its global position. A slot's tail beyond the real length (`cu_seqlens_q`) only ever
+    comes after the real tokens, so causality keeps real tokens from attending to it, as TE's padding does; the
+    tail's own outputs are never read. Megatron's RoPE gives the chunks their global positions (`apply_rotary_pos_emb`
+    with `cu_seqlens_q_padded` and the CP rank; tests/test_megatron_context_parallel.py).
     """
 
     def __init__(
@@ -74,8 +83,7 @@ class SDPACoreAttention(MegatronModule):
         pg_collection: Any = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("trainer.parallel.cp > 1 needs transformer-engine attention (not the local spec)")
+        self._cp_group = getattr(pg_collection, "cp", None)  # else megatron's global one, looked up when needed
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale if softmax_scale is not None else config.softmax_scale
@@ -106,7 +114,11 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention: attention_bias is not supported")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            if self.config.context_parallel_size > 1:
+                return self._forward_thd_cp(query, key, value, packed_seq_params)
             return self._forward_thd(query, key, value, packed_seq_params)
+        if self.config.context_parallel_size > 1:
+            raise ValueError("trainer.parallel.cp > 1: SDPACoreAttention has context parallelism for packed rows only")
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         # Megatron's masks are True where attention is NOT allowed; SDPA's boolean masks are True where it is.
@@ -125,6 +137,34 @@ class SDPACoreAttention(MegatronModule):
                 continue
             q, k, v = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # (1, h, s, d)
             outs.append(self._sdpa(q, k, v, None)[0].transpose(0, 1))  # (s, h, d)
+        out = torch.cat(outs, dim=0)
+        return out.reshape(out.shape[0], -1)
+
+    def _forward_thd_cp(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, psp: PackedSeqParams
+    ) -> torch.Tensor:
+        """This CP rank's queries against the whole row's keys and values (see the class docstring)."""
+        if psp.cu_seqlens_q_padded is None:
+            raise ValueError("context parallelism needs PackedSeqParams.cu_seqlens_q_padded (2*cp-aligned slots)")
+        group = self._cp_group if self._cp_group is not None else parallel_state.get_context_parallel_group()
+        cp, rank = group.size(), group.rank()
+        slots = psp.cu_seqlens_q_padded
+        indices = [cp_partition_index(slots, cp, r) for r in range(cp)]
+        total = int(slots[-1])
+        kv = cp_gather(torch.cat([key, value], dim=1), indices, total, group, dim=0, sum_grads=True)
+        key, value = kv.split([key.shape[1], value.shape[1]], dim=1)  # (total, hkv, d) each, in row order
+        mine = indices[rank]  # the row position of each local token
+        bounds = slots.tolist()
+        outs, local = [], 0
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            n = (end - start) // cp
+            q_pos = mine[local : local + n] - start  # (n,) positions within the slot: chunks r and 2*cp-1-r
+            q = query[local : local + n].transpose(0, 1).unsqueeze(0)  # (1, hq, n, d)
+            seen = int(q_pos[-1]) + 1  # the late chunk's last position: no query looks further
+            k, v = (x[start : start + seen].transpose(0, 1).unsqueeze(0) for x in (key, value))
+            mask = torch.arange(seen, device=q.device) <= q_pos.unsqueeze(1)  # (n, seen), True = attend
+            outs.append(self._sdpa(q, k, v, mask)[0].transpose(0, 1))  # (n, hq, d)
+            local += n
         out = torch.cat(outs, dim=0)
         return out.reshape(out.shape[0], -1)
 
