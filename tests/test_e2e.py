@@ -178,24 +178,24 @@ def test_engine_crash_mid_run_is_survived(tmp_path, sig, engines, max_restarts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pp", "cp"])
-def test_megatron_backend_in_the_loop(tmp_path, layout):
-    """trainer.backend=megatron on two ranks. pp: two pipeline stages, each stage's source rank broadcasts its own
-    layers, stage after stage. cp: two context-parallel ranks (CPU attention), CP rank 0 alone broadcasts. The
-    engine's checksums of every tensor match what was sent."""
+def test_megatron_backend_in_the_loop(tmp_path):
+    """trainer.backend=megatron on four ranks, two pipeline stages x two context-parallel ranks (CPU attention):
+    each stage's source rank (CP rank 0) broadcasts its own layers, stage after stage, and the engine's checksums of
+    every tensor match what was sent."""
     cfg = load_config(
         ROOT / "configs" / "tiny-cpu.yaml",
         [
             "trainer.backend=megatron",
-            "trainer.world_size=2",
-            f"trainer.parallel.{layout}=2",
+            "trainer.world_size=4",
+            "trainer.parallel.pp=2",
+            "trainer.parallel.cp=2",
             "trainer.total_steps=2",
             "trainer.batch_size=2",
             "rollout.n_samples_per_prompt=4",
             "trainer.micro_batch_size=4",
             "weight_sync.checksum=true",
             f"logging.dir={tmp_path}",
-            f"logging.run_name=m{layout}2",
+            "logging.run_name=megatron",
             "eval.every=0",
         ],
     )
