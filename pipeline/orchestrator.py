@@ -67,6 +67,9 @@ class EngineActor:
             return self.proc.url
         return f"http://{advertised(e.host, ray.util.get_node_ip_address())}:{port}"  # proc.url is the loopback
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def health(self, timeout_s: float) -> str:
         """ok | dead | hung (see EngineProcess.health); probed on the loopback of the engine's own node."""
         return self.proc.health(timeout_s) if self.proc is not None else "dead"
@@ -124,7 +127,9 @@ class TrainerActor:
     def pp_stage(self) -> int:
         return getattr(self.worker.backend, "pp_rank", 0)
 
-    def connect_weight_sync(self, urls: list[str], engine_tp: list[int]) -> None:
+    def connect_weight_sync(self, urls: list[str], engine_tp: list[int], engine_nodes: list[str] | None = None) -> None:
+        """Join the engines' sync group as this stage's source; engine_nodes (Ray node ids, one per URL) let a disk
+        transport check that every engine can read what it stages."""
         if not self.worker.backend.is_sync_source:
             return
         from pipeline.weight_sync import WeightSyncSender
@@ -137,6 +142,11 @@ class TrainerActor:
             urls, ws, api_key=engine_api_key(self.cfg), engine_tp=engine_tp, stage=self.pp_stage(),
             model_dir=self.model_dir,
         )  # fmt: skip
+        if self.sender.transport == "disk" and engine_nodes:
+            from pipeline.weight_sync.disk import check_engines_see
+
+            here = ray.get_runtime_context().get_node_id()
+            check_engines_see(ws.disk_dir, here, dict(zip(urls, engine_nodes, strict=True)))
         self.sender.connect()
 
     def reconnect_weight_sync(self, urls: list[str], engine_tp: list[int]) -> None:
@@ -403,6 +413,10 @@ class Cluster:
             log.warning("engine %s %s: restarted as %s (restart %d)", old, what, self.urls[i], self.restarts[i])
             replaced[old] = self.urls[i]
         return replaced
+
+    def engine_nodes(self) -> list[str]:
+        """The Ray node id of every engine we launched (empty for external engines)."""
+        return ray.get([a.node_id.remote() for a in self.engines])
 
     @property
     def live_urls(self) -> list[str]:

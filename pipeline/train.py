@@ -63,7 +63,8 @@ def train(cfg: Config) -> RunResult:
         model_dir = prepare_model_dir(cfg, str(run_dir))
         urls = cluster.launch_engines(model_dir, str(run_dir))
         trainers = cluster.launch_trainer(model_dir)
-        ray.get([a.connect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls)) for a in trainers])
+        nodes = cluster.engine_nodes()
+        ray.get([a.connect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls), nodes) for a in trainers])
         buffer = RolloutBuffer(
             GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"),
             batch_size=t.batch_size,

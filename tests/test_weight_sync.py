@@ -44,7 +44,7 @@ from pipeline.weight_sync import (
     plan_buckets,
     prepare_bucket,
 )
-from pipeline.weight_sync.disk import DiskStaging, StagedCheckpoint
+from pipeline.weight_sync.disk import DiskStaging, StagedCheckpoint, check_engines_see, filesystem_type
 
 MODEL = dict(init_std=0.3, max_position=256)  # vocab 128, hidden 64, 2 layers: ~90k parameters
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43]]
@@ -314,6 +314,24 @@ def test_safetensors_files_are_the_standard_format_both_ways(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])  # truncated: refused before any offset is trusted
     with pytest.raises(Exception, match="(?i)invalid|incomplete|metadata"):
         safetensors_layout(path)
+
+
+MOUNTS = """\
+/dev/vda / ext4 rw 0 0
+tmpfs /dev/shm tmpfs rw 0 0
+fs1:/export /mnt/shared nfs4 rw 0 0
+/dev/vdb /mnt/shared/local ext4 rw 0 0
+"""
+
+
+def test_disk_staging_must_be_visible_to_engines_on_other_nodes():
+    assert filesystem_type("/dev/shm/x", MOUNTS) == "tmpfs" and filesystem_type("/mnt/sharedx", MOUNTS) == "ext4"
+    assert filesystem_type("/mnt/shared/a", MOUNTS) == "nfs4"
+    assert filesystem_type("/mnt/shared/local/a", MOUNTS) == "ext4"  # the longest mount point wins
+    check_engines_see("/dev/shm", "n0", {"http://a:1": "n0", "http://b:2": "n0"}, MOUNTS)  # one node: fine
+    check_engines_see("/mnt/shared/w", "n0", {"http://a:1": "n0", "http://b:2": "n1"}, MOUNTS)  # shared: fine
+    with pytest.raises(ConfigError, match=r"^weight_sync.disk_dir: /dev/shm \(tmpfs filesystem\).*engines http://b:2 "):
+        check_engines_see("/dev/shm", "n0", {"http://a:1": "n0", "http://b:2": "n1"}, MOUNTS)
 
 
 def test_sender_validates_config_and_lays_out_ranks():

@@ -21,6 +21,9 @@ Contract:
   it is gone: at most one staged checkpoint per sender exists, and only during a sync and the moment after. It
   holds the model once in the wire dtype.
 - Writing fails with an OSError naming weight_sync.disk_dir and its free space (e.g. a container's 64 MB /dev/shm).
+- Engines must see the directory: `check_engines_see(root, source_node, engine_nodes)` fails (ConfigError naming
+  the engines) when an engine runs on another node than the sync source and `root` is not on a shared filesystem
+  (NFS, Lustre, GPFS, CephFS, a FUSE mount, ...; judged from /proc/mounts).
 """
 
 from __future__ import annotations
@@ -154,3 +157,39 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p", "virtiofs")
+
+
+def filesystem_type(path: str | Path, mounts: str | None = None) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it in /proc/mounts)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    target, best, kind = os.path.realpath(path), -1, ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, kind = len(point), parts[2]
+    return kind
+
+
+def check_engines_see(root: str, source_node: str, engine_nodes: dict[str, str], mounts: str | None = None) -> None:
+    """ConfigError when an engine (url -> node) runs on another node than the source and `root` is node-local."""
+    elsewhere = [url for url, node in engine_nodes.items() if node != source_node]
+    kind = filesystem_type(root, mounts)
+    if not elsewhere or kind in SHARED_FILESYSTEMS or kind.startswith("fuse."):
+        return
+    raise ConfigError(
+        f"weight_sync.disk_dir: {root} ({kind or 'unknown'} filesystem) is local to the sync source's node, but "
+        f"engines {', '.join(elsewhere)} run on other nodes and would not find the staged checkpoint; keep each "
+        "engine on its sync source's node (colocated: one node, cluster.placement_strategy=STRICT_PACK) or set "
+        "weight_sync.disk_dir to a directory on a filesystem shared by the nodes"
+    )
