@@ -29,6 +29,7 @@ def test_defaults_and_overrides():
         ("trainer.backend=jax", "trainer.backend"),  # not a choice
         ("algorithm.dual_clip_c=0.5", "algorithm.dual_clip_c"),
         ("rollout.max_staleness=-1", "rollout.max_staleness"),
+        ("rollout.over_admission=-0.5", "rollout.over_admission"),
     ],
 )
 def test_errors_name_the_key(override, key):
