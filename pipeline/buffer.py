@@ -13,7 +13,8 @@ Contract:
   `stale`, a terminal "filtered" outcome; with the manager's admission rule this does not happen in steady state).
   The batch is the `batch_size` oldest groups (by start version, then arrival), returned at once unless taking a
   group younger than a still-unresolved older one (known from the manager's status) could make some group miss
-  its deadline (earliest-deadline-first feasibility, worst case every unresolved group is kept); then it waits.
+  its deadline (earliest-deadline-first feasibility, worst case every unresolved group that may still be kept --
+  the manager's reservations, pipeline/admission.py -- is kept); then it waits.
   With the manager's rule no trained sample ever exceeds the bound; `TimeoutError` after timeout_s (with the
   buffer's view in the message).
 - Accounting (DESIGN.md contract 3), checked exactly because every frame carries the manager's counters as of
@@ -259,8 +260,8 @@ class RolloutBuffer:
         held = Counter(e.meta.start_version for e in self._entries.values())
         return (
             f"trainer version {v}, batch {self.B}, max_staleness {self.s}; held {len(self._entries)} kept groups by "
-            f"start version {dict(sorted(held.items()))}; unresolved at the manager by start version "
-            f"{dict(sorted(self._pending().items()))}; received {self._seq} groups"
+            f"start version {dict(sorted(held.items()))}; unresolved at the manager that may still be kept, by start "
+            f"version {dict(sorted(self._pending().items()))}; received {self._seq} groups"
         )
 
     # ------------------------------------------------------------------ accounting, metrics

@@ -145,6 +145,10 @@ class RolloutConfig:
     max_staleness: int = 1
     """s: a sample made by a policy more than s versions older than the one being trained is never used.
     0 = synchronous on-policy; 1 = one-step off-policy."""
+    over_admission: float = 0.5
+    """With dynamic sampling, groups admitted beyond what the staleness bound can keep, against the expected keep
+    rate, at most this x trainer.batch_size in flight (the bound stays hard: a surplus group that finishes kept is
+    re-queued, its tokens wasted; see pipeline/admission.py). 0: every unfinished group counts as kept."""
     partial_rollout: str = "abort"
     """At a weight update, in-flight requests are: wait (finished first) | abort (aborted, prompt re-queued) |
     resume (aborted, prompt + generated prefix resent under the new weights, tokens tagged with versions)."""
@@ -450,6 +454,8 @@ def validate(cfg: Config) -> Config:
             _fail(path, f"must be >= 1; got {_get(cfg, path)}")
     if cfg.rollout.max_staleness < 0:
         _fail("rollout.max_staleness", f"must be >= 0; got {cfg.rollout.max_staleness}")
+    if not 0 <= cfg.rollout.over_admission <= 8:
+        _fail("rollout.over_admission", f"must be in [0, 8] (x trainer.batch_size); got {cfg.rollout.over_admission}")
 
     a = cfg.algorithm
     if not 0 <= a.eps_low < 1:

@@ -6,21 +6,16 @@ Contract:
   aborted and resumed on its own, and they spread over engines (SGLang shares the prompt's KV cache anyway).
   Every live engine is kept at `rollout.max_inflight_per_engine` requests; a new group is admitted when a slot is
   free, no admitted request is still waiting for one, and the admission rule allows it.
-- Admission rule (staleness). With v the weight version the engines hold, s = max_staleness, B = batch_size and
-  E = weight_sync.every (the trainer trains E steps on each version, so step k trains version floor((k-1)/E)),
-  a new group is admitted only while
-      kept + unresolved < (v + s + 1) * E * B
-  kept: groups finished and passed by the dynamic-sampling filter so far (cumulative, consumed or not, minus
-  any the buffer later dropped as stale, see `set_version`); unresolved: groups admitted and not yet finished,
-  filtered or re-queued. Why it bounds staleness: when version v is live the trainer has consumed at least v*E*B
-  groups, so at most (s+1)*E*B kept groups with start version <= v can be unconsumed -- exactly the batches
-  the trainer takes at versions v..v+s. The buffer hands out groups oldest start version first and never lets a
-  younger group take a slot an older unresolved one needs (EDF check, it learns the unresolved groups from the
-  status in every frame), so a group admitted under v is trained at a version <= v + s. A group's samples carry
-  per-token versions >= its start version, so no trained sample exceeds the bound; s = 0 admits exactly E*B kept
-  groups per version: synchronous, on-policy. Filtered groups leave `unresolved` without entering `kept`, so
-  over-sampling for dynamic sampling refills the freed capacity at once, and requests running when a batch fills
-  stay in flight for the next one.
+- Admission and the staleness bound: pipeline/admission.py. With v the weight version the engines hold, a group
+  admitted under v (its start version) is trained at a version <= v + max_staleness: a new group starts while
+  kept + reserved groups leave room under (v + s + 1) * weight_sync.every * batch_size, and, with dynamic
+  sampling, a bounded number more against the expected keep rate (rollout.over_admission). A group the filter
+  keeps is pushed as kept only if a reservation is left for its start version; otherwise (an over-admitted
+  surplus) its prompt is re-queued, reason `over_admitted`, not counted as an attempt; groups that can no longer
+  be kept are cancelled and re-queued the same way. The buffer learns the reservations from every frame's status
+  (`pending`) for its EDF check. A group's samples carry per-token versions >= its start version, so no trained
+  sample exceeds the bound; s = 0 is synchronous, on-policy. Requests running when a batch fills stay in flight
+  for the next one.
 - Weight updates (the orchestrator calls `before_weight_update()`, syncs, then `after_weight_update(version)`):
   no request is sent between the two. rollout.partial_rollout: `wait` lets in-flight requests finish; `abort`
   aborts them and re-queues (at the front) the prompts of every group not fully generated; `resume` aborts them,
@@ -60,6 +55,7 @@ from typing import Any, Protocol
 import msgspec
 
 from engines.client import EngineDeadError, EngineError, GenerateOutput
+from pipeline.admission import AdmissionControl
 from pipeline.algorithm.filters import dynamic_sampling_filter
 from pipeline.algorithm.shaping import shape_reward
 from pipeline.config import Config
@@ -161,7 +157,7 @@ class RolloutManager:
         self._version = 0
         self._updating = self._stopping = False
         self._groups: dict[str, _GroupRun] = {}  # unresolved, by group id
-        self._pending: Counter = Counter()  # unresolved groups by start version
+        self.admission = AdmissionControl(self.s, self.B, self.E, r.over_admission)
         self._ready: list[tuple[int, int, int, int, _Request]] = []  # heap: oldest group first
         self._ready_seq = 0  # tie-breaker: a request is never compared
         self._load: Counter = Counter()  # requests in flight per engine URL
@@ -173,11 +169,11 @@ class RolloutManager:
         self._drain_task: asyncio.Task | None = None
         self._status_dirty = True
 
-        self._drawn = self._pushed = self._gave_up = self._kept_total = self._stale_dropped = 0
+        self._drawn = self._pushed = self._gave_up = 0
         self._requeued: Counter = Counter()  # by reason
-        self._decisions: Counter = Counter()  # the filter's decisions on pushed groups
+        self._decisions: Counter = Counter()  # the filter's decisions (over-admitted surpluses included)
         self._failures: Counter = Counter()  # request failures by kind
-        self._counts: Counter = Counter()  # retries, resumed, tokens, wasted_tokens, internal_errors
+        self._counts: Counter = Counter()  # retries, resumed, tokens, wasted_tokens, over_admitted, internal_errors
         self._window = _Window()
 
     # ------------------------------------------------------------------ orchestrator API
@@ -200,8 +196,7 @@ class RolloutManager:
         """The engines' weight version (at start or resume). `stale_dropped`: the buffer's cumulative count of kept
         groups dropped as stale (filter/drop_stale), which frees their admission capacity (0 in steady state)."""
         self._version = int(version)
-        if stale_dropped is not None:
-            self._stale_dropped = int(stale_dropped)
+        self.admission.set_version(version, stale_dropped)
         self._status_dirty = True
         self._wake.set()
 
@@ -243,17 +238,12 @@ class RolloutManager:
         self.sender.close()
 
     # ------------------------------------------------------------------ admission and dispatch
-    def budget(self) -> int:
-        """(v + s + 1) * E * B: the most groups ever kept or unresolved while version v is live."""
-        return (self._version + self.s + 1) * self.E * self.B
-
-    def committed(self) -> int:
-        return self._kept_total - self._stale_dropped + len(self._groups)
-
     def _schedule(self) -> None:
+        if not self._stopping:
+            self._cancel_hopeless()  # also during an update: in wait mode it would wait for them
         if not (self._updating or self._stopping):
             self._dispatch()
-            while not self._ready and self._free_slots() > 0 and self.committed() < self.budget():
+            while not self._ready and self._free_slots() > 0 and self.admission.may_admit():
                 self._admit()
                 self._dispatch()
         if self._status_dirty:
@@ -270,8 +260,15 @@ class RolloutManager:
         for req in g.requests:
             self._push_ready(req)
         self._groups[g.group_id] = g
-        self._pending[g.start_version] += 1
+        if not self.admission.admitted():  # no reservation: admitted against the expected keep rate
+            self._counts["over_admitted"] += 1
         self._status_dirty = True
+
+    def _cancel_hopeless(self) -> None:
+        doomed = self.admission.hopeless()
+        if doomed:  # newest first: each goes to the queue's front, so their order is kept
+            for g in sorted((g for g in self._groups.values() if g.start_version in doomed), key=lambda g: -g.draw):
+                self._abandon(g, "over_admitted")
 
     def _push_ready(self, req: _Request) -> None:
         self._ready_seq += 1
@@ -445,22 +442,24 @@ class RolloutManager:
             decision = dynamic_sampling_filter(group)
             keep = decision.keep
             self._decisions[decision.reason] += 1
-        self._resolve(g)
+            self.admission.observe(keep)
+        if keep and not self.admission.keep(g.start_version):  # over-admitted surplus: the bound has no slot for it
+            self._abandon(g, "over_admitted")
+            return
+        self._resolve(g, kept=keep)
         self._pushed += 1
-        self._kept_total += keep
         self._window.add(group)
         self._post(encode_group(group, self._status(), start_version=g.start_version, payload=keep))
         self._status_dirty = False  # the frame carried the latest status
 
-    def _resolve(self, g: _GroupRun) -> None:
+    def _resolve(self, g: _GroupRun, kept: bool = False) -> None:
         del self._groups[g.group_id]
-        self._pending[g.start_version] -= 1
-        if not self._pending[g.start_version]:
-            del self._pending[g.start_version]
+        self.admission.resolved(g.start_version, kept)
         self._status_dirty = True
 
     def _abandon(self, g: _GroupRun, reason: str) -> None:
-        """Give up this attempt: cancel its requests, re-queue the prompt at the front (or give up the prompt)."""
+        """Give up this attempt: cancel its requests, re-queue the prompt at the front (or give up the prompt). An
+        over-admitted surplus is not the prompt's attempt: it does not count towards max_gen_rounds."""
         if g.abandoned:
             return
         g.abandoned = True
@@ -471,11 +470,12 @@ class RolloutManager:
         self._counts["wasted_tokens"] += sum(len(r.ids) for r in g.requests)
         self._resolve(g)
         p = g.prompt
-        if p.attempt + 1 > self.max_gen_rounds:
+        attempt = p.attempt + (reason != "over_admitted")
+        if attempt > self.max_gen_rounds:
             self._gave_up += 1
-            log.warning("rollout: prompt %s given up after %d attempts this epoch", p.prompt_id, p.attempt + 1)
+            log.warning("rollout: prompt %s given up after %d attempts this epoch", p.prompt_id, attempt)
         else:
-            self.queue.push_front([msgspec.structs.replace(p, attempt=p.attempt + 1)])
+            self.queue.push_front([msgspec.structs.replace(p, attempt=attempt)])
             self._requeued[reason] += 1
 
     async def _abort_quietly(self, rid: str) -> None:
@@ -493,7 +493,7 @@ class RolloutManager:
             requeued=sum(self._requeued.values()),
             gave_up=self._gave_up,
             in_flight=len(self._groups),
-            pending=dict(self._pending),
+            pending=self.admission.reserved(),
         )
 
     def _post_status(self) -> None:
@@ -524,7 +524,7 @@ class RolloutManager:
         out = {
             "drawn": self._drawn,
             "pushed": self._pushed,
-            "kept": self._kept_total,
+            "kept": self.admission.kept,
             "requeued": sum(self._requeued.values()),
             "gave_up": self._gave_up,
             "in_flight": len(self._groups),
@@ -541,11 +541,11 @@ class RolloutManager:
                 "rollout/inflight": float(self._running),
                 "rollout/queued_requests": float(len(self._ready)),
                 "rollout/version": float(self._version),
-                "rollout/admission_budget": float(self.budget() - self.committed()),
                 "rollout/alive_engines": float(len(self.client.alive_urls)),
                 "rollout/engine_failures": float(sum(self._failures.values())),
             }
         )
+        m.update(self.admission.metrics())
         m.update({f"rollout/engine_failures_{k}": float(v) for k, v in self._failures.items()})
         m.update({f"rollout/{k}": float(v) for k, v in self._counts.items()})
         m.update({f"rollout/filter_{k}": float(v) for k, v in self._decisions.items()})
@@ -561,7 +561,7 @@ class RolloutManager:
             "queue": self.queue.state_dict(front_first=[g.prompt for g in in_flight]),
             "drawn": self._drawn,
             "pushed": self._pushed,
-            "kept": self._kept_total,
+            "kept": self.admission.kept,
             "gave_up": self._gave_up,
             "requeued": dict(self._requeued),
             "in_flight": len(in_flight),
@@ -573,12 +573,11 @@ class RolloutManager:
         if self._groups or self._drawn:
             raise RuntimeError("RolloutManager.load_state_dict: call it before run()")
         self.queue.load_state_dict(state["queue"])
-        self._drawn, self._pushed, self._kept_total = state["drawn"], state["pushed"], state["kept"]
+        self._drawn, self._pushed, self.admission.kept = state["drawn"], state["pushed"], state["kept"]
         self._gave_up = state["gave_up"]
         self._requeued = Counter(state["requeued"])
         self._requeued["resume"] += state["in_flight"]
-        self._version = state["version"]
-        self._status_dirty = True
+        self.set_version(state["version"])
 
 
 def _check_shaping(overlong: Any, max_new_tokens: int) -> None:

@@ -191,8 +191,9 @@ class SimEngineClient:
 
     def _output(self, key, prompt_ids, done, n, finish, url, prompt_tokens) -> GenerateOutput:
         ids = [self.token(key, done + k, prompt_ids) for k in range(n)]
-        if finish == "stop" and ids:
-            ids[-1] = EOS
+        last = self.target_len(key) - 1 - done  # the response's end is EOS even in an abort that reached it
+        if 0 <= last < n:
+            ids[last] = EOS
         return GenerateOutput(
             output_ids=ids,
             logprobs=[self.logprob(t) for t in ids],

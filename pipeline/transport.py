@@ -64,7 +64,8 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     in_flight: int = 0
     """Draws not yet resolved (generating, scoring, or waiting for an engine)."""
     pending: dict[int, int] = msgspec.field(default_factory=dict)
-    """Unresolved groups by start version (the version they were admitted under)."""
+    """Unresolved groups that may still be kept (their reservations under the staleness bound, see
+    pipeline/admission.py), by start version (the version they were admitted under)."""
 
 
 class GroupMeta(msgspec.Struct, kw_only=True):

@@ -31,6 +31,7 @@ def test_defaults_and_overrides():
         ("rollout.max_staleness=-1", "rollout.max_staleness"),
         ("engine.health_timeout_s=0", "engine.health_timeout_s"),
         ("weight_sync.timeout_s=-1", "weight_sync.timeout_s"),
+        ("rollout.over_admission=-0.5", "rollout.over_admission"),
     ],
 )
 def test_errors_name_the_key(override, key):

@@ -8,9 +8,20 @@ import time
 
 import pytest
 
+from engines.client import GenerateOutput
 from pipeline.prompt_queue import PromptQueue
 from pipeline.rollout import RolloutManager
-from pipeline.rollout_sim import SimEngineClient, SimRewards, SimTokenizer, run_sim, sim_config, sim_prompts
+from pipeline.rollout_sim import (
+    CORRECT,
+    EOS,
+    WRONG,
+    SimEngineClient,
+    SimRewards,
+    SimTokenizer,
+    run_sim,
+    sim_config,
+    sim_prompts,
+)
 from pipeline.transport import GroupReceiver
 
 
@@ -71,6 +82,107 @@ def test_filtered_groups_free_capacity():
     assert acc["kept"] == 8 and acc["pushed"] > 8 and acc["in_flight"] == 0
 
 
+class GatedEngines:
+    """Two engines of 4 slots whose requests end only when the test releases their group, with the first token of
+    each sample CORRECT or WRONG as it says: the test decides what the filter keeps and when."""
+
+    def __init__(self) -> None:
+        self.urls = ["gate://0", "gate://1"]
+        self.gates: dict[str, asyncio.Future] = {}
+        self.running = 0
+
+    @property
+    def alive_urls(self) -> list[str]:
+        return self.urls
+
+    async def generate(self, input_ids, sampling_params, rid=None, return_logprob=True, url=None):
+        gate = self.gates.setdefault(rid.split("-")[0], asyncio.get_running_loop().create_future())
+        self.running += 1
+        try:
+            accs = await gate
+        finally:
+            self.running -= 1
+        ids = [CORRECT if accs[int(rid.split("-")[1])] else WRONG, EOS]
+        return GenerateOutput(ids, [-0.1, -0.1], "stop", "0", url or self.urls[0], len(input_ids))
+
+    async def abort(self, rid=None, abort_all=False) -> None:
+        for gid, gate in self.gates.items():
+            if not gate.done() and (abort_all or rid.split("-")[0] == gid):
+                gate.cancel()
+
+    def release(self, gid: str, *accs: bool) -> None:
+        self.gates[gid].set_result(accs)
+
+
+async def until(cond, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("over_admission", [0.0, 1.0])
+def test_over_admission_fills_the_slots_the_bound_would_leave_idle(over_admission):
+    # s=0, B=2: two groups of version 0 can be kept; G=2 and 2 x 4 slots: four groups fill the engines.
+    cfg = sim_config(max_staleness=0, batch_size=2, n_samples_per_prompt=2, max_inflight_per_engine=4)
+    cfg.rollout.over_admission = over_admission
+
+    async def go():
+        rx, client = GroupReceiver(), GatedEngines()
+        m = RolloutManager(cfg, client, SimTokenizer(), sim_prompts(20), rx.address, SimRewards())
+        task = asyncio.create_task(m.run())
+        try:
+            await until(lambda: client.running == 4)  # no filter decision yet (keep rate 1): what the bound allows
+            await asyncio.sleep(0.05)
+            assert client.running == 4 and set(client.gates) == {"g1", "g2"}
+            client.release("g1", False, False)  # both filtered: keep rate estimate 1/3
+            client.release("g2", False, False)
+            expected = 8 if over_admission else 4
+            await until(lambda: m.accounting()["pushed"] == 2 and client.running == expected)
+            await asyncio.sleep(0.05)  # and no more
+            assert client.running == expected
+            if over_admission:  # 2 groups with a reservation + 2 over-admitted (cap ceil(1.0 * 2)): engines full
+                assert m.stats()["rollout/over_admitted"] == 2
+                for gid in ("g3", "g4", "g5"):  # three kept: the first two to finish use the reservations
+                    client.release(gid, True, False)
+                await until(lambda: m.accounting()["in_flight"] == 0)  # g6 can no longer be kept: cancelled
+                assert m.accounting()["kept"] == 2  # exactly what the bound allows at s=0
+                assert m.stats()["rollout/requeued_over_admitted"] == 2  # the third one and g6, back at the front
+                assert [attempt for _, attempt, _ in m.state_dict()["queue"]["front"]] == [0, 0]  # not an attempt
+            else:
+                assert m.accounting()["in_flight"] == 2
+            assert m.accounting()["balanced"] == 1
+        finally:
+            await m.stop()
+            await task
+            rx.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("timing", ["slow_engines", "slow_trainer"])
+def test_over_admission_keeps_the_staleness_bound_and_the_accounting(timing):
+    # Half the groups filtered, slots for 4 groups, batches of 2: over-admission runs at its cap all the time.
+    t = SLOW_ENGINES_FAST_TRAINER if timing == "slow_engines" else FAST_ENGINES_SLOW_TRAINER
+    cfg = sim_config(max_staleness=1, partial_rollout="resume", batch_size=2, max_inflight_per_engine=8)
+    cfg.rollout.over_admission = 2.0
+    client = SimEngineClient(
+        n_engines=2,
+        capacity=8,
+        per_token_s=t["per_token_s"],
+        speeds=t["speeds"],
+        jitter=t["jitter"],
+        p_always_right=0.25,
+        p_always_wrong=0.25,
+    )
+    res = run_sim(cfg, client, sim_prompts(80), steps=8, train_s=t["train_s"])
+    assert_healthy(res, cfg, 8)  # exact batches, nothing twice, both sides balanced, no stale drop
+    assert max(v - smp.min_version for v, smp in trained_samples(res)) <= 1
+    st = res.rollout_stats
+    assert st["rollout/over_admitted"] > 0
+    assert st["rollout/speculative_groups"] <= 4  # ceil(2.0 * 2)
+
+
 def test_resume_keeps_token_version_alignment_and_the_prefix():
     cfg = sim_config(max_staleness=1, partial_rollout="resume", batch_size=2, max_new_tokens=48)
     client = SimEngineClient(n_engines=2, capacity=8, per_token_s=0.003, min_len=20, max_len=80, jitter=0.3)
@@ -94,8 +206,9 @@ def test_abort_mode_requeues_unfinished_groups():
     client = SimEngineClient(n_engines=2, capacity=8, per_token_s=0.002, min_len=20, max_len=48)
     res = run_sim(cfg, client, sim_prompts(40), steps=6, train_s=0.01)
     assert_healthy(res, cfg, 6)
-    requeued = res.rollout_stats["rollout/requeued_weight_update"]
-    assert requeued > 0 and res.rollout_accounting["requeued"] == requeued
+    st = res.rollout_stats
+    requeued = st["rollout/requeued_weight_update"]
+    assert requeued > 0 and st["rollout/requeued"] == requeued + st.get("rollout/requeued_over_admitted", 0)
     for _, smp in trained_samples(res):
         assert len(set(smp.versions)) == 1  # aborted work is never stitched
     assert any(g.attempt > 0 for b in res.trained for g in b)  # re-queued prompts came back and were trained
