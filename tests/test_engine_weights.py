@@ -20,6 +20,7 @@ class Recorder:
 
     def __init__(self):
         self.calls: list[tuple] = []
+        self.fail_next = False
 
     def _record(self, *call):
         self.calls.append(call)
@@ -44,7 +45,13 @@ class Recorder:
 
     def sync_weights(self, version, pause=True):
         self._record("sync", version)
+        if self.fail_next:  # as a sync that met a hung engine does, after weight_sync.timeout_s
+            self.fail_next = False
+            raise RuntimeError("weight sync: bucket 0 failed: no answer within weight_sync.timeout_s: e1")
         return {}
+
+    def fail_next_sync(self):
+        self.fail_next = True
 
     def take(self):
         calls, self.calls = self.calls, []
@@ -53,10 +60,11 @@ class Recorder:
 
 class FakeCluster:
     def __init__(self):
-        self.urls, self.restarts, self.next = ["e0", "e1"], [0, 0], {}
+        self.urls, self.restarts, self.findings = ["e0", "e1"], [0, 0], []
 
     def heal_engines(self, model_dir):
-        replaced, self.next = self.next, {}
+        """What successive health checks find: old url -> new url (None: dropped)."""
+        replaced = self.findings.pop(0) if self.findings else {}
         for old, new in replaced.items():
             self.urls[self.urls.index(old)] = new
             self.restarts[0] += new is not None
@@ -94,7 +102,7 @@ def test_versions_and_the_order_a_replaced_engine_joins_in(ray_local):
 
     # A replaced engine before the trainer stepped: the same weights again, as the same version; it joins the
     # rollout and the evaluator only after the sync gave it those weights.
-    cluster.next = {"e1": "e2"}
+    cluster.findings = [{"e1": "e2"}]
     engines.update()
     assert engines.version == 3
     assert ray.get(rec.take.remote()) == [
@@ -104,7 +112,7 @@ def test_versions_and_the_order_a_replaced_engine_joins_in(ray_local):
 
     # The trainer stepped, then an engine is replaced: the weights moved on, so the re-sync is a new version.
     engines.trainer_stepped()
-    cluster.next = {"e0": "e3"}
+    cluster.findings = [{"e0": "e3"}]
     assert engines.update()["engine/restarts"] == 2
     assert engines.version == 4
     assert [c for c in ray.get(rec.take.remote()) if c[0] in ("sync", "add")] == [("sync", 4), ("add", ["e3"])]
@@ -113,7 +121,26 @@ def test_versions_and_the_order_a_replaced_engine_joins_in(ray_local):
     engines.trainer_stepped()
     engines.update(publish=True)
     assert engines.version == 5 and ("sync", 5) in ray.get(rec.take.remote())
-    cluster.next = {"e3": None}  # dropped after engine.max_restarts: nobody joins
+    cluster.findings = [{"e3": None}]  # dropped after engine.max_restarts: nobody joins
     engines.update()
     assert engines.version == 5
     assert ray.get(rec.take.remote()) == [("drop", ["e3"]), ("group", ["e2"]), ("pause",), ("sync", 5), ("resume", 5)]
+
+
+def test_an_engine_that_fails_the_sync_is_replaced_and_the_sync_repeated(ray_local):
+    cfg = load_config(TINY)
+    rec, cluster = Recorder.remote(), FakeCluster()
+    engines = _EngineWeights(cfg, cluster, rec, [rec], "model", 0, None)
+    engines.trainer_stepped()
+    ray.get(rec.fail_next_sync.remote())
+    cluster.findings = [{}, {"e1": "e2"}]  # before the sync all is well; after it fails, e1 is found hung
+    engines.update(publish=True)
+    assert engines.version == 1
+    assert ray.get(rec.take.remote()) == [
+        ("pause",), ("sync", 1), ("drop", ["e1"]), ("group", ["e0", "e2"]), ("sync", 1), ("add", ["e2"]), ("resume", 1),
+    ]  # fmt: skip
+
+    ray.get(rec.fail_next_sync.remote())  # a failure no health check explains (all engines well) stops the run
+    with pytest.raises(ray.exceptions.RayTaskError, match="no answer within"):
+        engines.update(publish=True)
+    assert ray.get(rec.take.remote())[-1] == ("resume", 2)  # the rollout is never left paused
