@@ -222,6 +222,9 @@ class _EngineWeights:
     holds the current weights before it serves. That re-sync keeps the version when the trainer has not stepped
     since the last sync (the weights are the same), and else makes a new one (the trainer's weights have moved on).
     A replaced engine joins the rollout's (and the evaluator's) rotation only once the sync has given it the weights.
+    Such an unscheduled version (only possible with weight_sync.every > 1) puts the versions one ahead of the steps
+    the rollout's admission control counts on; the staleness bound still holds through the buffer's drop at
+    consumption (counted, and the prompts accounted for).
     """
 
     def __init__(self, cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str, version: int, evaluator):
