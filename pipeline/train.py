@@ -250,16 +250,17 @@ class _EngineWeights:
 
     def _sync(self) -> dict[str, float]:
         """pause/abort in-flight work -> broadcast -> engines at `version` -> rollout resumes under it. An engine
-        that dies or hangs during the sync is replaced and the broadcast repeated (up to engine.max_restarts times)."""
-        version, attempts = self.version, self.cfg.engine.max_restarts + 1
+        that dies or hangs during the sync is restarted (or dropped, after engine.max_restarts) and the broadcast
+        repeated."""
+        version = self.version
         ray.get(self.rollout.before_weight_update.remote())
         try:
-            for attempt in range(attempts):
+            while True:  # ends: every repeat follows a restart or a drop, and both are bounded (engine.max_restarts)
                 try:
                     metrics = _broadcast(self.trainers, version)
                     break
                 except ray.exceptions.RayTaskError:
-                    if attempt == attempts - 1 or not self._replace_dead_engines():
+                    if not self._replace_dead_engines():
                         raise
                     log.warning("an engine failed during the weight sync to v%d: replaced, syncing again", version)
             joining, self.joining = self.joining, []

@@ -140,7 +140,17 @@ def test_an_engine_that_fails_the_sync_is_replaced_and_the_sync_repeated(ray_loc
         ("pause",), ("sync", 1), ("drop", ["e1"]), ("group", ["e0", "e2"]), ("sync", 1), ("add", ["e2"]), ("resume", 1),
     ]  # fmt: skip
 
+    # With engine.max_restarts = 0 the engine that failed the sync is dropped, and the sync repeated without it.
+    engines.cfg = load_config(TINY, ["engine.max_restarts=0"])
+    ray.get(rec.fail_next_sync.remote())
+    cluster.findings = [{}, {"e2": None}]
+    engines.update(publish=True)
+    assert engines.version == 2
+    assert ray.get(rec.take.remote()) == [
+        ("pause",), ("sync", 2), ("drop", ["e2"]), ("group", ["e0"]), ("sync", 2), ("resume", 2),
+    ]  # fmt: skip
+
     ray.get(rec.fail_next_sync.remote())  # a failure no health check explains (all engines well) stops the run
     with pytest.raises(ray.exceptions.RayTaskError, match="no answer within"):
         engines.update(publish=True)
-    assert ray.get(rec.take.remote())[-1] == ("resume", 2)  # the rollout is never left paused
+    assert ray.get(rec.take.remote())[-1] == ("resume", 3)  # the rollout is never left paused
