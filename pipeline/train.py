@@ -73,12 +73,13 @@ def train(cfg: Config) -> RunResult:
             capacity=cfg.rollout.buffer_capacity or (cfg.rollout.max_staleness + 2) * t.batch_size,
         )
         step, version, rollout_state = _resume(cfg, run_dir, trainers, buffer)
+        stages = ray.get([a.pp_stage.remote() for a in trainers])  # each rank's pipeline stage
         if version > 0:  # engines start from the initial weights: bring them to the checkpoint's
-            _broadcast(trainers, version)
+            _broadcast(trainers, stages, version)
         rollout = cluster.launch_rollout(model_dir, buffer.address, rollout_state, version)
         logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
         evaluator = live_eval_or_none(cfg, urls, model_dir)
-        engines = _EngineWeights(cfg, cluster, rollout, trainers, model_dir, version, evaluator)
+        engines = _EngineWeights(cfg, cluster, rollout, trainers, stages, model_dir, version, evaluator)
         history: list[dict[str, float]] = []
         trained: list[list[str]] = []
         evals: list[dict[str, float]] = []
@@ -97,7 +98,7 @@ def train(cfg: Config) -> RunResult:
                 groups, healed = _next_batch(cfg, buffer, engines)
                 t_wait = time.perf_counter() - t0
                 per_rank = _shard(make_step_batches(groups, cfg, t.parallel.dp), cfg)
-                with _engines_released(cfg, rollout, trainers, engines.version, synced=step % every == 0):
+                with engines.released(synced=step % every == 0):
                     rank_metrics = ray.get([a.train_step.remote(b) for a, b in zip(trainers, per_rank, strict=True)])
                 t_train = time.perf_counter() - t0 - t_wait
                 metrics = step_metrics(groups, rank_metrics, engines.version, t_wait, t_train)
@@ -227,8 +228,11 @@ class _EngineWeights:
     consumption (counted, and the prompts accounted for).
     """
 
-    def __init__(self, cfg: Config, cluster: Cluster, rollout, trainers: list, model_dir: str, version: int, evaluator):
-        self.cfg, self.cluster, self.rollout, self.trainers = cfg, cluster, rollout, trainers
+    def __init__(
+        self, cfg: Config, cluster: Cluster, rollout, trainers: list, stages: list[int], model_dir: str, version: int,
+        evaluator,
+    ):  # fmt: skip
+        self.cfg, self.cluster, self.rollout, self.trainers, self.stages = cfg, cluster, rollout, trainers, stages
         self.model_dir, self.version, self.evaluator = model_dir, version, evaluator
         self.stepped = False  # the trainer's weights changed since the engines' last sync
         self.joining: list[str] = []  # restarted engines waiting for the weights
@@ -257,7 +261,7 @@ class _EngineWeights:
         try:
             while True:  # ends: every repeat follows a restart or a drop, and both are bounded (engine.max_restarts)
                 try:
-                    metrics = _broadcast(self.trainers, version)
+                    metrics = _broadcast(self.trainers, self.stages, version)
                     break
                 except ray.exceptions.RayTaskError:
                     if not self._replace_dead_engines():
@@ -271,6 +275,25 @@ class _EngineWeights:
             return metrics
         finally:
             ray.get(self.rollout.after_weight_update.remote(version))
+
+    @contextlib.contextmanager
+    def released(self, synced: bool) -> Iterator[None]:
+        """weight_sync.release_memory (colocated): generation stops and the engines give that memory back while the
+        trainer trains, and take it back after. A step followed by a sync leaves them paused (the sync continues
+        them); otherwise they continue at once under the current version."""
+        if not (self.cfg.weight_sync.mode == "colocated" and self.cfg.weight_sync.release_memory):
+            yield
+            return
+        first = self.trainers[self.stages.index(0)]  # stage 0's source pauses and resumes the engines for all stages
+        ray.get(self.rollout.before_weight_update.remote())
+        ray.get(first.release_engine_memory.remote())
+        try:
+            yield
+        finally:
+            ray.get(first.resume_engine_memory.remote())
+        if not synced:
+            ray.get(first.resume_engines.remote(self.version))
+            ray.get(self.rollout.after_weight_update.remote(self.version))
 
     def _replace_dead_engines(self) -> bool:
         """Restart dead or hung engines, route away from them, rebuild the sync group. False if all are well."""
@@ -291,36 +314,9 @@ class _EngineWeights:
         return True
 
 
-@contextlib.contextmanager
-def _engines_released(cfg: Config, rollout, trainers: list, version: int, synced: bool) -> Iterator[None]:
-    """weight_sync.release_memory (colocated): generation stops and the engines give that memory back while the
-    trainer trains, and take it back after. A step followed by a sync leaves them paused (the sync continues them);
-    otherwise they continue at once under `version`."""
-    if not (cfg.weight_sync.mode == "colocated" and cfg.weight_sync.release_memory):
-        yield
-        return
-    first = _stage0_source(trainers)
-    ray.get(rollout.before_weight_update.remote())
-    ray.get(first.release_engine_memory.remote())
-    try:
-        yield
-    finally:
-        ray.get(first.resume_engine_memory.remote())
-    if not synced:
-        ray.get(first.resume_engines.remote(version))
-        ray.get(rollout.after_weight_update.remote(version))
-
-
-def _stage0_source(trainers: list):
-    """The trainer actor that syncs pipeline stage 0 (it pauses and resumes the engines for every stage)."""
-    stages = ray.get([a.pp_stage.remote() for a in trainers])
-    return trainers[stages.index(0)]
-
-
-def _broadcast(trainers: list, version: int) -> dict[str, float]:
-    """One stage: its source pauses, sends and resumes the engines. Several pipeline stages: pause once, then each
-    stage in turn (an engine receives on one group at a time), then resume once."""
-    stages = ray.get([a.pp_stage.remote() for a in trainers])
+def _broadcast(trainers: list, stages: list[int], version: int) -> dict[str, float]:
+    """One stage: its source pauses, sends and resumes the engines. Several pipeline stages (`stages`: each rank's):
+    pause once, then each stage in turn (an engine receives on one group at a time), then resume once."""
     out: dict[str, float] = {}
     if max(stages) == 0:
         for stats in ray.get([a.sync_weights.remote(version) for a in trainers]):

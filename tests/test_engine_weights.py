@@ -37,9 +37,6 @@ class Recorder:
     def add_engines(self, urls):
         self._record("add", urls)
 
-    def pp_stage(self):
-        return 0
-
     def reconnect_weight_sync(self, urls, tp):
         self._record("group", urls)
 
@@ -96,7 +93,7 @@ def ray_local():
 def test_versions_and_the_order_a_replaced_engine_joins_in(ray_local):
     cfg = load_config(TINY)
     rec, cluster, evaluator = Recorder.remote(), FakeCluster(), FakeEval()
-    engines = _EngineWeights(cfg, cluster, rec, [rec], "model", 3, evaluator)
+    engines = _EngineWeights(cfg, cluster, rec, [rec], [0], "model", 3, evaluator)
 
     assert engines.update() == {} and ray.get(rec.take.remote()) == []  # all well, nothing to publish: no sync
 
@@ -130,7 +127,7 @@ def test_versions_and_the_order_a_replaced_engine_joins_in(ray_local):
 def test_an_engine_that_fails_the_sync_is_replaced_and_the_sync_repeated(ray_local):
     cfg = load_config(TINY)
     rec, cluster = Recorder.remote(), FakeCluster()
-    engines = _EngineWeights(cfg, cluster, rec, [rec], "model", 0, None)
+    engines = _EngineWeights(cfg, cluster, rec, [rec], [0], "model", 0, None)
     engines.trainer_stepped()
     ray.get(rec.fail_next_sync.remote())
     cluster.findings = [{}, {"e1": "e2"}]  # before the sync all is well; after it fails, e1 is found hung

@@ -51,8 +51,9 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   megatron/TE's THD convention) and the per-token logprobs/entropies are all-gathered over the CP group before the
   loss (engines/megatron/context_parallel.py); megatron sums the gradients over CP and DP. The attention is TE's on
   GPUs (CUDA without TE: setup raises) and `model.SDPACoreAttention`'s on CPU.
-- Not supported: EP > 1 together with PP > 1 (megatron then needs ep*etp == tp*cp, so tp > 1, and MoE with tp > 1
-  needs sequence parallelism, i.e. TE: untested). bf16 (`model.dtype`) is meant for GPUs.
+- EP > 1 together with PP > 1: megatron then needs ep*etp == tp*cp (checked by `expert_layout`), so tp > 1, and
+  MoE with tp > 1 needs sequence parallelism, i.e. TE: built as megatron defines it, never run. bf16
+  (`model.dtype`) is meant for GPUs.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Contract:
 - Layout (transformer-engine's THD + CP convention, which megatron's `get_thd_batch_on_this_cp_rank` uses): every
   sequence of a packed row occupies a slot whose length is a multiple of 2*cp (`cu_seqlens_padded`; the real lengths
   go in `cu_seqlens`). Each slot is cut into 2*cp equal chunks and CP rank r holds chunks r and 2*cp-1-r (the causal
-  work of a early chunk and a late chunk balance out), slot after slot.
+  work of an early chunk and a late chunk balance out), slot after slot.
 - `cp_slot_length(n, cp)`: n rounded up to a multiple of 2*cp.
 - `cp_partition_index(cu_seqlens_padded, cp, rank)` -> (t/cp,) long: the row positions rank r holds, in the order
   its model input takes them. The index of TE's `thd_get_partitioned_indices`, in torch; for a one-sequence row it is
