@@ -11,24 +11,30 @@ synchronous), 1 and 2 it measures the mean step time after a warm-up and compare
   of s = 0 itself: `<regime>_s0_over_sync_sum_ratio`; the <= 1.1 target is for s >= 1).
 Two regimes: balanced (training = generation) and generation-bound (training = generation / 2); training is sized
 by a 4-step s = 0 probe run with over-admission off (the same whatever the policy under test), which comes out
-~1.15x the generation measured in the long runs, so "balanced" is slightly training-bound. Headlines per regime
-and s: `<regime>_s<s>_over_ideal_ratio` (target <= 1.1) and `<regime>_s<s>_speedup_over_sync_ratio`.
+~1.15x the generation measured in the long runs, so "balanced" is slightly training-bound. The trainer makes
+MINIBATCHES = 4 updates per step, as the presets do, and streams them (pipeline.config.stream_parts): it takes the
+step's batch in 4 parts and spends train_s / 4 on each as soon as it is in. Headlines per regime and s:
+`<regime>_s<s>_over_ideal_ratio` (target <= 1.1) and `<regime>_s<s>_speedup_over_sync_ratio`; the balanced regime
+also runs one mini-batch per step (nothing to stream): `balanced_s<s>_one_minibatch_over_ideal_ratio`.
 The engines are `FastTokenEngines` (see there): the base simulator's per-token hashing ran on the manager's event
 loop and made the benchmark measure the simulator (s=2 balanced 1.16 -> 1.05-1.11 with it replaced).
-Measured (shared 2-core VM, 2 runs; `--over-admission 0` = the conservative rule, 1 run, in brackets):
-async/ideal balanced s=1 1.13 / 1.15 [1.27], s=2 1.03 / 1.02 [1.03]; gen-bound s=1 1.09 / 1.09 [1.13], s=2
-0.98 / 0.98 [0.97]; s=0 over the synchronous sum balanced 1.20 / 1.20 [1.37], gen-bound 1.28 / 1.28 [1.51]
-(s = 0 got faster too, so the speedups over it fell: balanced s=1 x1.93 / x1.90 [x1.97], s=2 x2.13 / x2.16
-[x2.44]). The conservative rule counted every unfinished group as kept, so near the cap engine slots waited for
-the next version (balanced s=1: engines 65% busy); counting them at the expected keep rate (pipeline/admission.py)
-fills them (80% busy) at the cost of ~8% wasted tokens: over-admitted groups that lose the race for the batch are
-re-queued. Why balanced s = 1 still misses: under the bound, batch k+2 may only start generating once version k is
-live, so each batch -- tail of its slowest group included -- must be generated within one training step; with
-generation ~ training there is little slack for the tail, and the update window (sync_s plus abort/resume, ~5%)
-idles all engines. `--no-dynamic-sampling` (nothing to over-admit, training ~ generation): s=1 1.26, s=2 1.02
-balanced; s = 2 gives two steps of slack.
+Measured (shared 2-core VM, 2 runs, rollout.partial_rollout = resume): async/ideal balanced s=1 1.05 / 1.05, s=2
+1.04 / 1.05; gen-bound s=1 1.00 / 1.01, s=2 1.00 / 1.01; s = 0 over the synchronous sum: balanced 0.89 / 0.89 (the
+trainer trains a step's first mini-batches while its last groups generate, on-policy still), gen-bound 1.01 / 1.01;
+speedup over that s = 0: x1.54-1.58. One mini-batch per step: balanced s=1 1.12 / 1.17, s=2 1.04 / 1.06 (speedups
+x1.89-2.13 over a slower s = 0). Other modes, balanced, 4 mini-batches: wait s=1 1.19 / 1.20, s=2 1.24 / 1.25;
+abort s=1 1.26 / 1.30, s=2 1.26 / 1.27 (abort throws away ~30% of the tokens).
+Why one mini-batch per step misses at balanced s = 1: under the bound, batch k+2 may only start generating once
+version k is live, so each batch -- tail of its slowest group included -- must be generated within one training
+step, and the update window (sync_s plus abort/resume, ~5%) idles all engines. Streaming lets a step start on its
+first quarter, so the tail of its last groups overlaps three quarters of its training. Over-admission
+(pipeline/admission.py; `--over-admission 0` is the conservative rule that counted every unfinished group as kept)
+fills engine slots near the bound at the cost of some wasted tokens (over-admitted groups that lose the race for a
+batch are re-queued). `--no-dynamic-sampling` (nothing to over-admit, training ~ generation; 1 run): balanced s=1 1.08, s=2 1.07;
+gen-bound 1.06 / 1.05; one mini-batch per step: balanced s=1 1.28, s=2 1.04.
 
     .venv/bin/python -m benchmarks.bench_pipeline [--quick] [--over-admission X] [--no-dynamic-sampling]
+        [--minibatches N]
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pipeline.rollout_sim import SimEngineClient, _h, run_sim, sim_config, sim_p
 ENGINES, CAPACITY, PER_TOKEN_S = 2, 16, 0.0005
 MIN_LEN, MAX_LEN, MAX_NEW = 32, 400, 384  # some responses hit max_new_tokens (truncated)
 BATCH, GROUP = 8, 8
+MINIBATCHES = 4  # optimizer updates per step, as the presets (configs/*: 4; the DAPO paper's 16), streamed
 
 
 class FastTokenEngines(SimEngineClient):
@@ -80,8 +87,10 @@ def one_run(
     sync_s: float,
     over_admission: float | None = None,
     dynamic_sampling: bool = True,
+    minibatches: int = 1,
 ) -> dict[str, float]:
     cfg = sim_config(
+        num_minibatches=minibatches,
         max_staleness=s,
         partial_rollout=mode,
         batch_size=BATCH,
@@ -126,8 +135,14 @@ def one_run(
     }
 
 
-def run(quick: bool = False, over_admission: float | None = None, dynamic_sampling: bool = True) -> dict:
-    """`over_admission`: rollout.over_admission for every run (None: the config default)."""
+def run(
+    quick: bool = False,
+    over_admission: float | None = None,
+    dynamic_sampling: bool = True,
+    minibatches: int = MINIBATCHES,
+) -> dict:
+    """`over_admission`: rollout.over_admission for every run (None: the config default); `minibatches`: streamed
+    updates per step of the headline runs."""
     logging.getLogger("pipeline").setLevel(logging.ERROR)
     steps, warmup = (10, 2) if quick else (24, 4)
     # one step's generation, to size the trainer; the same whatever the admission policy under test
@@ -135,17 +150,19 @@ def run(quick: bool = False, over_admission: float | None = None, dynamic_sampli
     gen = probe["generation_s"]
     # balanced (training = generation: the hardest case for s=1) and generation-bound (training = generation / 2)
     scenarios = [("balanced", 1.0)] + ([] if quick else [("gen_bound", 0.5)])
-    out: dict = {"generation_probe_s": gen}
+    out: dict = {"generation_probe_s": gen, "minibatches": minibatches}
     for name, frac in scenarios:
         train_s, sync_s = 0.95 * frac * gen, 0.05 * frac * gen
-        runs = [(0, "resume"), (1, "resume"), (2, "resume")]
+        runs = [(0, "resume", minibatches), (1, "resume", minibatches), (2, "resume", minibatches)]
         if not quick and name == "balanced":
-            runs += [(1, "wait"), (1, "abort"), (2, "wait"), (2, "abort")]
-        for s, mode in runs:
-            r = one_run(s, mode, steps, warmup, train_s, sync_s, over_admission, dynamic_sampling)
-            out[f"{name}_s{s}_{mode}"] = r
+            runs += [(s, mode, minibatches) for s in (1, 2) for mode in ("wait", "abort")]
+            if minibatches > 1:  # one update per step: nothing streamed
+                runs += [(0, "resume", 1), (1, "resume", 1), (2, "resume", 1)]
+        for s, mode, mb in runs:
+            r = one_run(s, mode, steps, warmup, train_s, sync_s, over_admission, dynamic_sampling, mb)
+            out[f"{name}_s{s}_{mode}" + ("" if mb == minibatches else f"_{mb}mb")] = r
             print(
-                f"[pipeline] {name:9s} s={s} {mode:6s}: step {r['step_s'] * 1e3:6.1f} ms; ideal max(gen "
+                f"[pipeline] {name:9s} s={s} {mode:6s} {mb} mb: step {r['step_s'] * 1e3:6.1f} ms; ideal max(gen "
                 f"{r['generation_s'] * 1e3:.0f}, train {r['training_s'] * 1e3:.0f}) = {r['ideal_s'] * 1e3:.0f} ms -> "
                 f"x{r['over_ideal']:.2f}; sync sum {r['ideal_sync_s'] * 1e3:.0f} ms; engines "
                 f"{r['engine_utilisation']:.0%} busy; max staleness {r['staleness_max']:.0f}; wasted tokens "
@@ -165,6 +182,16 @@ def run(quick: bool = False, over_admission: float | None = None, dynamic_sampli
             f"s=0 / (generation + training) {out[f'{name}_s0_over_sync_sum_ratio']:.2f}",
             flush=True,
         )
+        if f"{name}_s1_resume_1mb" in out:
+            whole = {s: out[f"{name}_s{s}_resume_1mb"] for s in (0, 1, 2)}
+            for s in (1, 2):
+                out[f"{name}_s{s}_one_minibatch_over_ideal_ratio"] = whole[s]["over_ideal"]
+            print(
+                f"[pipeline] {name}, one mini-batch per step (nothing to stream): async/ideal s=1 "
+                f"{whole[1]['over_ideal']:.2f}, s=2 {whole[2]['over_ideal']:.2f}; speedup over its synchronous: "
+                f"s=1 x{whole[0]['step_s'] / whole[1]['step_s']:.2f}, s=2 x{whole[0]['step_s'] / whole[2]['step_s']:.2f}",
+                flush=True,
+            )
     return out
 
 
@@ -173,8 +200,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--over-admission", type=float, default=None, help="rollout.over_admission (default: config's)")
     ap.add_argument("--no-dynamic-sampling", action="store_true", help="keep every group (nothing to over-admit)")
+    ap.add_argument("--minibatches", type=int, default=MINIBATCHES, help="streamed updates per step (1: none)")
     args = ap.parse_args()
-    print(json.dumps(run(args.quick, args.over_admission, not args.no_dynamic_sampling), indent=1))
+    print(json.dumps(run(args.quick, args.over_admission, not args.no_dynamic_sampling, args.minibatches), indent=1))
 
 
 if __name__ == "__main__":

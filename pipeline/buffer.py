@@ -8,10 +8,12 @@ Contract:
   high-water marks push back on the senders. The capacity is raised to (max_staleness + 1) * sync_every *
   batch_size when smaller: the admission rule lets that many kept groups exist unconsumed, and fewer would let a
   full buffer block the frame of an older group it has to hand out first.
-- `get_batch(trainer_version, timeout_s)` returns EXACTLY `batch_size` groups whose samples all satisfy
-  trainer_version - sample.min_version <= max_staleness. Groups already too stale are dropped first (reason
+- `get_batch(trainer_version, timeout_s, size=batch_size)` returns EXACTLY `size` groups whose samples all satisfy
+  trainer_version - sample.min_version <= max_staleness. `size` < batch_size hands a step's batch out in parts
+  (the loop streams mini-batches: it trains the first while the last are still generating); the bound and the
+  EDF check below count groups, so parts and whole batches give the same groups in the same order. Groups already too stale are dropped first (reason
   `stale`, a terminal "filtered" outcome; with the manager's admission rule this does not happen in steady state).
-  The batch is the `batch_size` oldest groups (by start version, then arrival), returned at once unless taking a
+  The batch is the `size` oldest groups (by start version, then arrival), returned at once unless taking a
   group younger than a still-unresolved older one (known from the manager's status) could make some group miss
   its deadline (earliest-deadline-first feasibility, worst case every unresolved group that may still be kept --
   the manager's reservations, pipeline/admission.py -- is kept); then it waits.
@@ -107,7 +109,7 @@ class RolloutBuffer:
         self._status: RolloutStatus | None = None
         self._counts: Counter = Counter()  # kept, trained, and drop reasons
         self._outcomes: deque[tuple[int, str]] = deque(maxlen=_OUTCOME_LOG)
-        self._taken: tuple[int, int] = (-1, 0)  # (trainer version, batches handed out at it)
+        self._taken: tuple[int, int] = (-1, 0)  # (trainer version, groups handed out at it)
         self._last: dict[str, float] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._pull_loop, name="rollout-buffer", daemon=True)
@@ -169,8 +171,11 @@ class RolloutBuffer:
         return dynamic_sampling_filter(_Accs(meta.accs)).reason  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ consumption
-    def get_batch(self, trainer_version: int, timeout_s: float) -> list[Group]:
-        """Exactly batch_size kept groups within the staleness bound for `trainer_version` (see module doc)."""
+    def get_batch(self, trainer_version: int, timeout_s: float, size: int | None = None) -> list[Group]:
+        """Exactly `size` (default batch_size) kept groups within the staleness bound for `trainer_version`."""
+        k = self.B if size is None else size
+        if not 1 <= k <= self.B:
+            raise ValueError(f"buffer: get_batch size {size} not in 1..batch_size={self.B}")
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         with self._cond:
@@ -178,7 +183,7 @@ class RolloutBuffer:
                 self._taken = (trainer_version, 0)
             while True:
                 self._drop_stale(trainer_version)
-                chosen = self._select(trainer_version)
+                chosen = self._select(trainer_version, k)
                 if chosen is not None:
                     batch = self._take(chosen, trainer_version)
                     if batch is not None:
@@ -188,7 +193,7 @@ class RolloutBuffer:
                 if remaining <= 0:
                     raise TimeoutError(f"buffer: no batch within {timeout_s:.1f}s; {self._describe(trainer_version)}")
                 self._cond.wait(min(remaining, 0.5))
-            self._taken = (trainer_version, self._taken[1] + 1)
+            self._taken = (trainer_version, self._taken[1] + k)
             self._cond.notify_all()  # room freed: the puller may resume
         stale = [trainer_version - s.min_version for g in batch for s in g.samples]
         self._last = {
@@ -212,24 +217,24 @@ class RolloutBuffer:
         self._outcomes.append((seq, reason))
         log.warning("buffer: group %s dropped (%s)", entry.meta.group_id, reason)
 
-    def _select(self, v: int) -> list[_Entry] | None:
+    def _select(self, v: int, k: int) -> list[_Entry] | None:
         order = sorted(self._entries.values(), key=lambda e: (e.meta.start_version, e.seq))
-        if len(order) < self.B:
+        if len(order) < k:
             return None
-        chosen, rest = order[: self.B], order[self.B :]
+        chosen, rest = order[:k], order[k:]
         pending = {w: n for w, n in self._pending().items() if n > 0 and not self._stale(w, v)}
         if not pending or chosen[-1].meta.start_version <= min(pending):
             return chosen  # nothing older is still on its way: these are the oldest there will be
         # Taking a group younger than an unresolved one: allowed only if, with every unresolved group kept, each
-        # start version w still fits the batches left at trainer versions <= w + s (EDF feasibility).
+        # start version w still fits the groups left at trainer versions <= w + s (EDF feasibility).
         left = Counter(e.meta.start_version for e in rest if not self._stale(e.meta.start_version, v))
         left.update(pending)
-        j = self._taken[1]
+        per_version = self.E * self.B
+        taken = self._taken[1] + k  # at trainer version v, this part included
         need = 0
         for w in sorted(left):
             need += left[w]
-            slots_after = (w + self.s - v) * self.E + (self.E - j) - 1  # batches after this one that can take w
-            if need > slots_after * self.B:
+            if need > (w + self.s - v) * per_version + per_version - taken:  # groups after these that can take w
                 return None
         return chosen
 

@@ -248,6 +248,10 @@ class TrainerConfig:
     """B: kept groups (prompts) per trainer step."""
     num_minibatches: int = 1
     """Optimizer updates per step (the batch is split into this many mini-batches)."""
+    stream_minibatches: bool = True
+    """With num_minibatches > 1, train each mini-batch as soon as its groups are in the buffer, while the step's
+    later groups are still generating (the same groups, order and updates as waiting for the whole batch). Not in
+    algorithm.off_policy = decoupled, whose proximal policy must be computed before the step's first update."""
     micro_batch_size: int = 8
     """Samples per forward/backward; gradients accumulate over micro-batches."""
     max_tokens_per_micro_batch: int = 0
@@ -442,6 +446,15 @@ def _get(cfg: Any, path: str) -> Any:
 
 def _fail(path: str, msg: str) -> None:
     raise ConfigError(f"{path}: {msg}")
+
+
+def stream_parts(cfg: Config) -> int:
+    """In how many parts the training loop takes a step's batch from the buffer, each trained as its mini-batch as
+    soon as it is in (pipeline/trainer.py: streaming)."""
+    t, ws = cfg.trainer, cfg.weight_sync
+    released = ws.mode == "colocated" and ws.release_memory
+    streamed = t.stream_minibatches and cfg.algorithm.off_policy != "decoupled" and not released
+    return t.num_minibatches if streamed else 1
 
 
 def validate(cfg: Config) -> Config:

@@ -121,6 +121,9 @@ class TrainerActor:
     def train_step(self, minibatches: list) -> dict[str, float]:
         return self.worker.train_step(minibatches)
 
+    def train_minibatch(self, mbs: list) -> dict[str, float]:
+        return self.worker.train_minibatch(mbs)
+
     def is_sync_source(self) -> bool:
         return self.worker.backend.is_sync_source
 

@@ -12,7 +12,8 @@ Contract:
   CORRECT or WRONG (probability from the prompt: some prompts always right, some always wrong, the rest mixed, so
   dynamic sampling has work); the last token of a finished response is EOS.
 - `run_sim(...)` runs the manager on its own event loop thread, the buffer, and a trainer loop in the caller's
-  thread (get_batch -> train_s -> every E steps before_weight_update / engines at v+1 after sync_s /
+  thread (get_batch -> train_s, in trainer.num_minibatches parts of train_s / n each when the loop would stream
+  them, see pipeline.config.stream_parts -> every E steps before_weight_update / engines at v+1 after sync_s /
   after_weight_update), and returns what was trained, step times and both sides' accounting.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 
 from engines.client import EngineDeadError, EngineError, GenerateOutput
 from pipeline.buffer import RolloutBuffer
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config, DataConfig, stream_parts
 from pipeline.rewards import RewardResult
 from pipeline.rollout import RolloutManager
 from pipeline.transport import GroupReceiver
@@ -234,10 +235,11 @@ def sim_prompts(n: int, prompt_len: int = 8, seed: int = 0) -> list[Prompt]:
 
 
 def sim_config(**rollout: Any) -> Config:
-    """A Config for simulations; keyword arguments set rollout fields, and `batch_size`, `every`,
+    """A Config for simulations; keyword arguments set rollout fields, and `batch_size`, `num_minibatches`, `every`,
     `dynamic_sampling`, `seed` the trainer / weight-sync / algorithm ones."""
     cfg = Config(data=DataConfig(train_path="synthetic:sim"))
     cfg.trainer.batch_size = rollout.pop("batch_size", 4)
+    cfg.trainer.num_minibatches = rollout.pop("num_minibatches", 1)
     cfg.trainer.seed = rollout.pop("seed", 1)
     cfg.weight_sync.every = rollout.pop("every", 1)
     cfg.algorithm.dynamic_sampling = rollout.pop("dynamic_sampling", True)
@@ -300,14 +302,18 @@ def run_sim(
     manager = call(make())
     running = asyncio.run_coroutine_threadsafe(manager.run(), loop)
     version, t_start = 0, time.perf_counter()
+    parts = stream_parts(cfg)
     try:
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
-            res.trained.append(buffer.get_batch(version, timeout_s))
-            res.versions.append(version)
             delay = train_s(step) if callable(train_s) else train_s
-            if delay:
-                time.sleep(delay)
+            batch: list[Group] = []
+            for _ in range(parts):  # each mini-batch trains as soon as its groups are there
+                batch += buffer.get_batch(version, timeout_s, size=t.batch_size // parts)
+                if delay:
+                    time.sleep(delay / parts)
+            res.trained.append(batch)
+            res.versions.append(version)
             if on_step is not None:
                 on_step(step, client)
             if step % cfg.weight_sync.every == 0:

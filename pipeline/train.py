@@ -4,7 +4,9 @@
             -> trainer ranks (DAPO loss) -> every `weight_sync.every` steps: broadcast -> engines report v+1
 
 Generation never waits for training: the rollout actor streams groups into the buffer while the trainer works
-on the previous batch; the staleness bound (rollout.max_staleness) decides how far ahead it may run.
+on the previous batch; the staleness bound (rollout.max_staleness) decides how far ahead it may run. Nor does
+training wait for a whole batch: with trainer.num_minibatches > 1 each mini-batch trains as soon as its groups are
+in (pipeline.config.stream_parts), while the step's later groups are still generating.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import ray
 
 from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
-from pipeline.config import Config, ConfigError, engine_api_key, to_yaml
+from pipeline.config import Config, ConfigError, engine_api_key, stream_parts, to_yaml
 from pipeline.live_eval import live_eval_or_none
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import prepare_model_dir
 from pipeline.orchestrator import Cluster
-from pipeline.trainer import make_step_batches
+from pipeline.trainer import make_step_batches, merge_metrics
 from pipeline.transport import GroupReceiver
 from pipeline.types import Group
 
@@ -74,6 +76,7 @@ def train(cfg: Config) -> RunResult:
         )
         step, version, rollout_state = _resume(cfg, run_dir, trainers, buffer)
         stages = ray.get([a.pp_stage.remote() for a in trainers])  # each rank's pipeline stage
+        parts = stream_parts(cfg)  # > 1: each mini-batch trains as soon as its groups are in
         if version > 0:  # engines start from the initial weights: bring them to the checkpoint's
             _broadcast(trainers, stages, version)
         rollout = cluster.launch_rollout(model_dir, buffer.address, rollout_state, version)
@@ -95,14 +98,15 @@ def train(cfg: Config) -> RunResult:
             while step < t.total_steps and not stop.requested:
                 step += 1
                 t0 = time.perf_counter()
-                groups, healed = _next_batch(cfg, buffer, engines)
-                t_wait = time.perf_counter() - t0
-                per_rank = _shard(make_step_batches(groups, cfg, t.parallel.dp), cfg)
-                with engines.released(synced=step % every == 0):
-                    rank_metrics = ray.get([a.train_step.remote(b) for a, b in zip(trainers, per_rank, strict=True)])
+                if parts == 1:
+                    out = _whole_step(cfg, buffer, engines, trainers, synced=step % every == 0)
+                else:
+                    out = _streamed_step(cfg, buffer, engines, trainers, parts)
+                groups, rank_metrics, t_wait, healed = out
                 t_train = time.perf_counter() - t0 - t_wait
                 metrics = step_metrics(groups, rank_metrics, engines.version, t_wait, t_train)
                 metrics.update(healed)
+                metrics["perf/streamed_minibatches"] = float(parts if parts > 1 else 0)
                 engines.trainer_stepped()
                 metrics.update(engines.update(publish=step % every == 0))
                 version = engines.version
@@ -334,15 +338,57 @@ def _broadcast(trainers: list, stages: list[int], version: int) -> dict[str, flo
     return out
 
 
-def _next_batch(cfg: Config, buffer: RolloutBuffer, engines: _EngineWeights) -> tuple[list[Group], dict[str, float]]:
-    """Wait for the next batch, checking engine health every few seconds (a dead or hung engine stalls generation)."""
+def _whole_step(
+    cfg: Config, buffer: RolloutBuffer, engines: _EngineWeights, trainers: list, synced: bool
+) -> tuple[list[Group], list[dict[str, float]], float, dict[str, float]]:
+    """One step on the whole batch: the groups, each rank's metrics, the time spent waiting for the batch and the
+    health-check metrics. `synced`: a weight sync follows (see _EngineWeights.released)."""
+    t0 = time.perf_counter()
+    groups, healed = _next_batch(cfg, buffer, engines)
+    t_wait = time.perf_counter() - t0
+    per_rank = _shard(make_step_batches(groups, cfg, cfg.trainer.parallel.dp), cfg)
+    with engines.released(synced):
+        rank_metrics = ray.get([a.train_step.remote(b) for a, b in zip(trainers, per_rank, strict=True)])
+    return groups, rank_metrics, t_wait, healed
+
+
+def _streamed_step(
+    cfg: Config, buffer: RolloutBuffer, engines: _EngineWeights, trainers: list, parts: int
+) -> tuple[list[Group], list[dict[str, float]], float, dict[str, float]]:
+    """One step in `parts` mini-batches: each part of B / parts groups goes to the ranks as soon as the buffer has
+    it, queued behind the mini-batch they are training, so waiting for the next part overlaps training this one.
+    Returns what _whole_step does, each rank's metrics merged over the mini-batches.
+    Once the first part is sent, a weight sync (an engine replaced while a later part is awaited; it runs after the
+    queued mini-batches) sends weights the step has moved: a new version."""
+    groups: list[Group] = []
+    healed: dict[str, float] = {}
+    per_part: list[list] = []  # [part][rank] -> metrics ref
+    t_wait = 0.0
+    for _ in range(parts):
+        t0 = time.perf_counter()
+        part, h = _next_batch(cfg, buffer, engines, size=cfg.trainer.batch_size // parts)
+        t_wait += time.perf_counter() - t0
+        healed.update(h)
+        groups += part
+        per_rank = _shard(make_step_batches(part, cfg, cfg.trainer.parallel.dp, num_minibatches=1), cfg)
+        per_part.append([a.train_minibatch.remote(b[0]) for a, b in zip(trainers, per_rank, strict=True)])
+        engines.trainer_stepped()
+    done = [ray.get(refs) for refs in per_part]
+    return groups, [merge_metrics(list(ranks)) for ranks in zip(*done, strict=True)], t_wait, healed
+
+
+def _next_batch(
+    cfg: Config, buffer: RolloutBuffer, engines: _EngineWeights, size: int | None = None
+) -> tuple[list[Group], dict[str, float]]:
+    """Wait for the next batch (or `size` groups of it), checking engine health every few seconds (a dead or hung
+    engine stalls generation)."""
     deadline = time.monotonic() + cfg.engine.request_timeout_s
     healed: dict[str, float] = {}
     while True:
         remaining = deadline - time.monotonic()
         try:
-            batch = buffer.get_batch(trainer_version=engines.version, timeout_s=max(min(5.0, remaining), 0.01))
-            return batch, healed
+            timeout_s = max(min(5.0, remaining), 0.01)
+            return buffer.get_batch(trainer_version=engines.version, timeout_s=timeout_s, size=size), healed
         except TimeoutError:
             if remaining <= 5.0:
                 raise

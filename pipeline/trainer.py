@@ -9,6 +9,13 @@ Contract:
   longest-first so token counts are balanced.
 - `TrainWorker` is the per-rank object a Ray actor (or a test) drives: it owns one `TrainerBackend`, computes the
   proximal log-probs in decoupled mode, runs the mini-batches and returns the metrics of the step.
+- Streaming (`pipeline.config.stream_parts`): with trainer.num_minibatches = n > 1 the loop takes a step's batch from the buffer
+  in n parts of B / n groups and has the ranks train each mini-batch (`TrainWorker.train_minibatch`) as soon as
+  its part is in, while the later groups are still generating. The groups, their order, the mini-batches and the
+  updates are the ones `make_step_batches` makes of the whole batch (mini-batch m = groups m*B/n .. (m+1)*B/n - 1),
+  and `merge_metrics` gives the step's metrics as `train_step` does. Not streamed: algorithm.off_policy =
+  decoupled (the proximal log-probs of every mini-batch precede the step's first update), and colocated engines
+  that release their memory while the trainer trains (they could not generate the later parts).
 """
 
 from __future__ import annotations
@@ -79,11 +86,13 @@ def _rows(groups: list[Group], cfg: Config) -> list[list[_Row]]:
     ]
 
 
-def make_step_batches(groups: list[Group], cfg: Config, dp_size: int) -> list[list[list[MicroBatch]]]:
-    """[mini-batch][dp rank] -> micro-batches. Groups stay whole inside a mini-batch."""
-    t = cfg.trainer
+def make_step_batches(
+    groups: list[Group], cfg: Config, dp_size: int, num_minibatches: int | None = None
+) -> list[list[list[MicroBatch]]]:
+    """[mini-batch][dp rank] -> micro-batches. Groups stay whole inside a mini-batch. `num_minibatches`: default
+    trainer.num_minibatches (1 for one streamed part)."""
     per_group = _rows(groups, cfg)
-    n_mini = t.num_minibatches
+    n_mini = num_minibatches or cfg.trainer.num_minibatches
     groups_per_mini = len(groups) // n_mini
     out: list[list[list[MicroBatch]]] = []
     for m in range(n_mini):
@@ -131,12 +140,21 @@ class TrainWorker:
             for mbs in minibatches:
                 for mb, lp in zip(mbs, self.backend.forward_logprobs(mbs), strict=True):
                     mb.prox_logprobs = lp
-        totals: dict[str, float] = {}
-        for mbs in minibatches:
-            for k, v in self.backend.train_minibatch(mbs, self.loss_fn).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        metrics = {k: v / len(minibatches) for k, v in totals.items()}
-        tokens = sum(mb.num_tokens() for mbs in minibatches for mb in mbs)
-        metrics["local_tokens"] = float(tokens)
+        metrics = merge_metrics([self.train_minibatch(mbs) for mbs in minibatches])
         metrics["step_seconds"] = time.perf_counter() - t0
         return metrics
+
+    def train_minibatch(self, mbs: list[MicroBatch]) -> dict[str, float]:
+        """One mini-batch (one optimizer update): the backend's metrics and `local_tokens`."""
+        metrics = {k: float(v) for k, v in self.backend.train_minibatch(mbs, self.loss_fn).items()}
+        metrics["local_tokens"] = float(sum(mb.num_tokens() for mb in mbs))
+        return metrics
+
+
+def merge_metrics(per_minibatch: list[dict[str, float]]) -> dict[str, float]:
+    """A step's metrics from its mini-batches': the mean of each, except `local_tokens`, summed."""
+    out: dict[str, float] = {}
+    for m in per_minibatch:
+        for k, v in m.items():
+            out[k] = out.get(k, 0.0) + v
+    return {k: v if k == "local_tokens" else v / len(per_minibatch) for k, v in out.items()}

@@ -161,6 +161,40 @@ def test_sync_every_counts_batches_left_at_a_version(make):
     assert [g.group_id for g in buf.get_batch(1, 5.0)] == ["old"]
 
 
+def test_parts_of_a_batch_are_the_whole_batch_in_order(make):
+    # A step's batch taken in parts (streamed mini-batches) is the batch taken at once: the same groups, in order.
+    ids = ["v1a", "v0a", "v1b", "v0b"]
+    whole, feed = make(batch_size=4, max_staleness=1)
+    parts, feed2 = make(batch_size=4, max_staleness=1)
+    for f in (feed, feed2):
+        for gid in ids:
+            f.push(group(gid, version=int(gid[1])))
+    settle(whole, 4)
+    settle(parts, 4)
+    want = [g.group_id for g in whole.get_batch(1, 1.0)]
+    got = [g.group_id for k in (2, 1, 1) for g in parts.get_batch(1, 1.0, size=k)]
+    assert want == got == ["v0a", "v0b", "v1a", "v1b"]
+    assert parts.metrics()["buffer/trained"] == 4
+    with pytest.raises(ValueError, match="size 5 not in 1..batch_size=4"):
+        parts.get_batch(1, 1.0, size=5)
+
+
+def test_a_part_waits_for_an_older_group_whose_deadline_is_this_step(make):
+    # s=1, B=2, trainer at v1, a v0 group still generating: its last chance is this step's batch. The first part
+    # (1 group) may take a v1 group -- the v0 group still fits the second part -- but the second part may not.
+    buf, feed = make(batch_size=2, max_staleness=1)
+    feed.admit(0)
+    feed.push(group("a", version=1))
+    feed.push(group("b", version=1))
+    settle(buf, 2)
+    assert [g.group_id for g in buf.get_batch(1, 1.0, size=1)] == ["a"]
+    with pytest.raises(TimeoutError, match=r"may still be kept, by start version \{0: 1\}"):
+        buf.get_batch(1, 0.3, size=1)
+    feed.push(group("late", version=0))
+    assert [g.group_id for g in buf.get_batch(1, 5.0, size=1)] == ["late"]
+    assert [g.group_id for g in buf.get_batch(2, 5.0, size=1)] == ["b"]  # the next step (trainer v2)
+
+
 def test_accounting_identity_from_the_status_cut(make):
     buf, feed = make(batch_size=1)
     feed.admit(0, 6)  # drawn 6

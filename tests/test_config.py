@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, stream_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
@@ -73,6 +73,21 @@ def test_colocated_release_of_weights_with_a_cpu_backup_may_skip_syncs():
     cfg = load_config(TINY, COLOCATED + ["weight_sync.release_memory=[weights,kv_cache]"] + backup)
     assert cfg.weight_sync.release_memory == ["weights", "kv_cache"]
     assert cfg.weight_sync.colocated_transport == "auto" and cfg.weight_sync.disk_dir == "/dev/shm"
+
+
+@pytest.mark.parametrize(
+    "overrides, parts",
+    [
+        ([], 1),  # one mini-batch: nothing to stream
+        (["trainer.num_minibatches=4"], 4),
+        (["trainer.num_minibatches=4", "trainer.stream_minibatches=false"], 1),
+        (["trainer.num_minibatches=4", "algorithm.off_policy=decoupled"], 1),  # prox log-probs before any update
+        (["trainer.num_minibatches=4"] + COLOCATED, 4),
+        (["trainer.num_minibatches=4", "weight_sync.release_memory=[kv_cache]"] + COLOCATED, 1),  # engines paused
+    ],
+)
+def test_which_steps_stream_their_minibatches(overrides, parts):
+    assert stream_parts(load_config(TINY, ["trainer.micro_batch_size=2"] + overrides)) == parts
 
 
 def test_parallel_product_must_match_world_size(tmp_path):

@@ -38,6 +38,7 @@ def test_embedded_default_runs_end_to_end(tmp_path, sync):
             f"trainer.batch_size={B}",
             f"rollout.n_samples_per_prompt={G}",
             "trainer.micro_batch_size=8",
+            "trainer.num_minibatches=2",
             f"logging.dir={tmp_path}",
             "logging.run_name=e2e",
             "weight_sync.every=1",
@@ -66,6 +67,8 @@ def test_embedded_default_runs_end_to_end(tmp_path, sync):
         assert m["staleness/max"] <= cfg.rollout.max_staleness
         assert m["time/weight_sync(s)"] > 0
         assert m["perf/train_tokens_per_s"] > 0
+        # two mini-batches, each trained as it arrives; not with the engines' memory released while training
+        assert m["perf/streamed_minibatches"] == (0 if sync else 2)
     # Before the first step (v0), the one started at step 2 (while training went on), after the last step (v3).
     assert [(e["eval/step"], e["eval/weight_version"]) for e in result.evals] == [(0, 0), (2, 2), (3, 3)]
     assert all(0.0 <= e["eval/acc"] <= e["eval/pass"] <= 1.0 for e in result.evals)
@@ -161,7 +164,7 @@ def test_engine_crash_mid_run_is_survived(tmp_path, sig, engines, max_restarts):
             "eval.every=0",
             "engine.request_timeout_s=120",
             "engine.health_timeout_s=3",
-            "weight_sync.timeout_s=20",  # a sync that meets the hung engine fails after this, then it is replaced
+            "weight_sync.timeout_s=10",  # a sync that meets the hung engine fails after this, then it is replaced
             f"engine.num_engines={engines}",
             f"engine.max_restarts={max_restarts}",
         ],
@@ -181,7 +184,7 @@ def test_engine_crash_mid_run_is_survived(tmp_path, sig, engines, max_restarts):
 def test_megatron_backend_in_the_loop(tmp_path):
     """trainer.backend=megatron on four ranks, two pipeline stages x two context-parallel ranks (CPU attention):
     each stage's source rank (CP rank 0) broadcasts its own layers, stage after stage, and the engine's checksums of
-    every tensor match what was sent."""
+    every tensor match what was sent. Two mini-batches per step, each trained (all four ranks) as it arrives."""
     cfg = load_config(
         ROOT / "configs" / "tiny-cpu.yaml",
         [
@@ -191,6 +194,7 @@ def test_megatron_backend_in_the_loop(tmp_path):
             "trainer.parallel.cp=2",
             "trainer.total_steps=2",
             "trainer.batch_size=2",
+            "trainer.num_minibatches=2",
             "rollout.n_samples_per_prompt=4",
             "trainer.micro_batch_size=4",
             "weight_sync.checksum=true",
@@ -201,7 +205,7 @@ def test_megatron_backend_in_the_loop(tmp_path):
     )
     result = train(cfg)
     assert result.steps == 2 and result.engine_versions == ["2"]
-    assert all(m["train/grad_norm"] > 0 for m in result.history)
+    assert all(m["train/grad_norm"] > 0 and m["perf/streamed_minibatches"] == 2 for m in result.history)
     assert result.accounting["balanced"] == 1
 
 

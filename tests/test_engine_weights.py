@@ -9,7 +9,8 @@ import pytest
 import ray
 
 from pipeline.config import load_config
-from pipeline.train import _EngineWeights
+from pipeline.train import _EngineWeights, _streamed_step
+from pipeline.types import Group, Sample
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
@@ -46,6 +47,10 @@ class Recorder:
             self.fail_next = False
             raise RuntimeError("weight sync: bucket 0 failed: no answer within weight_sync.timeout_s: e1")
         return {}
+
+    def train_minibatch(self, mbs):
+        self._record("train", sorted({int(t) for mb in mbs for t in mb.input_ids[:, 0]}))  # token 0 names the group
+        return {"pg_loss": float(len(self.calls)), "local_tokens": 10.0}
 
     def fail_next_sync(self):
         self.fail_next = True
@@ -151,3 +156,49 @@ def test_an_engine_that_fails_the_sync_is_replaced_and_the_sync_repeated(ray_loc
     with pytest.raises(ray.exceptions.RayTaskError, match="no answer within"):
         engines.update(publish=True)
     assert ray.get(rec.take.remote())[-1] == ("resume", 3)  # the rollout is never left paused
+
+
+class FakeBuffer:
+    """Hands out groups `size` at a time; the first wait for the second part times out (a dead engine stalls it)."""
+
+    def __init__(self, groups):
+        self.groups, self.calls = groups, []
+
+    def get_batch(self, trainer_version, timeout_s, size=None):
+        self.calls.append((trainer_version, size))
+        if len(self.calls) == 2:
+            raise TimeoutError("buffer: no batch within 5.0s")
+        out, self.groups = self.groups[:size], self.groups[size:]
+        return out
+
+
+def _group(i: int) -> Group:
+    samples = [
+        Sample(
+            prompt_id=f"p{i}", group_id=f"g{i}", index=j, prompt_ids=[i], response_ids=[7, 8], logprobs=[-1.0, -1.0],
+            versions=[0, 0], reward=float(j), acc=bool(j), max_new_tokens=4,
+        )
+        for j in range(2)
+    ]  # fmt: skip
+    return Group(prompt_id=f"p{i}", group_id=f"g{i}", samples=samples)
+
+
+def test_a_streamed_step_trains_each_part_as_it_arrives(ray_local):
+    # B=4 in 2 parts: part 1 goes to the rank before part 2 is waited for. While waiting, an engine is replaced:
+    # the re-sync runs after the queued mini-batch, so it carries weights the step has moved -- a new version.
+    cfg = load_config(
+        TINY, ["trainer.batch_size=4", "trainer.num_minibatches=2", "rollout.n_samples_per_prompt=2",
+               "trainer.micro_batch_size=4", "engine.request_timeout_s=60"],
+    )  # fmt: skip
+    rec, cluster = Recorder.remote(), FakeCluster()
+    engines = _EngineWeights(cfg, cluster, rec, [rec], [0], "model", 3, None)
+    buffer = FakeBuffer([_group(i) for i in range(1, 5)])
+    cluster.findings = [{"e1": "e2"}]
+    groups, rank_metrics, _, healed = _streamed_step(cfg, buffer, engines, [rec], parts=2)
+    assert [g.group_id for g in groups] == ["g1", "g2", "g3", "g4"]
+    assert buffer.calls == [(3, 2), (3, 2), (4, 2)]  # the part after the re-sync is checked against v4
+    calls = [c for c in ray.get(rec.take.remote()) if c[0] in ("train", "sync", "add")]
+    assert calls == [("train", [1, 2]), ("sync", 4), ("add", ["e2"]), ("train", [3, 4])]
+    assert healed["engine/restarts"] == 1 and engines.version == 4
+    # the step's metrics: the mean over the mini-batches, tokens summed (pipeline.trainer.merge_metrics)
+    assert rank_metrics[0]["local_tokens"] == 20.0

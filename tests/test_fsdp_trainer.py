@@ -10,7 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engines.fsdp.backend import build_backend
 from pipeline.config import load_config
-from pipeline.trainer import TrainWorker, make_step_batches
+from pipeline.trainer import TrainWorker, make_step_batches, merge_metrics
 from pipeline.types import Group, Sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +110,39 @@ def test_single_rank_step_lowers_the_loss(tmp_path):
     assert m["grad_norm"] > 0 and m["lr"] == pytest.approx(1e-3)
     assert m["pg_loss"] == pytest.approx(before, rel=1e-4, abs=1e-6)  # the step's metric is the batch loss
     assert batch_loss() < before
+
+
+def test_streamed_minibatches_equal_the_whole_step(tmp_path):
+    # The loop's streaming (pipeline/train.py): a step's batch in parts of B / n groups, each trained as its own
+    # mini-batch as it arrives, makes the same updates and metrics as the step on the whole batch.
+    cfg = _cfg(
+        **{
+            "trainer.batch_size": 4,
+            "trainer.num_minibatches": 2,
+            "rollout.n_samples_per_prompt": 4,
+            "trainer.micro_batch_size": 4,
+            "trainer.lr": 1e-2,
+            "trainer.warmup_steps": 0,
+        }
+    )
+    model_dir, groups = _model_dir(tmp_path), _groups(n_groups=4)
+    results = []
+    for streamed in (False, True):
+        backend = build_backend(cfg, 0, 1)
+        backend.setup(model_dir)
+        worker = TrainWorker(cfg, backend)
+        initial = {k: v.clone() for k, v in backend.named_hf_weights()}
+        if streamed:
+            parts = [make_step_batches(p, cfg, 1, num_minibatches=1)[0][0] for p in (groups[:2], groups[2:])]
+            m = merge_metrics([worker.train_minibatch(mbs) for mbs in parts])
+        else:
+            m = worker.train_step([mini[0] for mini in make_step_batches(groups, cfg, 1)])
+            del m["step_seconds"]
+        results.append((m, {k: v.clone() for k, v in backend.named_hf_weights()}))
+    (m0, w0), (m1, w1) = results
+    assert m0 == m1 and m0["local_tokens"] == sum(s.prompt_len + s.response_len for g in groups for s in g.samples)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert any(not torch.equal(w1[k], v) for k, v in initial.items())  # it trained
 
 
 def _free_port() -> int:
