@@ -149,9 +149,10 @@ class RolloutConfig:
     """With dynamic sampling, groups admitted beyond what the staleness bound can keep, against the expected keep
     rate, at most this x trainer.batch_size in flight (the bound stays hard: a surplus group that finishes kept is
     re-queued, its tokens wasted; see pipeline/admission.py). 0: every unfinished group counts as kept."""
-    partial_rollout: str = "abort"
+    partial_rollout: str = "resume"
     """At a weight update, in-flight requests are: wait (finished first) | abort (aborted, prompt re-queued) |
-    resume (aborted, prompt + generated prefix resent under the new weights, tokens tagged with versions)."""
+    resume (aborted, prompt + generated prefix resent under the new weights, tokens tagged with versions; nothing
+    generated is thrown away, and benchmarks/bench_pipeline.py measures it fastest)."""
     max_gen_rounds: int = 8
     """Dynamic sampling: cap on how many times a prompt is regenerated after being filtered, per epoch."""
     buffer_capacity: int = 0
