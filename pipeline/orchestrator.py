@@ -7,6 +7,9 @@ Contract:
 - `TrainerActor` is one trainer rank: process group, backend (fsdp | megatron), `TrainWorker`, and, on
   weight-sync source ranks, a `WeightSyncSender`.
 - `RolloutActor` runs the asyncio `RolloutManager`, streaming groups to the driver's buffer over ZMQ.
+- Start-up overlaps what takes seconds: the rollout actor loads the tokenizer and the prompts (`start_rollout`)
+  while the engines start and the trainer ranks load the model (`launch`; engines first when colocated, since an
+  engine on a GPU sizes its memory pool from what is free). `launch_rollout` then hands it the engines and starts it.
 - On 2-core machines every actor asks for 0 CPUs (Ray hangs on fractional budgets there); threads are set per
   process from config instead.
 - Placement: `placement_specs(cfg)` gives the bundles of two placement groups, created (and awaited, with
@@ -380,17 +383,36 @@ class Cluster:
         self.actors.append(actor)
         return actor
 
+    def launch(self, model_dir: str, log_dir: str) -> tuple[list[str], list[Any]]:
+        """The engines and the trainer ranks: (engine URLs, trainer actors). Each loads a model for seconds, so the
+        ranks set up while the engines start -- unless colocated, where an engine on a GPU sizes its memory pool
+        from what the trainer has not taken yet: then the engines first."""
+        if self.cfg.weight_sync.mode == "colocated":
+            return self.launch_engines(model_dir, log_dir), self.launch_trainer(model_dir)
+        starting = self._start_engines(model_dir, log_dir)
+        trainers = self.launch_trainer(model_dir)
+        return self._engines_up(starting), trainers
+
     def launch_engines(self, model_dir: str, log_dir: str) -> list[str]:
+        return self._engines_up(self._start_engines(model_dir, log_dir))
+
+    def _start_engines(self, model_dir: str, log_dir: str) -> list[Any]:
+        """Start every engine; returns the refs of their URLs (none for external engines)."""
         e = self.cfg.engine
         if e.backend == "external":
-            self.urls = list(e.urls)
-            return self.urls
+            return []
         opts = {"num_gpus": e.gpus_per_engine} if e.gpus_per_engine else {}
         self.engines = [
             self._track(EngineActor.options(**opts, **self._in_bundle("engines", i)).remote(self.cfg, i, log_dir))
             for i in range(e.num_engines)
         ]
-        self.urls = ray.get([a.start.remote(model_dir) for a in self.engines])
+        return [a.start.remote(model_dir) for a in self.engines]
+
+    def _engines_up(self, starting: list[Any]) -> list[str]:
+        if self.cfg.engine.backend == "external":
+            self.urls = list(self.cfg.engine.urls)
+            return self.urls
+        self.urls = ray.get(starting)
         self.restarts = [0] * len(self.engines)
         return self.urls
 
@@ -448,12 +470,18 @@ class Cluster:
         ray.get([a.setup.remote(model_dir) for a in self.trainers])
         return self.trainers
 
-    def launch_rollout(self, model_dir: str, push_address: str, state: dict | None, version: int) -> Any:
+    def start_rollout(self, model_dir: str, push_address: str) -> Any:
+        """Create the rollout actor, which loads the tokenizer and the prompts while engines and trainer start;
+        `launch_rollout` gives it the engines, its state and the version, and starts it."""
         # On the driver's node: the buffer's socket (push_address) is bound here, possibly on the loopback.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         self.rollout = self._track(
-            RolloutActor.options(scheduling_strategy=here).remote(self.cfg, self.urls, model_dir, push_address)
+            RolloutActor.options(scheduling_strategy=here).remote(self.cfg, [], model_dir, push_address)
         )
+        return self.rollout
+
+    def launch_rollout(self, state: dict | None, version: int) -> Any:
+        ray.get(self.rollout.add_engines.remote(self.live_urls))
         if state is not None:
             ray.get(self.rollout.load_state_dict.remote(state))
         ray.get(self.rollout.set_version.remote(version))

@@ -61,25 +61,25 @@ def train(cfg: Config) -> RunResult:
     run_dir = make_run_dir(cfg)
     t, every = cfg.trainer, cfg.weight_sync.every
     stop = _StopFlag()
-    with Cluster(cfg) as cluster, stop:
+    buffer = RolloutBuffer(
+        GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"),
+        batch_size=t.batch_size,
+        max_staleness=cfg.rollout.max_staleness,
+        dynamic_sampling=cfg.algorithm.dynamic_sampling,
+        capacity=cfg.rollout.buffer_capacity or (cfg.rollout.max_staleness + 2) * t.batch_size,
+    )
+    with contextlib.closing(buffer), Cluster(cfg) as cluster, stop:
         model_dir = prepare_model_dir(cfg, str(run_dir))
-        urls = cluster.launch_engines(model_dir, str(run_dir))
-        trainers = cluster.launch_trainer(model_dir)
+        cluster.start_rollout(model_dir, buffer.address)  # loads tokenizer and prompts while the rest starts
+        urls, trainers = cluster.launch(model_dir, str(run_dir))
         nodes = cluster.engine_nodes()
         ray.get([a.connect_weight_sync.remote(urls, [cfg.engine.tp] * len(urls), nodes) for a in trainers])
-        buffer = RolloutBuffer(
-            GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"),
-            batch_size=t.batch_size,
-            max_staleness=cfg.rollout.max_staleness,
-            dynamic_sampling=cfg.algorithm.dynamic_sampling,
-            capacity=cfg.rollout.buffer_capacity or (cfg.rollout.max_staleness + 2) * t.batch_size,
-        )
         step, version, rollout_state = _resume(cfg, run_dir, trainers, buffer)
         stages = ray.get([a.pp_stage.remote() for a in trainers])  # each rank's pipeline stage
         parts = stream_parts(cfg)  # > 1: each mini-batch trains as soon as its groups are in
         if version > 0:  # engines start from the initial weights: bring them to the checkpoint's
             _broadcast(trainers, stages, version)
-        rollout = cluster.launch_rollout(model_dir, buffer.address, rollout_state, version)
+        rollout = cluster.launch_rollout(rollout_state, version)
         logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
         evaluator = live_eval_or_none(cfg, urls, model_dir)
         engines = _EngineWeights(cfg, cluster, rollout, trainers, stages, model_dir, version, evaluator)
@@ -137,7 +137,6 @@ def train(cfg: Config) -> RunResult:
             if evaluator is not None:
                 evaluator.close()
             logger.close()
-            buffer.close()
     return RunResult(str(run_dir), step, version, history, accounting, engine_versions, trained, evals)
 
 
