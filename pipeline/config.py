@@ -449,12 +449,16 @@ def _fail(path: str, msg: str) -> None:
     raise ConfigError(f"{path}: {msg}")
 
 
+def releases_engine_memory(cfg: Config) -> bool:
+    """Colocated engines give their memory back (and stop generating) while the trainer trains."""
+    return cfg.weight_sync.mode == "colocated" and bool(cfg.weight_sync.release_memory)
+
+
 def stream_parts(cfg: Config) -> int:
     """In how many parts the training loop takes a step's batch from the buffer, each trained as its mini-batch as
     soon as it is in (pipeline/trainer.py: streaming)."""
-    t, ws = cfg.trainer, cfg.weight_sync
-    released = ws.mode == "colocated" and ws.release_memory
-    streamed = t.stream_minibatches and cfg.algorithm.off_policy != "decoupled" and not released
+    t = cfg.trainer
+    streamed = t.stream_minibatches and cfg.algorithm.off_policy != "decoupled" and not releases_engine_memory(cfg)
     return t.num_minibatches if streamed else 1
 
 

@@ -25,7 +25,7 @@ import ray
 
 from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
-from pipeline.config import Config, ConfigError, engine_api_key, stream_parts, to_yaml
+from pipeline.config import Config, ConfigError, engine_api_key, releases_engine_memory, stream_parts, to_yaml
 from pipeline.live_eval import live_eval_or_none
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import prepare_model_dir
@@ -284,7 +284,7 @@ class _EngineWeights:
         """weight_sync.release_memory (colocated): generation stops and the engines give that memory back while the
         trainer trains, and take it back after. A step followed by a sync leaves them paused (the sync continues
         them); otherwise they continue at once under the current version."""
-        if not (self.cfg.weight_sync.mode == "colocated" and self.cfg.weight_sync.release_memory):
+        if not releases_engine_memory(self.cfg):
             yield
             return
         first = self.trainers[self.stages.index(0)]  # stage 0's source pauses and resumes the engines for all stages
