@@ -121,14 +121,20 @@ def test_oldest_start_version_first(make):
     assert [g.group_id for g in buf.get_batch(2, 1.0)] == ["v0", "v1"]
 
 
-def test_waits_for_an_older_unresolved_group_whose_deadline_is_now(make):
-    # s=1, B=2, trainer at v1: a group admitted under v0 is still generating. Handing out the two v1 groups would
-    # leave it for trainer version 2, where it is stale: EDF says wait (slots after this batch for w=0: 0).
-    buf, feed = make(batch_size=2, max_staleness=1)
+def _v0_generating_v1_held(make, max_staleness: int):
+    """B=2: a group admitted under v0 is still generating; two v1 groups "a", "b" are kept in the buffer."""
+    buf, feed = make(batch_size=2, max_staleness=max_staleness)
     feed.admit(0)
     feed.push(group("a", version=1))
     feed.push(group("b", version=1))
     settle(buf, 2)
+    return buf, feed
+
+
+def test_waits_for_an_older_unresolved_group_whose_deadline_is_now(make):
+    # s=1, B=2, trainer at v1: a group admitted under v0 is still generating. Handing out the two v1 groups would
+    # leave it for trainer version 2, where it is stale: EDF says wait (slots after this batch for w=0: 0).
+    buf, feed = _v0_generating_v1_held(make, max_staleness=1)
     with pytest.raises(TimeoutError, match=r"may still be kept, by start version \{0: 1\}"):
         buf.get_batch(1, 0.3)
     feed.push(group("late", version=0))
@@ -137,11 +143,7 @@ def test_waits_for_an_older_unresolved_group_whose_deadline_is_now(make):
 
 def test_does_not_wait_when_the_older_group_has_slack(make):
     # Same, with s=2: the v0 group can still go in the next batch (trainer v2), so the v1 groups go now.
-    buf, feed = make(batch_size=2, max_staleness=2)
-    feed.admit(0)
-    feed.push(group("a", version=1))
-    feed.push(group("b", version=1))
-    settle(buf, 2)
+    buf, feed = _v0_generating_v1_held(make, max_staleness=2)
     assert [g.group_id for g in buf.get_batch(1, 1.0)] == ["a", "b"]
 
 
@@ -182,11 +184,7 @@ def test_parts_of_a_batch_are_the_whole_batch_in_order(make):
 def test_a_part_waits_for_an_older_group_whose_deadline_is_this_step(make):
     # s=1, B=2, trainer at v1, a v0 group still generating: its last chance is this step's batch. The first part
     # (1 group) may take a v1 group -- the v0 group still fits the second part -- but the second part may not.
-    buf, feed = make(batch_size=2, max_staleness=1)
-    feed.admit(0)
-    feed.push(group("a", version=1))
-    feed.push(group("b", version=1))
-    settle(buf, 2)
+    buf, feed = _v0_generating_v1_held(make, max_staleness=1)
     assert [g.group_id for g in buf.get_batch(1, 1.0, size=1)] == ["a"]
     with pytest.raises(TimeoutError, match=r"may still be kept, by start version \{0: 1\}"):
         buf.get_batch(1, 0.3, size=1)
