@@ -246,7 +246,8 @@ class RolloutActor:
             self.manager.client.mark_dead(url)
 
     async def add_engines(self, urls: list[str]) -> None:
-        """Restarted engines join the rotation (once they hold the current weights)."""
+        """Engines join the rotation: the first ones at launch (`Cluster.launch_rollout`), restarted ones once they
+        hold the current weights."""
         for url in urls:
             self.manager.client.add_url(url)
 
