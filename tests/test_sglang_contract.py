@@ -618,3 +618,46 @@ def test_launcher_flags_exist_in_server_args(release):
             sglang_command(cfg, "/m", 1, admin_api_key="adm", release=release)
     for extra in ("--disable-radix-cache", "--enable-memory-saver", "--update-weights-root"):
         assert extra in src.server_flags(release) or extra == "--update-weights-root"  # the last is CPU-engine only
+
+
+# ------------------------------------------------------------------ (6) context length and stop tokens
+def test_config_checks_prompt_plus_response_against_the_context_length(tmp_path):
+    from pipeline.config import load_config, model_context_length
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+    ctx = load_config(tiny).model.tiny.max_position_embeddings
+    too_long = [f"rollout.max_new_tokens={ctx}"]
+    with pytest.raises(ConfigError, match=r"rollout.max_new_tokens.*data.max_prompt_tokens \+ rollout.max_new_tokens"):
+        load_config(tiny, too_long)
+    with pytest.raises(ConfigError, match="model.tiny.max_position_embeddings"):
+        load_config(tiny, too_long)
+    cfg = load_config(tiny, too_long + [f"engine.context_length={2 * ctx}"])  # explicit, and the launcher passes it
+    assert model_context_length(cfg) == (2 * ctx, "engine.context_length")
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 100}')
+    with pytest.raises(ConfigError, match="exceeds the context length 100 .*config.json"):
+        load_config(tiny, [f"model.path={tmp_path}", f"model.tokenizer={tmp_path}", "rollout.max_new_tokens=64"])
+    cfg = EngineConfig(backend="sglang", context_length=8192)
+    assert sglang_command(cfg, "/m", 1)[-2:] == ["--context-length", "8192"]
+
+
+def test_stop_tokens_as_sglang_computes_them(local_app):
+    from types import SimpleNamespace
+
+    from engines.sglang.protocol import stop_token_ids
+
+    class Tok:
+        eos_token_id = 5
+
+        def get_added_vocab(self):
+            return {"<|eom_id|>": 6, "<|im_start|>": 7}
+
+    config, gen = SimpleNamespace(eos_token_id=[1, 2]), SimpleNamespace(eos_token_id=3)
+    assert stop_token_ids(config, gen, Tok()) == {1, 2, 3, 5, 6}
+    assert stop_token_ids(config, None, None) == {1, 2}  # --skip-tokenizer-init: the model's ids only
+    engine = local_app.engine
+    before = set(engine.eos_ids)
+    try:
+        LocalServer(engine, "tiny", tokenizer=Tok())  # the CPU engine now stops where SGLang stops
+        assert engine.eos_ids == before | {5, 6}
+    finally:
+        engine.eos_ids = before

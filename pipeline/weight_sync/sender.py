@@ -397,9 +397,11 @@ class WeightSyncSender:
         futures = {u: self.client.submit(self.client.begin_weight_update(u)) for u in self.urls}
         try:
             self._await(futures, deadline, "begin_weight_update")
-        except WeightSyncError:
-            opened = [u for u, f in futures.items() if f.done() and not f.cancelled() and f.exception() is None]
-            self._end_session(opened, deadline, failing=True)
+        except WeightSyncError as e:
+            # Close where a session may be open: opened, or no answer (the begin may still land). Not where the
+            # engine refused: a session open there is not ours (e.g. another stage's sender running concurrently).
+            maybe = [u for u, f in futures.items() if f.cancelled() or not f.done() or f.exception() is None]
+            self._end_session(sorted(set(maybe) | set(e.unanswered)), deadline, failing=True)
             raise
         return list(self.urls)
 
