@@ -54,7 +54,9 @@ def source(version: str) -> Path:
         wheels = sorted(root.glob("sglang-*.whl"))
         if proc.returncode or not wheels:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
-            pytest.skip(f"cannot obtain sglang=={version} source (pip download: {tail[0]})")
+            pytest.skip(
+                f"cannot obtain sglang=={version} source (pip download: {tail[0]}; is a package registry reachable?)"
+            )
     with zipfile.ZipFile(wheels[0]) as zf:
         for name in zf.namelist():
             if name in FILES or (name.startswith(FIELD_DIR) and name.endswith(".py")):

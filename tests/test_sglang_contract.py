@@ -661,3 +661,36 @@ def test_stop_tokens_as_sglang_computes_them(local_app):
         assert engine.eos_ids == before | {5, 6}
     finally:
         engine.eos_ids = before
+
+
+def test_local_server_can_speak_0_5_5(local_app):
+    """The CPU engine as SGLang 0.5.5: no session routes (updates need none), the /get_* info routes only, no flush
+    timeout, and load_format dropped as 0.5.5's request class drops it (a flat bucket would be misread there, which
+    is why the client never sends one to 0.5.5)."""
+    server = LocalServer(local_app.engine, "tiny", api_key="k", sglang_release="0.5.5")
+    auth = {API_KEY_HEADER: API_KEY_PREFIX + "k"}
+    name = "model.norm.weight"
+    value = local_app.engine.params[name].detach().clone()
+
+    async def go():
+        client = TestClient(TestServer(server.app(), host="127.0.0.1"))
+        await client.start_server()
+        got = {}
+        try:
+            for path in ("/begin_weight_update", "/end_weight_update"):
+                async with client.post(path, json={}, headers=auth) as r:
+                    got[path] = r.status
+            for path in ("/server_info", "/model_info", "/get_server_info"):
+                async with client.get(path, headers=auth) as r:
+                    got[path] = (r.status, (await r.json()).get("version") if r.status == 200 else None)
+            tens = {"serialized_named_tensors": [encode_named_tensors({name: value})]}
+            async with client.post("/update_weights_from_tensor", json=tens, headers=auth) as r:
+                got["tensor"] = r.status
+        finally:
+            await client.close()
+        return got
+
+    got = run(go())
+    assert got["/begin_weight_update"] == got["/end_weight_update"] == 404
+    assert got["/server_info"][0] == got["/model_info"][0] == 404 and got["/get_server_info"] == (200, "0.5.5")
+    assert got["tensor"] == 200  # no session needed in 0.5.5

@@ -90,7 +90,7 @@ log = logging.getLogger(__name__)
 
 WIRE_DTYPES = ("bfloat16", "float16", "float32")
 FLUSH_WINDOW_S = 30.0  # the longest a pause waits for the engines' schedulers to become idle before flushing
-_POLL_S = 0.002  # first interval at which a running broadcast checks the engines' HTTP answers (doubles to 50 ms)
+_POLL_S = 0.0002  # first interval at which a running broadcast checks its completion (doubles up to 1 ms)
 
 
 class WeightSyncError(RuntimeError):
@@ -480,15 +480,21 @@ class WeightSyncSender:
         if bucket.ready is not None:  # CUDA: the producer's side stream finished this bucket
             torch.cuda.current_stream().wait_event(bucket.ready)
         works = [dist.broadcast(t, group_src=0, group=self.group, async_op=True) for t in tensors]
+        answered = threading.Event()  # an HTTP answer wakes the wait at once
+        for fut in (answers or {}).values():
+            fut.add_done_callback(lambda _f: answered.set())
         poll = _POLL_S
+        # is_completed() is the non-blocking test on both backends (on NCCL it queries the CUDA events; the work's
+        # future would report completion at enqueue time); polled at <= 1 ms, so it adds at most that per bucket.
         while not all(w.is_completed() for w in works):
             refused = _refusals(answers or {})
             if refused:
                 raise _Refused("; ".join(f"{u}: {_message(e, u)}" for u, e in refused.items()))
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no broadcast progress within weight_sync.timeout_s={self.cfg.timeout_s}s")
-            time.sleep(poll)
-            poll = min(poll * 2, 0.05)
+            if answered.wait(poll):
+                answered.clear()  # checked at the top of the next round; a success answer must not make this spin
+            poll = min(poll * 2, 0.001)
         for work in works:  # completed: re-raises a failed collective's error
             work.wait(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
         if tensors[0].is_cuda:
