@@ -122,6 +122,7 @@ class EngineClient:
     ) -> None:
         self._urls: list[str] = []
         self._dead: set[str] = set()
+        self._protocols: dict[str, Protocol] = {}
         self._outstanding: dict[str, int] = {}
         for url in urls:
             self.add_url(url)
@@ -133,7 +134,6 @@ class EngineClient:
         self.pool_size = pool_size
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._admin_headers = {"Authorization": f"Bearer {admin_api_key}"} if admin_api_key else None
-        self._protocols: dict[str, Protocol] = {}
         self._lock = threading.Lock()
         self._rr = itertools.count()
         self._sticky: OrderedDict[str, str] = OrderedDict()
@@ -160,7 +160,7 @@ class EngineClient:
         if url not in self._urls:
             self._urls.append(url)
         self._outstanding.setdefault(url, 0)
-        getattr(self, "_protocols", {}).pop(url, None)  # a restarted engine may run another release
+        self._protocols.pop(url, None)  # a restarted engine may run another release
         self._dead.discard(url)
 
     def mark_dead(self, url: str) -> None:

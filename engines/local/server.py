@@ -427,9 +427,9 @@ class LocalServer:
                 return _json({"detail": "timeout must be >= 0"}, 422)
         deadline = asyncio.get_running_loop().time() + timeout
         while not self._idle():
-            if timeout <= 0:
-                return web.Response(text=sgl.MSG_FLUSH_FAILED if self.protocol.flush_timeout else sgl.MSG_FLUSH_OK,
-                                    status=400)  # fmt: skip
+            if timeout <= 0:  # 0.5.5 answers its success text with the 400
+                text = sgl.MSG_FLUSH_FAILED if self.protocol.flush_timeout else sgl.MSG_FLUSH_OK
+                return web.Response(text=text, status=400)
             if asyncio.get_running_loop().time() >= deadline:
                 return web.Response(text=sgl.MSG_FLUSH_TIMEOUT, status=400)
             await asyncio.sleep(0.01)
