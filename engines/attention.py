@@ -139,6 +139,8 @@ def varlen_attention(
         q = q * (scale * q.shape[-1] ** 0.5)
     if "enable_gqa" in params and q.shape[1] != k.shape[1]:
         kw["enable_gqa"] = True
+    # Flash attention needs a unit stride in the head dimension only (megatron's q/k/v are views of one QKV tensor).
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     cu = cu_seqlens.to(torch.int32)
     return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
 
