@@ -16,6 +16,10 @@ Contract:
   * `loop`: one causal `scaled_dot_product_attention` per sequence: the CPU path and the reference every other
     implementation is tested against (tests/test_packed_attention.py).
   `DAPO_PACKED_ATTENTION=te|varlen|flex|loop` forces one (an unavailable one raises).
+- transformers: `register_hf_attention()` registers `hf_packed_attention` under `HF_ATTENTION` in its
+  AttentionInterface (same API in transformers 5.17 and 5.25); a model loaded with that `attn_implementation` runs
+  one packed row `(1, t)` with `dapo_cu_seqlens` (and `dapo_max_seqlen`) among its forward kwargs, which
+  transformers hands to every attention call; it builds no attention mask for such an implementation.
 - Context parallelism is not handled here: megatron's `SDPACoreAttention._forward_thd_cp` stays the CPU path for
   cp > 1, and on GPUs CP runs in transformer-engine.
 """
@@ -234,3 +238,43 @@ def packed_causal_attention(
     if impl == "te":
         return te_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     raise ValueError(f"packed attention: unknown implementation {impl!r} (expected one of {IMPLEMENTATIONS})")
+
+
+# --------------------------------------------------------------------------------------------------- transformers
+HF_ATTENTION = "dapo_packed"
+"""The name `register_hf_attention` gives the packed kernel in transformers' AttentionInterface."""
+
+
+def hf_packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function for one packed row: query (1, Hq, t, D), key/value (1, Hkv, t, D) ->
+    ((1, t, Hq, D), None). The sequence bounds come through the model's forward kwargs as `dapo_cu_seqlens` (and
+    optionally `dapo_max_seqlen`); the row needs no attention mask (transformers builds none for an implementation
+    without a registered mask function)."""
+    cu = kwargs.get("dapo_cu_seqlens")
+    if cu is None:
+        raise ValueError(f"attn_implementation={HF_ATTENTION!r} needs the forward kwarg dapo_cu_seqlens (packed rows)")
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError(f"{HF_ATTENTION}: one packed row without attention mask; got query {tuple(query.shape)}")
+    if sliding_window is not None or dropout:
+        raise ValueError(f"{HF_ATTENTION}: sliding-window attention and attention dropout are not supported")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (t, h, d)
+    out = packed_causal_attention(q, k, v, cu, kwargs.get("dapo_max_seqlen"), scaling)
+    return out.unsqueeze(0), None
+
+
+def register_hf_attention() -> str:
+    """Register the packed kernel with transformers (idempotent); returns the `attn_implementation` name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(HF_ATTENTION, hf_packed_attention)
+    return HF_ATTENTION
