@@ -58,7 +58,8 @@ def te_available() -> bool:
 
 # --------------------------------------------------------------------------------------------------- attention
 class SDPACoreAttention(MegatronModule):
-    """Causal attention with torch's scaled_dot_product_attention, for megatron's local spec.
+    """Causal attention for megatron's local spec: torch's scaled_dot_product_attention, and for packed rows with
+    cp = 1 engines/attention.py's one-call kernel (varlen / flex_attention on CUDA, the per-sequence loop on CPU).
 
     Takes what megatron's `SelfAttention` hands its core attention: sbhd tensors `[s, b, heads, dim]`, or with
     `packed_seq_params.qkv_format == "thd"` packed tensors `[t, heads, dim]` holding sequences back to back at
