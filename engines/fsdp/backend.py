@@ -106,7 +106,12 @@ class FSDPBackend:
             for p in compute.parameters():
                 p.grad = None
         if self.cfg.trainer.recompute:
-            compute.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns); older ones do not.
+            enable = getattr(compute, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                compute.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return compute
 
     def _shard(self, policy: PolicyHead) -> None:
