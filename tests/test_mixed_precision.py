@@ -112,7 +112,7 @@ def test_recompute_changes_nothing(tmp_path):
         backend.setup(model_dir)
         calls = []  # counted in the forward itself: torch's checkpoint replays it without module hooks
         mlp = backend.compute.model.layers[0].mlp
-        mlp.forward = lambda *a, _f=mlp.forward, **k: (calls.append(1), _f(*a, **k))[1]
+        mlp.forward = lambda *a, _f=mlp.forward, _c=calls, **k: (_c.append(1), _f(*a, **k))[1]
         m = _train(backend, cfg, 0, 1, steps=2)
         out.append((m, _master(backend), len(calls)))
     (m0, w0, calls0), (m1, w1, calls1) = out
