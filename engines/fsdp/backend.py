@@ -83,7 +83,7 @@ class PolicyHead(torch.nn.Module):
         out = self.lm.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
-        return token_aligned(out.last_hidden_state, input_ids, self.lm.lm_head.weight, **head)  # (B, T, H) in
+        return token_aligned(out.last_hidden_state, input_ids, self.lm.lm_head.weight, **head)  # hidden (B, T, H)
 
 
 class FSDPBackend:
@@ -132,7 +132,12 @@ class FSDPBackend:
             for p in compute.parameters():
                 p.grad = None
         if self.cfg.trainer.recompute:
-            compute.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns); older ones do not.
+            enable = getattr(compute, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                compute.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return compute
 
     def _shard(self, policy: PolicyHead) -> None:

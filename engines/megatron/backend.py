@@ -13,8 +13,12 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   megatron's convention; distributed optimizer when `trainer.distributed_optimizer`).
 - Rank layout: DP is the outermost dimension, `dp_rank = rank // (tp * cp * pp)`, as pipeline/train.py shards
   the batch; TP/CP/PP peers of one DP replica receive the same micro-batches.
-- LR: constant after a linear warm-up, `lr * min(1, (k + 1) / warmup_steps)` at optimizer step k (as the fsdp
-  backend), applied with each group's `lr_mult`/`wd_mult`.
+- LR: constant after a linear warm-up, `lr * min(1, (k + 1) / warmup_steps)` at optimizer step k
+  (pipeline/algorithm/schedule.py, shared with the fsdp backend), applied with each group's `lr_mult`/`wd_mult`.
+- Precision: with `model.dtype = bfloat16` the model computes in bf16 and megatron's optimizer keeps fp32 main
+  (master) weights, fp32 gradients (`grad_reduce_in_fp32`) and fp32 Adam state (Float16OptimizerWithFloat16Params,
+  or the distributed optimizer's fp32 shards); `named_hf_weights` reads the bf16 model weights, i.e. the master
+  weights rounded to bf16 after each step.
 - `train_minibatch(micro_batches, loss_fn)`: each micro-batch (the trainer groups samples by count, or by token
   budget with `trainer.max_tokens_per_micro_batch`) is packed into one row without padding (THD: sequences back to
   back, `PackedSeqParams(cu_seqlens)`, RoPE positions restarting per sequence, attention within each sequence only;
@@ -23,9 +27,12 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   longest one (stages exchange one activation shape) and with sequence parallelism to a multiple of tp; the padding
   is one extra segment that no loss position reads. Then megatron's `get_forward_backward_func()` runs them (no
   pipelining, 1F1B, or interleaved with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches
-  to a multiple of pp). On the last stage the logits stay vocabulary-parallel:
-  `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and entropies, which are unpacked to the (B, T)
-  layout of the MicroBatch before calling `loss_fn(logprobs, entropy, mb)`. Gradient = the exact SUM of the loss
+  to a multiple of pp). On the last stage GPTModel's output layer is bypassed (`bypass_output_layer`: the model
+  returns its last hidden states, TP-replicated as the output layer's input would be) and
+  `pipeline.algorithm.logprobs.fused_logprobs` computes per-token logprobs at `rollout.temperature` and entropies
+  from the hidden states and this TP rank's vocabulary slice of the output weight, chunked over tokens (no logits
+  tensor), reducing over the TP group; they are unpacked to the (B, T) layout of the MicroBatch before calling
+  `loss_fn(logprobs, entropy, mb)`. Gradient = the exact SUM of the loss
   shares over micro-batches and DP ranks: the model runs with `calculate_per_token_loss=True` (megatron then
   neither divides by the number of micro-batches nor averages over DP: DDP's gradient scaling factor is 1) and every
   micro-batch reports 0 tokens, so `finalize_model_grads` skips its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, the loss_fn metric
@@ -78,8 +85,9 @@ from engines.megatron.convert import (
     megatron_to_hf_named_tensors,
 )
 from engines.megatron.cpu_compat import enable_cpu_compat
-from engines.megatron.vocab_parallel import vocab_parallel_logprobs
 from engines.packing import PackedMicroBatch, pack_micro_batch, packed_length, padded_micro_batch  # noqa: F401
+from pipeline.algorithm.logprobs import fused_logprobs, tp_vocab_start
+from pipeline.algorithm.schedule import warmup_lr
 from pipeline.backend import LossFn, MicroBatch
 from pipeline.config import Config, ParallelConfig
 
@@ -224,6 +232,9 @@ class MegatronBackend:
         chunks, self.tconfig, self.arch = build_model(hf_config, p, opts)
         self._aux_coeff = float(self.tconfig.moe_aux_loss_coeff or 0.0)
         self._load_hf(chunks, HFWeights(hf_model_dir))
+        for chunk in chunks:
+            if chunk.post_process:
+                bypass_output_layer(chunk)
         self.chunks = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer()
 
@@ -292,9 +303,7 @@ class MegatronBackend:
     # ------------------------------------------------------------------ schedule
     def current_lr(self) -> float:
         t = self.cfg.trainer
-        if t.warmup_steps <= 0:
-            return t.lr
-        return t.lr * min(1.0, (self.optimizer_steps + 1) / t.warmup_steps)
+        return warmup_lr(t.lr, self.optimizer_steps, t.warmup_steps)
 
     def _apply_schedule(self) -> float:
         lr, wd = self.current_lr(), self.cfg.trainer.weight_decay
@@ -304,15 +313,24 @@ class MegatronBackend:
         return lr
 
     # ------------------------------------------------------------------ compute
-    def _logprobs(self, packed: PackedMicroBatch, logits: torch.Tensor, with_entropy: bool):
-        """(B, T) logprobs and entropies (or None) from this TP rank's vocabulary slice of the packed logits."""
+    def _logprobs(self, packed: PackedMicroBatch, hidden: torch.Tensor, weight: torch.Tensor, with_entropy: bool):
+        """(B, T) logprobs and entropies (or None) from the packed last hidden states (b, s, h) and this TP rank's
+        vocabulary slice of the output weight."""
         from megatron.core import parallel_state as ps
 
-        lp, ent = vocab_parallel_logprobs(
-            logits, packed.target, self.arch.vocab_size, ps.get_tensor_model_parallel_group(), with_entropy
+        group = ps.get_tensor_model_parallel_group()
+        lp, ent = fused_logprobs(
+            hidden,
+            weight,
+            packed.target,
+            temperature=self.cfg.rollout.temperature,
+            chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
+            with_entropy=with_entropy,
+            entropy_grad=self.cfg.algorithm.entropy_coef != 0,
+            vocab_start=tp_vocab_start(weight, group),
+            vocab_size=self.arch.vocab_size,
+            group=group,
         )
-        if ent is not None and self.cfg.algorithm.entropy_coef == 0:
-            ent = ent.detach()
         if packed.cp_indices is not None:  # this CP rank's share -> the whole row (see context_parallel.py)
             group = ps.get_context_parallel_group()
             lp = cp_gather(lp, packed.cp_indices, packed.total_len, group)
@@ -325,19 +343,20 @@ class MegatronBackend:
     def _forward_step(self, loss_fn: LossFn | None, data_iterator: Iterator[PackedMicroBatch], model: Any):
         packed = next(data_iterator)
         psp = _packed_seq_params(packed) if packed.cu_seqlens is not None else None
-        logits = model(
+        hidden = model(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, packed_seq_params=psp
-        )
-        return logits, partial(self._loss, loss_fn, packed)
+        )  # last stage: (b, s, h) hidden states (the output layer is bypassed); other stages: activations
+        return hidden, partial(self._loss, loss_fn, packed, model)
 
-    def _loss(self, loss_fn: LossFn | None, packed: PackedMicroBatch, logits: torch.Tensor):
+    def _loss(self, loss_fn: LossFn | None, packed: PackedMicroBatch, model: Any, hidden: torch.Tensor):
         """Megatron's loss_func: (loss share, 0 tokens, reported dict); see the module docstring for the 0."""
-        no_tokens = torch.zeros((), dtype=torch.int, device=logits.device)
+        weight = output_weight(model)
+        no_tokens = torch.zeros((), dtype=torch.int, device=hidden.device)
         if loss_fn is None:  # forward_logprobs
-            lp, _ = self._logprobs(packed, logits, with_entropy=False)
-            return logits.new_zeros(()), no_tokens, {"logprobs": lp.detach()}
-        lp, ent = self._logprobs(packed, logits, with_entropy=True)
-        loss, metrics = loss_fn(lp, ent, _to_device(packed.mb, logits.device))
+            lp, _ = self._logprobs(packed, hidden, weight, with_entropy=False)
+            return hidden.new_zeros(()), no_tokens, {"logprobs": lp.detach()}
+        lp, ent = self._logprobs(packed, hidden, weight, with_entropy=True)
+        loss, metrics = loss_fn(lp, ent, _to_device(packed.mb, hidden.device))
         return loss, no_tokens, {k: v.detach().float() for k, v in metrics.items()}
 
     def _run(
@@ -569,6 +588,34 @@ def _shim_psutil_memory_log() -> None:
 
     if not getattr(filesystem_async, "HAVE_PSUTIL", True):
         filesystem_async._process_memory = lambda: 0
+
+
+def bypass_output_layer(gpt: Any) -> None:
+    """Make a last-stage GPTModel return its final hidden states ([b, s, h] after GPTModel's transpose) instead of
+    logits: its output layer only does what a ColumnParallelLinear does to its input, i.e. makes the hidden states
+    TP-replicated with a backward that sums (all-reduces) their gradient over the TP group exactly once (all-gather /
+    reduce-scatter under sequence parallelism). The layer keeps its weight (state dict, checkpoints, the DDP
+    gradient buffers); `output_weight` hands it to the fused logprob head."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+
+    layer = gpt.output_layer
+
+    def forward(hidden_states: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None) -> tuple:
+        if layer.sequence_parallel:
+            return gather_from_sequence_parallel_region(hidden_states), None
+        return copy_to_tensor_model_parallel_region(hidden_states), None
+
+    layer.forward = forward
+
+
+def output_weight(model: Any) -> torch.Tensor:
+    """The output-layer weight (V/tp, H) of a last-stage chunk (DDP-wrapped or not): the shared embedding when tied."""
+    gpt = model
+    while hasattr(gpt, "module"):
+        gpt = gpt.module
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
 
 
 def _packed_seq_params(packed: PackedMicroBatch) -> Any:
