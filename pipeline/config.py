@@ -287,7 +287,11 @@ class TrainerConfig:
     threads: int = 1
     """CPU threads per trainer rank."""
     recompute: bool = False
-    """Activation recomputation (megatron: full layer recompute)."""
+    """Activation recomputation of every transformer layer (megatron: full layer recompute; fsdp: HF gradient
+    checkpointing, non-reentrant)."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens per chunk of the fused output layer + log-softmax (pipeline/algorithm/logprobs.py): its extra memory
+    is a few chunk x vocabulary float32 buffers, never tokens x vocabulary. Larger chunks: fewer, bigger matmuls."""
     distributed_optimizer: bool = True
     """Megatron distributed (ZeRO-1) optimizer."""
 
@@ -443,6 +447,7 @@ _POSITIVE: tuple[str, ...] = (
     "trainer.batch_size",
     "trainer.num_minibatches",
     "trainer.micro_batch_size",
+    "trainer.logprob_chunk_tokens",
     "trainer.parallel.tp",
     "trainer.parallel.pp",
     "trainer.parallel.vpp",
