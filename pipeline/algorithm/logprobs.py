@@ -44,17 +44,23 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: Any) -> torch.Tensor:
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float, n_real: int) -> torch.Tensor:
-    """(C, H) x (V_local, H) -> (C, V_local) float32 logits / T, padding columns at -inf."""
+    """(C, H) x (V_local, H) -> (C, V_local) logits / T in float32 (or wider), padding columns at -inf."""
     z = h @ weight.t()
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # no copy when already float32
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)
     if n_real < z.shape[1]:
         z[:, n_real:] = float("-inf")
     return z
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(C, V) x (C, V) -> (C,) row-wise dot products without a (C, V) product temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 class _FusedLogprob(torch.autograd.Function):
+    # In-place arithmetic on the chunk buffers keeps at most two (C, V_local) float32 buffers alive at a time.
     @staticmethod
     def forward(ctx, hidden, weight, targets, opts):  # type: ignore[override]
         temperature, chunk, vocab_start, n_real, group, with_entropy, entropy_grad = opts
@@ -70,18 +76,20 @@ class _FusedLogprob(torch.autograd.Function):
             sl = slice(i, min(i + chunk, n))
             z = _chunk_logits(hidden[sl], weight, temperature, n_real)  # (C, V_local)
             m = _all_reduce(z.max(dim=1).values, dist.ReduceOp.MAX, group)  # a padding-only slice gives -inf
-            e = torch.exp(z - m.unsqueeze(1))  # padding -> 0
             picked = torch.where(inside[sl], z.gather(1, local[sl].unsqueeze(1)).squeeze(1), 0.0)
+            e = z.sub(m.unsqueeze(1)).exp_()  # padding -> 0
             sums = [e.sum(dim=1), picked]
             if with_entropy:
-                sums.append((e * torch.where(e > 0, z, 0.0)).sum(dim=1))  # sum e*z, -inf columns excluded
+                if n_real < n_local:
+                    z[:, n_real:] = 0.0  # e = 0 there: sum e*z over the real vocabulary
+                sums.append(_row_dot(e, z))
+            del z, e
             # One all-reduce for the sums of this chunk (the max had to come first).
             s = _all_reduce(torch.stack(sums), dist.ReduceOp.SUM, group)
             lse[sl] = m + torch.log(s[0])
             tgt[sl] = s[1]
             if with_entropy:
                 mean_z[sl] = s[2] / s[0]
-            del z, e
         logprob = tgt - lse
         entropy = lse - mean_z if with_entropy else None
         if with_entropy and not entropy_grad:
@@ -105,25 +113,51 @@ class _FusedLogprob(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
-            z = _chunk_logits(hidden[sl], weight, temperature, n_real)
-            p = torch.exp(z - lse[sl].unsqueeze(1))  # padding -> 0
-            g = torch.zeros_like(z)  # d loss / dz, (C, V_local)
-            if grad_logprob is not None:
-                gl = grad_logprob[sl].to(z.dtype)
-                g -= gl.unsqueeze(1) * p
-                g.scatter_add_(1, local[sl].unsqueeze(1), (gl * inside[sl]).unsqueeze(1))
-            if use_ent:
-                centred = torch.where(p > 0, z - mean_z[sl].unsqueeze(1), 0.0)
-                g -= grad_entropy[sl].to(z.dtype).unsqueeze(1) * p * centred
-            del z, p
+            g = _chunk_d_logits(
+                _chunk_logits(hidden[sl], weight, temperature, n_real), lse[sl], mean_z[sl], local[sl], inside[sl],
+                grad_logprob[sl] if grad_logprob is not None else None, grad_entropy[sl] if use_ent else None, n_real,
+            )  # fmt: skip
             if temperature != 1.0:
-                g /= temperature  # z = logits / T
+                g.div_(temperature)  # z = logits / T
             g = g.to(hidden.dtype)
             if need_h:
-                grad_h[sl] = g @ weight
+                torch.mm(g, weight, out=grad_h[sl])
             if need_w:
-                grad_w += (g.t() @ hidden[sl]).to(acc)
+                if g.dtype == acc:
+                    grad_w.addmm_(g.t(), hidden[sl])
+                else:
+                    grad_w += (g.t() @ hidden[sl]).to(acc)
+            del g  # before the next chunk's buffers are allocated
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
+
+
+def _chunk_d_logits(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: torch.Tensor,
+    local: torch.Tensor,
+    inside: torch.Tensor,
+    grad_lp: torch.Tensor | None,
+    grad_ent: torch.Tensor | None,
+    n_real: int,
+) -> torch.Tensor:
+    """d loss / dz for one chunk, computed in place in z's buffer or p's:
+    g = -p * (grad_lp + grad_ent * (z - mean_z)) + grad_lp * onehot(target)."""
+    p = z.sub(lse.unsqueeze(1)).exp_()  # (C, V_local) softmax; padding -> 0
+    if grad_ent is None:
+        del z
+        g = p.mul_(-grad_lp.to(p.dtype).unsqueeze(1))
+    else:
+        if n_real < z.shape[1]:
+            z[:, n_real:] = 0.0  # p = 0 there; avoids 0 * inf
+        g = z.sub_(mean_z.unsqueeze(1)).mul_(grad_ent.to(z.dtype).unsqueeze(1))
+        if grad_lp is not None:
+            g.add_(grad_lp.to(z.dtype).unsqueeze(1))
+        g.mul_(p).neg_()
+        del p
+    if grad_lp is not None:
+        g.scatter_add_(1, local.unsqueeze(1), (grad_lp.to(g.dtype) * inside).unsqueeze(1))
+    return g
 
 
 def fused_logprobs(
