@@ -23,9 +23,9 @@ import time
 
 import zmq
 
-from pipeline.buffer import RolloutBuffer
-from pipeline.transport import GroupReceiver, GroupSender, RolloutStatus, encode_group
-from pipeline.types import Group, Sample
+from pipeline.contracts.records import Group, Sample
+from pipeline.flow.buffer import RolloutBuffer
+from pipeline.flow.transport import GroupReceiver, GroupSender, RolloutStatus, encode_group
 
 G = 16
 
@@ -74,7 +74,7 @@ def time_raw(messages: list[list[bytes]]) -> float:
 
 
 def time_ours(messages: list[list[bytes]]) -> tuple[float, RolloutBuffer, GroupSender]:
-    buf = RolloutBuffer(GroupReceiver(), batch_size=1, max_staleness=0, dynamic_sampling=True, capacity=len(messages))
+    buf = RolloutBuffer(GroupReceiver(), batch_size=1, max_staleness=0, capacity=len(messages))
     tx = GroupSender(buf.address)
     t0 = time.perf_counter()
     thread = _send_all(tx.send_frames, messages)

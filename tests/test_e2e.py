@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.runtime.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,7 @@ def test_trainer_failure_stops_with_a_resumable_checkpoint(tmp_path):
 
     import psutil
 
-    from pipeline.train import RunFailed
+    from pipeline.runtime.train import RunFailed
 
     ckpts = tmp_path / "tf" / "checkpoints"
 

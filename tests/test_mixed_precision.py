@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from engines.fsdp.backend import build_backend
-from pipeline.trainer import TrainWorker, make_step_batches
+from pipeline.flow.trainer import TrainWorker, make_step_batches
 from tests.test_fsdp_trainer import _cfg, _free_port, _groups, _model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ Flags checked against sglang 0.5.5 (`srt/server_args.py`) and 0.5.23 (`srt/arg_g
 `--random-seed` (>= 0), `--weight-version` (non-empty), `--admin-api-key` (0.5.23 only: `release` must name a
 release that has it, else ConfigError). Colocated runs with weight_sync.release_memory add
 `--enable-memory-saver`, and pause_mode in_place adds `--disable-radix-cache`
-(`pipeline.weight_sync.colocated.engine_args`). SGLang takes its keys only on the command line; `EngineProcess`
+(`pipeline.runtime.weight_sync.colocated.engine_args`). SGLang takes its keys only on the command line; `EngineProcess`
 masks them in anything it prints. `installed_release()` reads the installed sglang's version without importing it.
 The router (`python -m sglang_router.launch_router --worker-urls ... --policy ...`) is optional: use
 `router_available()` first; our `EngineClient` balances across engines itself when there is no router.

@@ -3,7 +3,7 @@
 Two pickle-free ways to hand the weights over (weight_sync.colocated_transport; auto = disk where CUDA is
 available, else tensor):
 - tensor: `/update_weights_from_tensor` with CPU tensors (the CPU engine, tested): `load_format="safetensors"`,
-  each engine gets one entry holding the bucket as base64 safetensors bytes (`engines.local.dist.
+  each engine gets one entry holding the bucket as base64 safetensors bytes (`pipeline.contracts.weight_wire.
   encode_named_tensors`). CUDA tensors are refused with a clear error: SGLang's version of this route takes a base64
   *pickle* of CUDA-IPC handles (torch's ForkingPickler via its MultiprocessingSerializer), and this project never
   puts a pickle on a socket.
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engines.local.dist import SAFETENSORS_FORMAT, encode_named_tensors
 from pipeline.config import Config, ConfigError
-from pipeline.weight_sync.buckets import Bucket
+from pipeline.contracts.weight_wire import SAFETENSORS_FORMAT, encode_named_tensors
+from pipeline.runtime.weight_sync.buckets import Bucket
 
 Encoder = Callable[[Bucket], list[list[str]]]
 

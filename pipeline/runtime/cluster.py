@@ -38,7 +38,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from engines.process import free_port
-from pipeline.config import Config, ConfigError, engine_api_key
+from pipeline.config import Config, ConfigError, engine_api_key, layout
 
 log = logging.getLogger("dapo")
 
@@ -60,7 +60,7 @@ class EngineActor:
 
     def start(self, model_dir: str) -> str:
         from engines.process import launch_engine
-        from pipeline.weight_sync.colocated import engine_args
+        from pipeline.runtime.weight_sync.colocated import engine_args
 
         e = self.cfg.engine
         port = e.base_port + self.index if e.base_port else free_port(e.host)
@@ -110,7 +110,7 @@ class TrainerActor:
             from engines.megatron.backend import build_backend
         else:
             from engines.fsdp.backend import build_backend
-        from pipeline.trainer import TrainWorker
+        from pipeline.flow.trainer import TrainWorker
 
         self.cfg = cfg
         self.worker = TrainWorker(cfg, build_backend(cfg, rank, world_size))
@@ -138,7 +138,7 @@ class TrainerActor:
         transport check that every engine can read what it stages."""
         if not self.worker.backend.is_sync_source:
             return
-        from pipeline.weight_sync import WeightSyncSender
+        from pipeline.runtime.weight_sync import WeightSyncSender
 
         if self.sender is not None:
             self.sender.close()
@@ -149,7 +149,7 @@ class TrainerActor:
             model_dir=self.model_dir, admin_api_key=self.cfg.engine.admin_api_key,
         )  # fmt: skip
         if self.sender.transport == "disk" and engine_nodes:
-            from pipeline.weight_sync.disk import check_engines_see
+            from pipeline.runtime.weight_sync.disk import check_engines_see
 
             here = ray.get_runtime_context().get_node_id()
             check_engines_see(ws.disk_dir, here, dict(zip(urls, engine_nodes, strict=True)))
@@ -205,9 +205,9 @@ class RolloutActor:
         import torch
 
         from engines.client import EngineClient
-        from pipeline.data import load_prompts
-        from pipeline.rewards import RewardRunner
-        from pipeline.rollout import RolloutManager
+        from pipeline.flow.data import load_prompts
+        from pipeline.flow.rewards import RewardRunner
+        from pipeline.flow.rollout import RolloutManager
         from pipeline.tokenizer import load_tokenizer
 
         torch.set_num_threads(1)
@@ -280,17 +280,13 @@ def placement_specs(cfg: Config) -> dict[str, tuple[list[dict[str, float]], str]
         return {"CPU": BUNDLE_CPU, **({"GPU": float(gpus)} if gpus else {})}
 
     engines = 0 if e.backend == "external" else e.num_engines
-    if colocated(cfg):
+    if layout(cfg).colocated:
         shares = [t.gpus_per_rank + (e.gpus_per_engine if i < engines else 0) for i in range(t.world_size)]
         return {"trainer": ([bundle(g) for g in shares], cfg.cluster.placement_strategy)}
     specs = {"trainer": ([bundle(t.gpus_per_rank) for _ in range(t.world_size)], cfg.cluster.placement_strategy)}
     if engines:
         specs["engines"] = ([bundle(e.gpus_per_engine) for _ in range(engines)], "PACK")
     return specs
-
-
-def colocated(cfg: Config) -> bool:
-    return cfg.weight_sync.mode == "colocated" and cfg.engine.backend != "external"
 
 
 class Cluster:
@@ -350,7 +346,7 @@ class Cluster:
                 ) from None
 
     def _in_bundle(self, group: str, index: int) -> dict[str, Any]:
-        if group == "engines" and colocated(self.cfg):
+        if group == "engines" and layout(self.cfg).colocated:
             group = "trainer"  # engine i shares trainer rank i's bundle
         pg = self.groups.get(group)
         if pg is None:
@@ -389,7 +385,7 @@ class Cluster:
         """The engines and the trainer ranks: (engine URLs, trainer actors). Each loads a model for seconds, so the
         ranks set up while the engines start -- unless colocated, where an engine on a GPU sizes its memory pool
         from what the trainer has not taken yet: then the engines first."""
-        if self.cfg.weight_sync.mode == "colocated":
+        if self.cfg.weight_sync.colocated:
             return self.launch_engines(model_dir, log_dir), self.launch_trainer(model_dir)
         starting = self._start_engines(model_dir, log_dir)
         trainers = self.launch_trainer(model_dir)
@@ -448,6 +444,17 @@ class Cluster:
     @property
     def live_urls(self) -> list[str]:
         return [u for u in self.urls if u]
+
+    def engine_versions(self) -> list[str]:
+        """The weight version each live engine reports (GET /weight_version)."""
+        from engines.client import EngineClient
+
+        urls = self.live_urls
+        client = EngineClient(urls, api_key=engine_api_key(self.cfg))
+        try:
+            return [client.run_sync(client.get_weight_version(u), timeout=30) for u in urls]
+        finally:
+            client.close_sync()
 
     def rendezvous(self) -> tuple[str, int]:
         """(address, port) where the trainer ranks form their process group: rank 0's node when it listens on every

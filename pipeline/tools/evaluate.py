@@ -39,25 +39,25 @@ from typing import Any
 
 import torch
 
-from pipeline.types import Prompt
+from pipeline.contracts.records import Prompt
 
 EVAL_SETS: dict[str, tuple[str, str, str]] = {
     # name: (file under the data directory, source parameters, default scorer)
-    "aime24": ("aime-2024.parquet", "answer_key=reward_model.ground_truth", "pipeline.rewards:dapo_math_reward"),
+    "aime24": ("aime-2024.parquet", "answer_key=reward_model.ground_truth", "pipeline.flow.rewards:dapo_math_reward"),
     "aime24-30": (
         "aime24_test.jsonl",
         "prompt_key=problem&id_key=id&template=dapo",
-        "pipeline.rewards:dapo_math_reward",
+        "pipeline.flow.rewards:dapo_math_reward",
     ),
     "math500": (
         "math500_test.jsonl",
         "prompt_key=problem&id_key=unique_id&template=dapo",
-        "pipeline.rewards:math_verify_reward",
+        "pipeline.flow.rewards:math_verify_reward",
     ),
     "gsm8k": (
         "gsm8k_test.jsonl",
         "prompt_key=question&answer_key=answer|after:####&template=dapo",
-        "pipeline.rewards:math_verify_reward",
+        "pipeline.flow.rewards:math_verify_reward",
     ),
 }
 """The named evaluation sets of `dapo eval` (see the module docstring)."""
@@ -170,7 +170,7 @@ async def _generate_whole(client: Any, prompt_ids: list[int], sampling: dict[str
 
 # ------------------------------------------------------------------------------------------------ offline
 def default_score_fn() -> Callable[[str, str], Any]:
-    from pipeline.rewards import dapo_math_reward
+    from pipeline.flow.rewards import dapo_math_reward
 
     return dapo_math_reward
 
@@ -298,10 +298,10 @@ def eval_table(results: dict[str, dict[str, Any]]) -> str:
 def eval_main(cfg: Any) -> int:
     """`dapo eval CONFIG`: see the module docstring."""
     from pipeline.config import engine_api_key
-    from pipeline.data import DataError, load_prompts
-    from pipeline.modeling import prepare_model_dir
-    from pipeline.rewards import RewardRunner
+    from pipeline.flow.data import DataError, load_prompts
+    from pipeline.flow.rewards import RewardRunner
     from pipeline.tokenizer import load_tokenizer
+    from pipeline.warmstart import prepare_model_dir
 
     if not cfg.data.eval_path:
         print("dapo eval: data.eval_path is empty; nothing to evaluate")
@@ -334,6 +334,15 @@ def eval_main(cfg: Any) -> int:
         print(json.dumps({"set": name, **{k: v for k, v in metrics.items() if k != "per_prompt"}}))
     print(table)
     return 0
+
+
+def engine_client(cfg: Any, urls: list[str]) -> Any:
+    """The HTTP client of the engine API (`pipeline.contracts.engine_api.GenerateClient`) for `urls`."""
+    from engines.client import EngineClient
+    from pipeline.config import engine_api_key
+
+    e = cfg.engine
+    return EngineClient(urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries)
 
 
 async def _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, api_key) -> dict[str, Any]:

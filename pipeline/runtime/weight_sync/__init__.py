@@ -7,7 +7,7 @@ planned and prepared ahead of the wire in buckets.py. Colocated mode has no grou
 with /update_weights_from_disk (disk.py; SGLang on CUDA).
 """
 
-from pipeline.weight_sync.buckets import (
+from pipeline.runtime.weight_sync.buckets import (
     Bucket,
     BucketPlan,
     BucketStream,
@@ -16,7 +16,7 @@ from pipeline.weight_sync.buckets import (
     plan_buckets,
     prepare_bucket,
 )
-from pipeline.weight_sync.sender import SyncStats, WeightSyncError, WeightSyncSender
+from pipeline.runtime.weight_sync.sender import SyncStats, WeightSyncError, WeightSyncSender
 
 __all__ = [
     "Bucket",

@@ -13,7 +13,7 @@ Contract:
   dynamic sampling has work); the last token of a finished response is EOS.
 - `run_sim(...)` runs the manager on its own event loop thread, the buffer, and a trainer loop in the caller's
   thread (get_batch -> train_s, in trainer.num_minibatches parts of train_s / n each when the loop would stream
-  them, see pipeline.config.stream_parts -> every E steps before_weight_update / engines at v+1 after sync_s /
+  them, see pipeline.config.Layout.stream_parts -> every E steps before_weight_update / engines at v+1 after sync_s /
   after_weight_update), and returns what was trained, step times and both sides' accounting.
 """
 
@@ -28,13 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.client import EngineDeadError, EngineError, GenerateOutput
-from pipeline.buffer import RolloutBuffer
-from pipeline.config import Config, DataConfig, stream_parts
-from pipeline.rewards import RewardResult
-from pipeline.rollout import RolloutManager
-from pipeline.transport import GroupReceiver
-from pipeline.types import Group, Prompt
+from pipeline.config import Config, DataConfig, layout
+from pipeline.contracts.engine_api import EngineDeadError, EngineError, GenerateOutput
+from pipeline.contracts.records import Group, Prompt
+from pipeline.flow.buffer import make_buffer
+from pipeline.flow.rewards import RewardResult
+from pipeline.flow.rollout import RolloutManager
+from pipeline.flow.transport import GroupReceiver
 
 EOS, CORRECT, WRONG = 1, 3, 4
 _VOCAB = 200
@@ -290,19 +290,13 @@ def run_sim(
     async def make() -> RolloutManager:
         return RolloutManager(cfg, client, SimTokenizer(), prompts, buffer.address, SimRewards())
 
-    t, r = cfg.trainer, cfg.rollout
-    buffer = RolloutBuffer(
-        GroupReceiver(),
-        batch_size=t.batch_size,
-        max_staleness=r.max_staleness,
-        dynamic_sampling=cfg.algorithm.dynamic_sampling,
-        capacity=r.buffer_capacity or (r.max_staleness + 2) * t.batch_size,
-        sync_every=cfg.weight_sync.every,
-    )
+    t = cfg.trainer
+    lay = layout(cfg)
+    buffer = make_buffer(lay, GroupReceiver())
     manager = call(make())
     running = asyncio.run_coroutine_threadsafe(manager.run(), loop)
     version, t_start = 0, time.perf_counter()
-    parts = stream_parts(cfg)
+    parts = lay.stream_parts
     try:
         for step in range(1, steps + 1):
             t0 = time.perf_counter()

@@ -5,7 +5,7 @@ Contract:
   shaping, sequence-mean loss, no dynamic sampling), then + Clip-Higher, + soft overlong punishment, + token-level
   loss, + dynamic sampling (= DAPO). Each row's overrides apply on top of the previous row's.
 - `ablate(cfg_path, overrides, seeds, steps)` runs every variant for every seed through the full pipeline
-  (`pipeline.train.train`, `trainer.seed` = the seed), each with the exact evaluations before the first step and
+  (`pipeline.runtime.train.train`, `trainer.seed` = the seed), each with the exact evaluations before the first step and
   after the last (`eval.every = steps`), and returns one record per run:
   {variant, seed, acc_before, acc_after, pass_after, seconds, run_dir}. The warm start is shared (cached).
 - `table(records)` renders Markdown: per variant the final avg@k mean and spread (sample std) over seeds, the
@@ -50,7 +50,7 @@ def variant_overrides(index: int) -> list[str]:
 
 def ablate(cfg_path: str, overrides: list[str], seeds: list[int], steps: int, out_dir: Path) -> list[dict[str, Any]]:
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.runtime.train import train
 
     records = []
     for i, (name, _) in enumerate(VARIANTS):
@@ -110,7 +110,7 @@ def table(records: list[dict[str, Any]]) -> str:
 
 def ablate_main(argv: list[str]) -> int:
     from pipeline.config import ConfigError, load_config
-    from pipeline.train import setup_logging
+    from pipeline.runtime.metrics import setup_logging
 
     p = argparse.ArgumentParser(prog="dapo ablate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("config", help="YAML preset, e.g. configs/tiny-cpu.yaml")

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from engines.local.dist import write_safetensors
 from pipeline.config import ConfigError
+from pipeline.contracts.weight_wire import write_safetensors
 
 log = logging.getLogger(__name__)
 

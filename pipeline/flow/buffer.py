@@ -1,9 +1,11 @@
-"""RolloutBuffer: finished groups from the transport -> dynamic-sampling filter -> exact batches within the
-staleness bound.
+"""RolloutBuffer: finished groups from the transport -> exact batches within the staleness bound.
 
 Contract:
-- A background thread pulls frames from a `GroupReceiver`, applies the dynamic-sampling filter on arrival (from
-  the frame header's per-sample `acc`; counted by reason) and keeps the kept groups with their payload still
+- `make_buffer(layout, receiver)` is the one way the loop and the simulator build it: batch size, staleness bound,
+  sync period and capacity all come from the run's `pipeline.config.Layout`.
+- A background thread pulls frames from a `GroupReceiver`, counts each group by the dynamic-sampling decision the
+  manager made and sent in the frame header (`drop_reason`: the filter is decided once, in the rollout; a header
+  without payload and without a reason counts as `no_payload`) and keeps the kept groups with their payload still
   encoded (decoded only when handed out). It stops pulling while `capacity` kept groups are held, so ZMQ's
   high-water marks push back on the senders. The capacity is raised to (max_staleness + 1) * sync_every *
   batch_size when smaller: the admission rule lets that many kept groups exist unconsumed, and fewer would let a
@@ -16,7 +18,7 @@ Contract:
   The batch is the `size` oldest groups (by start version, then arrival), returned at once unless taking a
   group younger than a still-unresolved older one (known from the manager's status) could make some group miss
   its deadline (earliest-deadline-first feasibility, worst case every unresolved group that may still be kept --
-  the manager's reservations, pipeline/admission.py -- is kept); then it waits.
+  the manager's reservations, pipeline/flow/admission.py -- is kept); then it waits.
   With the manager's rule no trained sample ever exceeds the bound; `TimeoutError` after timeout_s (with the
   buffer's view in the message).
 - Accounting (DESIGN.md contract 3), checked exactly because every frame carries the manager's counters as of
@@ -42,8 +44,10 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.algorithm.filters import DROP_REASONS, dynamic_sampling_filter
-from pipeline.transport import (
+from pipeline.algorithm.filters import DROP_REASONS
+from pipeline.config import Layout
+from pipeline.contracts.records import Group
+from pipeline.flow.transport import (
     Frame,
     GroupMeta,
     GroupReceiver,
@@ -54,19 +58,11 @@ from pipeline.transport import (
     group_meta,
     payload_buffer,
 )
-from pipeline.types import Group
 
 log = logging.getLogger(__name__)
 
 _OUTCOME_LOG = 100_000  # recent frame outcomes kept to compute counters at a checkpoint cut
 _BURST = 64  # most frames ingested per lock acquisition
-
-
-@dataclass(frozen=True)
-class _Accs:
-    """All the filter reads of a group (`accs`), from the frame header: no payload decode, no Sample objects."""
-
-    accs: list[bool]
 
 
 @dataclass
@@ -82,7 +78,6 @@ class RolloutBuffer:
         receiver: GroupReceiver,
         batch_size: int,
         max_staleness: int,
-        dynamic_sampling: bool,
         capacity: int,
         sync_every: int = 1,
     ):
@@ -93,7 +88,6 @@ class RolloutBuffer:
             )
         self.receiver = receiver
         self.B, self.s, self.E = batch_size, max_staleness, sync_every
-        self.dynamic_sampling = dynamic_sampling
         need = (max_staleness + 1) * sync_every * batch_size
         if capacity < need:
             log.warning(
@@ -156,19 +150,14 @@ class RolloutBuffer:
         meta = h.group
         seq = self._seq
         self._seq += 1
-        reason = self._filter(meta)
+        reason = meta.drop_reason or "kept"
         if reason == "kept" and not meta.has_payload:
-            log.warning("buffer: group %s kept here but sent without payload (filter settings differ)", meta.group_id)
+            log.warning("buffer: group %s sent without payload and without a drop reason", meta.group_id)
             reason = "no_payload"
         self._counts[reason] += 1
         self._outcomes.append((seq, reason))
         if reason == "kept":
             self._entries[seq] = _Entry(seq, meta, frame.payload)
-
-    def _filter(self, meta: GroupMeta) -> str:
-        if not self.dynamic_sampling:
-            return "kept"
-        return dynamic_sampling_filter(_Accs(meta.accs)).reason  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ consumption
     def get_batch(self, trainer_version: int, timeout_s: float, size: int | None = None) -> list[Group]:
@@ -380,3 +369,8 @@ class RolloutBuffer:
             self._cond.notify_all()
         self._thread.join(timeout=5)
         self.receiver.close()
+
+
+def make_buffer(lay: Layout, receiver: GroupReceiver) -> RolloutBuffer:
+    """The run's buffer, sized by its layout (the loop and the simulator both build it here)."""
+    return RolloutBuffer(receiver, lay.batch_size, lay.max_staleness, lay.buffer_capacity, lay.sync_every)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engines.local.dist import byte_region
+from pipeline.contracts.weight_wire import byte_region
 
 MiB = 1 << 20
 

@@ -284,9 +284,14 @@ class RewardResult:
     failed: str = ""  # "", "timeout", "bad_return", or the exception's class name
 
 
+# Configs saved before the package layout (a run directory being resumed) name the module by its old path.
+_MOVED = {"pipeline.rewards": "pipeline.flow.rewards"}
+
+
 def load_reward_fn(fn_path: str, key: str = "algorithm.reward_fn") -> Callable[[str, str], Any]:
     """Import `module:function`; ValueError naming `key` when that is impossible."""
     module_name, sep, attr = fn_path.partition(":")
+    module_name = _MOVED.get(module_name, module_name)
     if not sep or not module_name or not attr:
         raise ValueError(f"{key}: must be 'module:function'; got {fn_path!r}")
     try:

@@ -28,9 +28,9 @@ import torch
 from pipeline.algorithm.advantages import compute_advantages
 from pipeline.algorithm.losses import make_loss_fn
 from pipeline.algorithm.shaping import overlong_loss_mask
-from pipeline.backend import MicroBatch, TrainerBackend
 from pipeline.config import Config
-from pipeline.types import Group, Sample
+from pipeline.contracts.backend import MicroBatch, TrainerBackend
+from pipeline.contracts.records import Group, Sample
 
 
 @dataclass

@@ -4,15 +4,19 @@ Contract: keys are namespaced with units where they have one (`time/weight_sync(
 `log(step, metrics)` writes every numeric value as a scalar at that step and prints one status line (rank 0 /
 the driver only: nothing else holds a MetricsLogger). `log_eval(metrics)` writes an evaluation's scalars at the
 step it was taken at (`eval/step`, not the later step it finished at) and prints one line for it.
+`RunRecord` is what a run keeps of itself: every step's metrics (logged, and in `history`), the prompts each step
+trained, and the live evaluations (before the first step, every eval.every steps, after the last).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
+from typing import Any
 
 log = logging.getLogger("dapo")
 
@@ -82,3 +86,57 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class RunRecord:
+    def __init__(self, cfg: Any, run_dir: str, first_step: int, evaluator: Any):
+        lg, self.total, self.before_train = cfg.logging, cfg.trainer.total_steps, cfg.eval.before_train
+        self.logger = MetricsLogger(os.path.join(run_dir, "tb"), self.total, lg.tensorboard, lg.console, first_step)
+        self.evaluator = evaluator
+        self.history: list[dict[str, float]] = []
+        self.trained: list[list[str]] = []
+        self.evals: list[dict[str, float]] = []
+
+    def _evals(self, *results: dict[str, float]) -> None:
+        for m in filter(None, results):
+            self.logger.log_eval(m)
+            self.evals.append(m)
+
+    def baseline(self, step: int, version: int) -> None:
+        if self.evaluator is not None and step == 0 and self.before_train:
+            self._evals(*self.evaluator.run(0, version))  # the baseline: v0, before any update
+
+    def step(
+        self, step: int, version: int, prompt_ids: list[str], metrics: dict[str, float], engines: Any, t0: float
+    ) -> None:
+        """Complete a step's metrics (generation speed, engines, evaluation), log and keep them."""
+        metrics["perf/gen_tokens_per_s"] = metrics.get("rollout/tokens_per_s", 0.0)
+        if self.evaluator is not None:
+            self._evals(self.evaluator.poll())
+            if step < self.total or not self.before_train:
+                self.evaluator.maybe_start(step, version)
+        metrics["engine/restarts"] = float(engines.restarts)
+        metrics["engine/alive"] = float(len(engines.live_urls))
+        metrics["time/step(s)"] = time.perf_counter() - t0
+        metrics["weight_version"] = version
+        self.logger.log(step, metrics)
+        self.history.append(metrics)
+        self.trained.append(prompt_ids)
+
+    def finish(self, step: int, version: int, stopped: bool) -> None:
+        """The evaluation still running, then the final weights' own (exact)."""
+        if self.evaluator is not None:
+            final = not stopped and self.before_train
+            self._evals(*(self.evaluator.run(step, version) if final else [self.evaluator.poll(wait=True)]))
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
+        self.logger.close()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import msgspec
 import numpy as np
 
-from pipeline.types import Prompt
+from pipeline.contracts.records import Prompt
 
 
 class PromptQueue:

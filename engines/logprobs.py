@@ -11,7 +11,7 @@ Contract:
   The temperature is the sampler's: engines (SGLang) report logprobs of softmax(logits / T), so the importance
   ratio is 1 on-policy only when the trainer scores at the same T.
 - Alignment is the caller's: the value at index i is about `targets[i]` as predicted from `hidden[i]`. Backends
-  pass targets shifted by one so that the value at position t of a sequence is about token t (pipeline/backend.py).
+  pass targets shifted by one so that the value at position t of a sequence is about token t (pipeline/contracts/backend.py).
 - Vocabulary parallelism: `weight` may be this rank's rows [vocab_start, vocab_start + V_local) of a padded
   vocabulary split over `group` (a TP group). Columns >= `vocab_size` (padding) are excluded as if absent; the
   row max, sum of exp, target logit and sum p*z are all-reduced over `group`. The backward does no communication:
@@ -197,7 +197,7 @@ def tp_vocab_start(weight: torch.Tensor, group: Any) -> int:
 
 def token_aligned(hidden: torch.Tensor, input_ids: torch.Tensor, weight: torch.Tensor, **kw: Any):
     """Padded (B, T) layout: (logprob, entropy or None), each (B, T) float32 with the value at position t about
-    token t as predicted from positions < t (pipeline/backend.py); position 0 is 0. `kw` as `fused_logprobs`."""
+    token t as predicted from positions < t (pipeline/contracts/backend.py); position 0 is 0. `kw` as `fused_logprobs`."""
     lp, ent = fused_logprobs(hidden[:, :-1], weight, input_ids[:, 1:], **kw)  # position t predicts t+1
     pad = lp.new_zeros(lp.shape[0], 1)
     return torch.cat([pad, lp], dim=1), torch.cat([pad, ent], dim=1) if ent is not None else None

@@ -2,7 +2,7 @@
 
 Contract:
 - A source is a `.jsonl` / `.parquet` path, `hf://org/name[:split]` (needs the `datasets` package and a
-  reachable hub; imported only when such a source is used), or `synthetic:<task>[?params]` (pipeline/tasks.py).
+  reachable hub; imported only when such a source is used), or `synthetic:<task>[?params]` (pipeline/flow/tasks.py).
 - A file or hub source may end in `?key=value&...` to override, for that source only, the DataConfig fields
   `prompt_key`, `answer_key`, `id_key`, `template` (so a train and an eval set of different formats share one
   config), e.g. `aime-2024.parquet?answer_key=reward_model.ground_truth&template=chat`.
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataConfig
-from pipeline.tasks import TaskError, parse_query, synthetic_rows
+from pipeline.contracts.records import Prompt
+from pipeline.flow.tasks import TaskError, parse_query, synthetic_rows
 from pipeline.tokenizer import encode_texts
-from pipeline.types import Prompt
 
 DAPO_TEMPLATE = (
     "Solve the following math problem step by step. The last line of your response should be of the form "

@@ -7,11 +7,15 @@ Contract:
 - The driver state is JSON (`state.json`); buffered groups are msgpack (`buffer.msgpack`, the same Struct codec as
   the ZMQ transport); trainer ranks write their own files under `trainer/` (backend.save).
 - `latest_checkpoint(run_dir)` finds what `checkpoint.resume=auto` resumes from.
+- The loop's side: `resume_run` restores trainer ranks and buffer from the checkpoint `checkpoint.resume` names and
+  returns (step, version, rollout state) (a fresh start: (0, 0, None)); `save_run` saves at the manager's
+  consistent cut (its `pushed` count: groups pushed after it are regenerated on resume); `due` says when.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -20,7 +24,10 @@ from typing import Any
 
 import msgspec
 
-from pipeline.types import Group
+from pipeline.config import Config, ConfigError
+from pipeline.contracts.records import Group
+
+log = logging.getLogger("dapo")
 
 _groups = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[Group])
 
@@ -80,3 +87,33 @@ def _prune(root: Path, keep_last: int) -> None:
     done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))
     for old in done[: max(len(done) - max(keep_last, 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_run(cfg: Config, run_dir: Path, trainers: Any, buffer: Any) -> tuple[int, int, dict | None]:
+    """(step, version, rollout state) of the checkpoint named by checkpoint.resume, or a fresh start."""
+    spec = cfg.checkpoint.resume
+    if not spec:
+        return 0, 0, None
+    path = latest_checkpoint(run_dir) if spec == "auto" else Path(spec)
+    if path is None:  # auto, and nothing saved yet
+        return 0, 0, None
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"checkpoint.resume: no checkpoint at {path}")
+    state, buffered = load(path)
+    trainers.load(str(path / "trainer"))
+    buffer.restore(buffered)
+    buffer.load_state_dict(state["buffer"])
+    log.info("resumed from %s (step %d, weights v%d)", path, state["step"], state["version"])
+    return state["step"], state["version"], state["rollout"]
+
+
+def due(cfg: Config, step: int, stopping: bool) -> bool:
+    every = cfg.checkpoint.every
+    return bool(every and step % every == 0 or stopping or step == cfg.trainer.total_steps)
+
+
+def save_run(cfg: Config, run_dir: Path, step: int, version: int, trainers: Any, rollout: Any, buffer: Any) -> None:
+    rollout_state = rollout.state_dict()
+    cut = rollout_state["pushed"]  # the consistent cut: groups pushed after it are regenerated on resume
+    state = {"version": version, "rollout": rollout_state, "buffer": buffer.state_dict(cut)}
+    save(run_dir, step, state, buffer.snapshot(cut), trainers.save, cfg.checkpoint.keep_last)

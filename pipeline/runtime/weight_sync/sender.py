@@ -79,12 +79,18 @@ import torch
 import torch.distributed as dist
 
 from engines.client import EngineClient, EngineError
-from engines.local.dist import FLATTENED_BUCKET_FORMAT, SAFETENSORS_FORMAT, create_sync_group, dtype_name, parse_dtype
 from engines.process import free_port
 from pipeline.config import ConfigError, WeightSyncConfig
-from pipeline.weight_sync.buckets import Bucket, BucketStream, BufferPool, Checksums, MiB, wire_device
-from pipeline.weight_sync.colocated import colocated_encoder
-from pipeline.weight_sync.disk import DiskStaging, StagedCheckpoint
+from pipeline.contracts.weight_wire import (
+    FLATTENED_BUCKET_FORMAT,
+    SAFETENSORS_FORMAT,
+    create_sync_group,
+    dtype_name,
+    parse_dtype,
+)
+from pipeline.runtime.weight_sync.buckets import Bucket, BucketStream, BufferPool, Checksums, MiB, wire_device
+from pipeline.runtime.weight_sync.colocated import colocated_encoder
+from pipeline.runtime.weight_sync.disk import DiskStaging, StagedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +175,7 @@ class WeightSyncSender:
 
     @property
     def colocated(self) -> bool:
-        return self.cfg.mode == "colocated"
+        return self.cfg.colocated
 
     @property
     def transport(self) -> str:

@@ -6,7 +6,7 @@ Contract:
   aborted and resumed on its own, and they spread over engines (SGLang shares the prompt's KV cache anyway).
   Every live engine is kept at `rollout.max_inflight_per_engine` requests; a new group is admitted when a slot is
   free, no admitted request is still waiting for one, and the admission rule allows it.
-- Admission and the staleness bound: pipeline/admission.py. With v the weight version the engines hold, a group
+- Admission and the staleness bound: pipeline/flow/admission.py. With v the weight version the engines hold, a group
   admitted under v (its start version) is trained at a version <= v + max_staleness: a new group starts while
   kept + reserved groups leave room under (v + s + 1) * weight_sync.every * batch_size, and, with dynamic
   sampling, a bounded number more against the expected keep rate (rollout.over_admission). A group the filter
@@ -54,33 +54,17 @@ from typing import Any, Protocol
 
 import msgspec
 
-from engines.client import EngineDeadError, EngineError, GenerateOutput
-from pipeline.admission import AdmissionControl
 from pipeline.algorithm.filters import dynamic_sampling_filter
 from pipeline.algorithm.shaping import shape_reward
-from pipeline.config import Config
-from pipeline.prompt_queue import PromptQueue
-from pipeline.rewards import WRONG_REWARD, RewardResult
-from pipeline.transport import GroupSender, RolloutStatus, encode_group, encode_status
-from pipeline.types import Group, Prompt, Sample
+from pipeline.config import Config, layout
+from pipeline.contracts.engine_api import EngineDeadError, EngineError, GenerateClient, GenerateOutput
+from pipeline.contracts.records import Group, Prompt, Sample
+from pipeline.flow.admission import AdmissionControl
+from pipeline.flow.prompt_queue import PromptQueue
+from pipeline.flow.rewards import WRONG_REWARD, RewardResult
+from pipeline.flow.transport import GroupSender, RolloutStatus, encode_group, encode_status
 
 log = logging.getLogger(__name__)
-
-
-class GenerateClient(Protocol):
-    @property
-    def alive_urls(self) -> list[str]: ...
-
-    async def generate(
-        self,
-        input_ids: list[int],
-        sampling_params: dict,
-        rid: str | None = None,
-        return_logprob: bool = True,
-        url: str | None = None,
-    ) -> GenerateOutput: ...
-
-    async def abort(self, rid: str | None = None, abort_all: bool = False) -> None: ...
 
 
 class RewardScorer(Protocol):
@@ -140,14 +124,14 @@ class RolloutManager:
     ):
         r = cfg.rollout
         self.cfg, self.client, self.tokenizer, self.rewards = cfg, client, tokenizer, rewards
-        self.G, self.L, self.s = r.n_samples_per_prompt, r.max_new_tokens, r.max_staleness
+        self.G, self.L, self.s = r.n_samples_per_prompt, r.max_new_tokens, layout(cfg).max_staleness
         self.B, self.E = cfg.trainer.batch_size, cfg.weight_sync.every
         self.mode, self.max_inflight, self.max_gen_rounds = (
             r.partial_rollout,
             r.max_inflight_per_engine,
             r.max_gen_rounds,
         )
-        self.dynamic_sampling, self.overlong = cfg.algorithm.dynamic_sampling, cfg.algorithm.overlong
+        self.dynamic_sampling, self.overlong = layout(cfg).dynamic_sampling, cfg.algorithm.overlong
         self.sampling = {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k}
         self.max_request_retries, self.abort_timeout_s = max_request_retries, abort_timeout_s
         self.queue = PromptQueue(prompts, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
@@ -437,10 +421,10 @@ class RolloutManager:
             attempt=p.attempt,
             epoch=p.epoch,
         )
-        keep = True
-        if self.dynamic_sampling:
+        keep, reason = True, ""
+        if self.dynamic_sampling:  # the one place the filter is decided: the buffer counts the reason sent with it
             decision = dynamic_sampling_filter(group)
-            keep = decision.keep
+            keep, reason = decision.keep, ("" if decision.keep else decision.reason)
             self._decisions[decision.reason] += 1
             self.admission.observe(keep)
         if keep and not self.admission.keep(g.start_version):  # over-admitted surplus: the bound has no slot for it
@@ -449,7 +433,7 @@ class RolloutManager:
         self._resolve(g, kept=keep)
         self._pushed += 1
         self._window.add(group)
-        self._post(encode_group(group, self._status(), start_version=g.start_version, payload=keep))
+        self._post(encode_group(group, self._status(), start_version=g.start_version, drop_reason=reason))
         self._status_dirty = False  # the frame carried the latest status
 
     def _resolve(self, g: _GroupRun, kept: bool = False) -> None:

@@ -6,7 +6,7 @@ Contract:
   cut of the manager's state at the moment the frame was queued, so the receiver can check the accounting
   identity exactly and order groups for the staleness bound), and, for a group frame, a `GroupMeta` (ids, start
   version, min token version, per-sample `acc`, token count) that lets the buffer filter, order and check staleness
-  without decoding the payload. The payload is the msgspec-msgpack encoding of `pipeline.types.Group`, or empty
+  without decoding the payload. The payload is the msgspec-msgpack encoding of `pipeline.contracts.records.Group`, or empty
   (a status-only frame, or a group the manager's dynamic-sampling filter already dropped: only its header travels).
 - Frames whose header `schema` != SCHEMA_VERSION (a sender running other code), or that do not decode, are
   rejected: counted (`transport/rejected_schema`, `transport/rejected_malformed`), logged with the reason once
@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from pipeline.types import SCHEMA_VERSION, Group
+from pipeline.contracts.records import SCHEMA_VERSION, Group
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     """Draws not yet resolved (generating, scoring, or waiting for an engine)."""
     pending: dict[int, int] = msgspec.field(default_factory=dict)
     """Unresolved groups that may still be kept (their reservations under the staleness bound, see
-    pipeline/admission.py), by start version (the version they were admitted under)."""
+    pipeline/flow/admission.py), by start version (the version they were admitted under)."""
 
 
 class GroupMeta(msgspec.Struct, kw_only=True):
@@ -84,7 +84,10 @@ class GroupMeta(msgspec.Struct, kw_only=True):
     attempt: int = 0
     epoch: int = 0
     has_payload: bool = True
-    """False: the manager dropped the group with the dynamic-sampling filter; only this header travels."""
+    """False: only this header travels (the manager dropped the group)."""
+    drop_reason: str = ""
+    """The dynamic-sampling filter's reason when the manager dropped the group ("" when kept): the filter is decided
+    once, at the manager, and the buffer counts the reason it reads here."""
 
 
 class FrameHeader(msgspec.Struct, kw_only=True):
@@ -115,7 +118,9 @@ _PROBE_DECODER = msgspec.msgpack.Decoder(_SchemaProbe)
 _GROUP_DECODER = msgspec.msgpack.Decoder(Group)
 
 
-def group_meta(group: Group, start_version: int | None = None, has_payload: bool = True) -> GroupMeta:
+def group_meta(
+    group: Group, start_version: int | None = None, has_payload: bool = True, drop_reason: str = ""
+) -> GroupMeta:
     min_version = group.min_version if group.samples else -1
     return GroupMeta(
         prompt_id=group.prompt_id,
@@ -126,16 +131,23 @@ def group_meta(group: Group, start_version: int | None = None, has_payload: bool
         n_tokens=sum(len(s.response_ids) for s in group.samples),
         attempt=group.attempt,
         epoch=group.epoch,
-        has_payload=has_payload,
+        has_payload=has_payload and not drop_reason,
+        drop_reason=drop_reason,
     )
 
 
 def encode_group(
-    group: Group, status: RolloutStatus | None = None, start_version: int | None = None, payload: bool = True
+    group: Group,
+    status: RolloutStatus | None = None,
+    start_version: int | None = None,
+    payload: bool = True,
+    drop_reason: str = "",
 ) -> list[bytes]:
-    """The two frames of a group message. payload=False sends the header only (a filtered group)."""
-    header = FrameHeader(kind="group", status=status, group=group_meta(group, start_version, payload))
-    return [_ENCODER.encode(header), _ENCODER.encode(group) if payload else b""]
+    """The two frames of a group message. A `drop_reason` (the filter dropped the group) or payload=False sends the
+    header only."""
+    meta = group_meta(group, start_version, payload, drop_reason)
+    header = FrameHeader(kind="group", status=status, group=meta)
+    return [_ENCODER.encode(header), _ENCODER.encode(group) if meta.has_payload else b""]
 
 
 def encode_status(status: RolloutStatus) -> list[bytes]:

@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if args.cmd == "eval":
-        from pipeline.evaluate import eval_main
+        from pipeline.tools.evaluate import eval_main
 
         return eval_main(cfg)
-    from pipeline.train import RunFailed, setup_logging, train
+    from pipeline.runtime.metrics import setup_logging
+    from pipeline.runtime.train import RunFailed, train
 
     setup_logging(cfg.logging.level)
     try:
@@ -80,11 +81,11 @@ def _delegate(name: str, rest: list[str]) -> int:
 
         return plan_main(rest)
     if name == "report":
-        from pipeline.report import report_main
+        from pipeline.tools.report import report_main
 
         return report_main(rest)
     if name == "ablate":
-        from pipeline.ablation import ablate_main
+        from pipeline.tools.ablation import ablate_main
 
         return ablate_main(rest)
     from benchmarks.run_all import bench_main
