@@ -3,14 +3,20 @@
 Contract (DESIGN.md, contract 3): every sample carries its prompt id, group id, response token ids, behaviour
 logprobs, per-token policy versions, reward, `acc`, finish reason and lengths. A `Group` is the G responses to
 one prompt; it is the unit the buffer admits, filters and hands to the trainer.
-`SCHEMA_VERSION` is bumped whenever a field changes meaning; receivers reject frames of another version.
+The four per-token fields (`prompt_ids`, `response_ids`, `logprobs`, `versions`) are lists on the rollout side and
+read-only numpy arrays (int32, int32, float64, int32: zero-copy views of the received frame) in the groups
+`RolloutBuffer.get_batch` hands out, so no per-token Python object is made between the socket and the trainer's
+collate; `as_lists(group)` gives the list form. Code reading samples uses `len()` and the properties below, which
+hold for both.
+`SCHEMA_VERSION` is bumped whenever a field or its wire encoding changes; receivers reject frames of another version.
 """
 
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the per-token fields travel as packed arrays (pipeline/flow/transport.py)
 
 
 class Sample(msgspec.Struct, kw_only=True):
@@ -55,7 +61,10 @@ class Sample(msgspec.Struct, kw_only=True):
 
     @property
     def min_version(self) -> int:
-        return min(self.versions) if self.versions else -1
+        v = self.versions
+        if isinstance(v, np.ndarray):
+            return int(v.min()) if v.size else -1
+        return min(v) if v else -1
 
 
 class Group(msgspec.Struct, kw_only=True):
@@ -81,6 +90,22 @@ class Group(msgspec.Struct, kw_only=True):
     @property
     def accs(self) -> list[bool]:
         return [s.acc for s in self.samples]
+
+
+def as_lists(group: Group) -> Group:
+    """The group with its per-token fields as Python lists (a copy when they are arrays)."""
+
+    def listed(x: list | np.ndarray) -> list:
+        return x.tolist() if isinstance(x, np.ndarray) else x
+
+    samples = [
+        msgspec.structs.replace(
+            s, prompt_ids=listed(s.prompt_ids), response_ids=listed(s.response_ids), logprobs=listed(s.logprobs),
+            versions=listed(s.versions),
+        )
+        for s in group.samples
+    ]  # fmt: skip
+    return msgspec.structs.replace(group, samples=samples)
 
 
 class Prompt(msgspec.Struct, kw_only=True):

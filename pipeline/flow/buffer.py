@@ -11,7 +11,8 @@ Contract:
   batch_size when smaller: the admission rule lets that many kept groups exist unconsumed, and fewer would let a
   full buffer block the frame of an older group it has to hand out first.
 - `get_batch(trainer_version, timeout_s, size=batch_size)` returns EXACTLY `size` groups whose samples all satisfy
-  trainer_version - sample.min_version <= max_staleness. `size` < batch_size hands a step's batch out in parts
+  trainer_version - sample.min_version <= max_staleness, their per-token fields numpy views of the received
+  frames (`decode_group(arrays=True)`: no per-token Python objects). `size` < batch_size hands a step's batch out in parts
   (the loop streams mini-batches: it trains the first while the last are still generating); the bound and the
   EDF check below count groups, so parts and whole batches give the same groups in the same order. Groups already too stale are dropped first (reason
   `stale`, a terminal "filtered" outcome; with the manager's admission rule this does not happen in steady state).
@@ -234,7 +235,7 @@ class RolloutBuffer:
         groups = []
         for e in chosen:
             try:
-                g = decode_group(payload_buffer(e.payload))
+                g = decode_group(payload_buffer(e.payload), arrays=True)  # zero-copy: no per-token objects
             except TransportError as err:
                 log.error("buffer: group %s: %s", e.meta.group_id, err)
                 self._drop(e.seq, "malformed")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.algorithm.advantages import compute_advantages
@@ -48,29 +49,32 @@ def _collate(rows: list[_Row], global_tokens: float, global_seqs: float, max_new
     """Right-padded tensors; per-token values aligned with input_ids (value at t is about token t)."""
     T = max(r.length for r in rows)
     B = len(rows)
-    input_ids = torch.zeros(B, T, dtype=torch.long)
-    attention_mask = torch.zeros(B, T, dtype=torch.long)
-    loss_mask = torch.zeros(B, T)
-    old_logprobs = torch.zeros(B, T)
-    advantages = torch.zeros(B, T)
+    # numpy slices take the samples' fields as they come (arrays from the buffer, lists elsewhere): per row, not
+    # per token; float64 logprobs round to float32 as torch.tensor(..., dtype=float32) does.
+    input_ids = np.zeros((B, T), dtype=np.int64)
+    attention_mask = np.zeros((B, T), dtype=np.int64)
+    loss_mask = np.zeros((B, T), dtype=np.float32)
+    old_logprobs = np.zeros((B, T), dtype=np.float32)
+    advantages = np.zeros((B, T), dtype=np.float32)
     for i, r in enumerate(rows):
         s = r.sample
         p, n = s.prompt_len, s.response_len
-        input_ids[i, : p + n] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        input_ids[i, :p] = s.prompt_ids
+        input_ids[i, p : p + n] = s.response_ids
         attention_mask[i, : p + n] = 1
         if n:
-            old_logprobs[i, p : p + n] = torch.tensor(s.logprobs, dtype=torch.float32)
+            old_logprobs[i, p : p + n] = s.logprobs
             advantages[i, p : p + n] = r.advantage
             if r.in_loss:
                 loss_mask[i, p : p + n] = 1.0
     position_ids = torch.arange(T).unsqueeze(0).expand(B, T).contiguous()
     return MicroBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention_mask),
         position_ids=position_ids,
-        loss_mask=loss_mask,
-        old_logprobs=old_logprobs,
-        advantages=advantages,
+        loss_mask=torch.from_numpy(loss_mask),
+        old_logprobs=torch.from_numpy(old_logprobs),
+        advantages=torch.from_numpy(advantages),
         global_tokens=max(global_tokens, 1.0),
         global_seqs=max(global_seqs, 1.0),
         max_new_tokens=max_new_tokens,

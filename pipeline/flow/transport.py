@@ -6,17 +6,19 @@ Contract:
   cut of the manager's state at the moment the frame was queued, so the receiver can check the accounting
   identity exactly and order groups for the staleness bound), and, for a group frame, a `GroupMeta` (ids, start
   version, min token version, per-sample `acc`, token count) that lets the buffer filter, order and check staleness
-  without decoding the payload. The payload is the msgspec-msgpack encoding of `pipeline.contracts.records.Group`, or empty
-  (a status-only frame, or a group the manager's dynamic-sampling filter already dropped: only its header travels).
+  without decoding the payload. The payload is a msgpack `_WireGroup`: the group's and its samples' scalar fields,
+  and the four per-token fields of all samples packed back to back as raw little-endian arrays (prompt and response
+  token ids int32, logprobs float64 -- exact, versions int32) in msgpack `bin` fields; or empty (a status-only
+  frame, or a group the manager's dynamic-sampling filter dropped: only its header travels).
 - Frames whose header `schema` != SCHEMA_VERSION (a sender running other code), or that do not decode, are
   rejected: counted (`transport/rejected_schema`, `transport/rejected_malformed`), logged with the reason once
   per kind, never raised. A payload is checked again (`Group.schema`) when it is decoded.
 - No pickle anywhere: msgspec msgpack only.
-- Why the payload is decoded late: turning msgpack into Python lists costs ~40 ms per group of 16 x 16k tokens
-  (~15x the raw ZMQ transfer of the same bytes; numpy int32/float64 arrays are no faster since the trainer's
-  `Sample` holds lists: list<->array conversion costs the same per element). Keeping the payload bytes until a
-  group is consumed makes ingestion run at ZMQ speed, holds ~7x less memory than decoded lists, and never pays
-  for groups that are filtered or dropped. See benchmarks/bench_transport.py.
+- Arrays end to end: `decode_group(payload, arrays=True)` (what the buffer hands the trainer) makes no per-token
+  Python object: each sample's fields are numpy views of the payload's bytes (zero-copy: msgspec decodes `bin` into
+  memoryviews of the received frame), and the trainer collates them with numpy slices. `arrays=False` gives lists
+  (`recv`, checkpoints). The payload is decoded late, when a group is handed out: ingestion runs at ZMQ speed and
+  never pays for groups that are filtered or dropped. See benchmarks/bench_transport.py.
 - `GroupSender(address)`: PUSH, connects, SNDHWM. `send(group)` blocks (up to `timeout_ms`); `post(frames)` never
   blocks (frames that meet a full pipe wait in an ordered outbox; `flush()` / `await drain()` push them on), so an
   asyncio loop is never stalled by backpressure. `close()` lingers `linger_ms` to deliver what is queued.
@@ -34,9 +36,10 @@ from collections import deque
 from typing import Any
 
 import msgspec
+import numpy as np
 import zmq
 
-from pipeline.contracts.records import SCHEMA_VERSION, Group
+from pipeline.contracts.records import SCHEMA_VERSION, Group, Sample
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,11 @@ class _SchemaProbe(msgspec.Struct):
     schema: int = -1
 
 
+class _SchemaOnly(msgspec.Struct):
+    schema: int
+    group_id: str
+
+
 class Frame(msgspec.Struct):
     """A received message: its header and the undecoded payload (bytes or a zero-copy zmq.Frame buffer)."""
 
@@ -115,7 +123,86 @@ class Frame(msgspec.Struct):
 _ENCODER = msgspec.msgpack.Encoder()
 _HEADER_DECODER = msgspec.msgpack.Decoder(FrameHeader)
 _PROBE_DECODER = msgspec.msgpack.Decoder(_SchemaProbe)
-_GROUP_DECODER = msgspec.msgpack.Decoder(Group)
+_IDS, _LOGPROBS = np.dtype("<i4"), np.dtype("<f8")  # token ids and versions; logprobs exact (Python floats)
+
+
+class _WireSample(msgspec.Struct, array_like=True):
+    """A sample's scalar fields; its per-token fields are slices of the group's packed arrays."""
+
+    prompt_id: str
+    group_id: str
+    index: int
+    finish_reason: str
+    reward: float
+    task_reward: float
+    acc: bool
+    reward_failed: str
+    max_new_tokens: int
+    prompt_len: int
+    response_len: int
+
+
+class _WireGroup(msgspec.Struct, kw_only=True):
+    schema: int
+    prompt_id: str
+    group_id: str
+    answer: str
+    attempt: int
+    epoch: int
+    samples: list[_WireSample]
+    prompt_ids: memoryview
+    response_ids: memoryview
+    logprobs: memoryview
+    versions: memoryview
+
+
+_GROUP_DECODER = msgspec.msgpack.Decoder(_WireGroup)
+
+
+def _packed(seqs: list, dtype: np.dtype) -> bytes:
+    return np.concatenate([np.asarray(s, dtype=dtype) for s in seqs]).tobytes() if seqs else b""
+
+
+def _wire(group: Group) -> _WireGroup:
+    s = group.samples
+    return _WireGroup(
+        schema=SCHEMA_VERSION, prompt_id=group.prompt_id, group_id=group.group_id, answer=group.answer,
+        attempt=group.attempt, epoch=group.epoch,
+        samples=[
+            _WireSample(
+                x.prompt_id, x.group_id, x.index, x.finish_reason, x.reward, x.task_reward, x.acc, x.reward_failed,
+                x.max_new_tokens, len(x.prompt_ids), len(x.response_ids),
+            )
+            for x in s
+        ],
+        prompt_ids=_packed([x.prompt_ids for x in s], _IDS), response_ids=_packed([x.response_ids for x in s], _IDS),
+        logprobs=_packed([x.logprobs for x in s], _LOGPROBS), versions=_packed([x.versions for x in s], _IDS),
+    )  # fmt: skip
+
+
+def _unwire(w: _WireGroup, arrays: bool) -> Group:
+    prompts = np.frombuffer(w.prompt_ids, _IDS)
+    responses, logprobs, versions = (np.frombuffer(b, t) for b, t in ((w.response_ids, _IDS), (w.logprobs, _LOGPROBS), (w.versions, _IDS)))  # fmt: skip
+    p_end, r_end = np.cumsum([x.prompt_len for x in w.samples]), np.cumsum([x.response_len for x in w.samples])
+    n_p, n_r = (int(p_end[-1]), int(r_end[-1])) if w.samples else (0, 0)
+    if (len(prompts), len(responses), len(logprobs), len(versions)) != (n_p, n_r, n_r, n_r):
+        raise TransportError(f"group {w.group_id}: packed token arrays do not match the samples' lengths")
+    cut = (lambda a, i, j: a[i:j]) if arrays else (lambda a, i, j: a[i:j].tolist())
+    samples, p0, r0 = [], 0, 0
+    for x, p1, r1 in zip(w.samples, p_end.tolist(), r_end.tolist(), strict=True):
+        samples.append(
+            Sample(
+                prompt_id=x.prompt_id, group_id=x.group_id, index=x.index, prompt_ids=cut(prompts, p0, p1),
+                response_ids=cut(responses, r0, r1), logprobs=cut(logprobs, r0, r1), versions=cut(versions, r0, r1),
+                finish_reason=x.finish_reason, reward=x.reward, task_reward=x.task_reward, acc=x.acc,
+                reward_failed=x.reward_failed, max_new_tokens=x.max_new_tokens,
+            )
+        )  # fmt: skip
+        p0, r0 = p1, r1
+    return Group(
+        schema=w.schema, prompt_id=w.prompt_id, group_id=w.group_id, samples=samples, answer=w.answer,
+        attempt=w.attempt, epoch=w.epoch,
+    )  # fmt: skip
 
 
 def group_meta(
@@ -147,25 +234,32 @@ def encode_group(
     header only."""
     meta = group_meta(group, start_version, payload, drop_reason)
     header = FrameHeader(kind="group", status=status, group=meta)
-    return [_ENCODER.encode(header), _ENCODER.encode(group) if meta.has_payload else b""]
+    return [_ENCODER.encode(header), _ENCODER.encode(_wire(group)) if meta.has_payload else b""]
 
 
 def encode_status(status: RolloutStatus) -> list[bytes]:
     return [_ENCODER.encode(FrameHeader(kind="status", status=status)), b""]
 
 
-def decode_group(payload: Any) -> Group:
-    """Payload bytes -> Group; TransportError when it does not decode or has another schema."""
+def decode_group(payload: Any, arrays: bool = False) -> Group:
+    """Payload bytes -> Group, its per-token fields lists or (arrays=True) zero-copy read-only numpy views;
+    TransportError when it does not decode or has another schema."""
     try:
-        group = _GROUP_DECODER.decode(payload)
+        wire = _GROUP_DECODER.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise TransportError(f"group payload does not decode: {e}") from None
-    if group.schema != SCHEMA_VERSION:
+        try:  # name a schema mismatch even when the payload's shape changed too
+            schema = _PROBE_DECODER.decode(payload).schema
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            schema = SCHEMA_VERSION
+        if schema == SCHEMA_VERSION:
+            raise TransportError(f"group payload does not decode: {e}") from None
+        wire = _SchemaOnly(schema=schema, group_id="?")
+    if wire.schema != SCHEMA_VERSION:
         raise TransportError(
-            f"group {group.group_id}: schema {group.schema} != SCHEMA_VERSION {SCHEMA_VERSION} "
+            f"group {wire.group_id}: schema {wire.schema} != SCHEMA_VERSION {SCHEMA_VERSION} "
             "(sender and receiver run different code versions)"
         )
-    return group
+    return _unwire(wire, arrays)
 
 
 def decode_header(raw: Any) -> FrameHeader:

@@ -30,7 +30,7 @@ from typing import Any
 
 from pipeline.config import Config, DataConfig, layout
 from pipeline.contracts.engine_api import EngineDeadError, EngineError, GenerateOutput
-from pipeline.contracts.records import Group, Prompt
+from pipeline.contracts.records import Group, Prompt, as_lists
 from pipeline.flow.buffer import make_buffer
 from pipeline.flow.rewards import RewardResult
 from pipeline.flow.rollout import RolloutManager
@@ -306,7 +306,7 @@ def run_sim(
                 batch += buffer.get_batch(version, timeout_s, size=t.batch_size // parts)
                 if delay:
                     time.sleep(delay / parts)
-            res.trained.append(batch)
+            res.trained.append([as_lists(g) for g in batch])  # the record compares with lists
             res.versions.append(version)
             if on_step is not None:
                 on_step(step, client)
