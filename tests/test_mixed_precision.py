@@ -63,13 +63,32 @@ def _moved_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Tens
     return moved / sum(v.numel() for v in before.values())
 
 
-def _check_sent_weights(backend, master: dict[str, torch.Tensor]) -> None:
+def _check_sent_weights(backend, master: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What a weight sync sends (named_hf_weights) is the master rounded to bf16, every tensor."""
     sent = dict(backend.named_hf_weights())
     assert sent, "the sync source sends weights"
     for name, t in sent.items():
         assert t.dtype == torch.bfloat16, name
         assert torch.equal(t.cpu(), master[name].cpu().to(torch.bfloat16)), name
+    return sent
+
+
+def _check_engine_receives(model_dir: str, sent: dict[str, torch.Tensor], master: dict[str, torch.Tensor]) -> None:
+    """A bf16 CPU engine that loads the sent tensors holds the master rounded (its /weights_checksum hash)."""
+    from transformers import AutoModelForCausalLM
+
+    from engines.local.dist import weights_checksum
+    from engines.local.engine import Engine
+
+    engine = Engine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), max_running=1).start()
+    try:
+        names = sorted(sent)
+        before = engine.checksum(names)
+        engine.call(lambda: engine.load_tensors(list(sent.items()))).result(timeout=30)
+        want = weights_checksum([(n, master[n].to(torch.bfloat16)) for n in names])
+        assert engine.checksum(names) == want != before
+    finally:
+        engine.stop()
 
 
 def test_one_rank_bf16_moves_every_master_weight_and_resumes(tmp_path):
@@ -88,7 +107,7 @@ def test_one_rank_bf16_moves_every_master_weight_and_resumes(tmp_path):
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 2e-5
     states = [s for s in backend.optimizer.state.values() if "exp_avg" in s]
     assert states and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in states)
-    _check_sent_weights(backend, after)
+    _check_engine_receives(model_dir, _check_sent_weights(backend, after), after)
 
     # Checkpoint after the steps, one more step; a fresh backend resumed from the checkpoint makes the same step.
     backend.save(str(tmp_path / "ckpt"))
