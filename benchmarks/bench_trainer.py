@@ -16,7 +16,8 @@ Contract:
   `train_minibatch` (forward + backward + optimizer step over every micro-batch).
 - Result keys per backend `b`: `b_train_tokens_per_s`, `b_mfu` (None where the device's bf16 peak is unknown, e.g.
   CPU), `b_peak_mem_gib` (torch.cuda.max_memory_allocated; on CPU the process max RSS), `b_logprob_tokens_per_s`,
-  `b_logprob_over_train_ratio`, `b_first_loss`, `b_plan_peak_gib` (pipeline.plan.trainer_peak_memory's prediction,
+  `b_logprob_over_train_ratio`, `b_first_loss`, `b_error` (instead of the figures, when `keep_going` and that
+  backend failed; without `keep_going` the failure propagates), `b_plan_peak_gib` (pipeline.plan.trainer_peak_memory's prediction,
   when that function exists), plus `shape`, `device`, `tokens`, `params`, `train_flops_per_step`.
 - MFU = (6 x N x tokens + causal attention FLOPs) / time / peak, N = the parameters that take part in matmuls (all
   of them, less an untied input embedding, which is a lookup), causal attention FLOPs = 6 x layers x heads x
@@ -310,6 +311,7 @@ def run(
     seed: int = 0,
     peak_tflops: float | None = None,
     timeout_s: float = 900.0,
+    keep_going: bool = False,
 ) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if quick:
@@ -351,9 +353,15 @@ def run(
         for name in backends:
             if name not in ("megatron", "fsdp"):
                 raise ValueError(f"--backends: unknown backend {name!r} (megatron, fsdp)")
-            spawn(_worker, 1, tmp, {**spec_base, "backend": name}, timeout_s=timeout_s)
-            with open(os.path.join(tmp, f"result_{name}.json")) as f:
-                r = json.load(f)
+            try:
+                spawn(_worker, 1, tmp, {**spec_base, "backend": name}, timeout_s=timeout_s)
+                with open(os.path.join(tmp, f"result_{name}.json")) as f:
+                    r = json.load(f)
+            except Exception as e:  # one backend failing (out of memory, timeout) must not hide the other's figures
+                if not keep_going:
+                    raise
+                out[f"{name}_error"] = f"{type(e).__name__}: {str(e).strip()[-400:]}"
+                continue
             train_tps = tokens / r["train_s"]
             lp_tps = tokens / r["logprob_s"]
             out[f"{name}_train_tokens_per_s"] = train_tps
@@ -386,6 +394,9 @@ def format_table(r: dict[str, Any], backends: list[str]) -> str:
         "|---" * (7 if plan else 6) + "|",
     ]
     for b in backends:
+        if f"{b}_error" in r:
+            lines.append(f"| {b} | failed: {r[f'{b}_error'][-200:]!r} |")
+            continue
         mfu = r.get(f"{b}_mfu")
         row = (
             f"| {b} | {fmt(r[f'{b}_train_tokens_per_s'], '.0f')} | {fmt(mfu and 100 * mfu, '.1f')}"
@@ -407,6 +418,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4, help="rows per micro-batch")
     ap.add_argument("--max-tokens", type=int, default=0, help="token budget per micro-batch instead of --rows")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: known GPUs)")
+    ap.add_argument("--timeout-s", type=float, default=900.0, help="per backend (its worker is killed after)")
     ap.add_argument("--json", default="", help="also write the result here")
     args = ap.parse_args()
     backends = [b for b in args.backends.split(",") if b]
@@ -419,11 +431,15 @@ def main() -> None:
         rows=args.rows,
         max_tokens=args.max_tokens,
         peak_tflops=args.peak_tflops,
+        timeout_s=args.timeout_s,
+        keep_going=True,
     )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)
     print(format_table(r, backends), flush=True)
+    if any(f"{b}_error" in r for b in backends):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
