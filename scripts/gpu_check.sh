@@ -95,7 +95,8 @@ setup() {
     fi
     for f in "$WHL_DIR"/*.tar.xz "$joined"/*.tar.xz; do
         echo "extracting $f into $SITE"
-        tar -C "$SITE" -xJf "$f"
+        # Python's tarfile (lzma) rather than tar -J: a minimal machine may have no xz binary.
+        "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$f" "$SITE"
     done
     rm -rf "$joined"
     "$PY" - <<'PYEOF'
