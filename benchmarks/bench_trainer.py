@@ -12,13 +12,14 @@ Contract:
   first as the trainer does, in micro-batches of `rows` rows (or a `max_tokens` budget); lr 1e-6, no warm-up, no
   recompute, fixed seeds. `tiny`: 16 sequences of 24-160 tokens. The first logprob forward gives the behaviour
   logprobs (ratio 1, as on policy).
-- Timing: `warmup` untimed passes, then the median of `steps` timed ones (quick: at most 2), separately for `forward_logprobs` and
-  `train_minibatch` (forward + backward + optimizer step over every micro-batch).
+- Timing: `warmup` untimed passes, then the median of `steps` timed ones (quick: one of each), separately for
+  `forward_logprobs` and `train_minibatch` (forward + backward + optimizer step over every micro-batch).
 - Result keys per backend `b`: `b_train_tokens_per_s`, `b_mfu` (None where the device's bf16 peak is unknown, e.g.
   CPU), `b_peak_mem_gib` (torch.cuda.max_memory_allocated; on CPU the process max RSS), `b_logprob_tokens_per_s`,
   `b_logprob_over_train_ratio`, `b_first_loss`, `b_error` (instead of the figures, when `keep_going` and that
-  backend failed; without `keep_going` the failure propagates), `b_plan_peak_gib` (pipeline.plan.trainer_peak_memory's prediction,
-  when that function exists), plus `shape`, `device`, `tokens`, `params`, `train_flops_per_step`.
+  backend failed; without `keep_going` the failure propagates), `b_plan_peak_gib` (the `allocated` term of
+  pipeline.plan.trainer_peak_memory for the largest micro-batch, when that function exists), plus `shape`,
+  `device`, `tokens`, `params`, `train_flops_per_step`.
 - MFU = (6 x N x tokens + causal attention FLOPs) / time / peak, N = the parameters that take part in matmuls (all
   of them, less an untied input embedding, which is a lookup), causal attention FLOPs = 6 x layers x heads x
   head_dim x sum(L^2) over sequences (forward QK^T and PV at half the L^2 square each, backward twice the forward).
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -263,41 +263,22 @@ def _worker(rank: int, world_size: int, port: int, tmp: str, spec: dict) -> None
         json.dump(result, f)
 
 
-def plan_prediction_gib(backend: str, shape: Shape, lengths: list[int], rows: int, dtype: str) -> float | None:
-    """pipeline.plan.trainer_peak_memory's prediction where that function exists (another change adds it), in GiB.
-
-    Its signature is not fixed yet: pass the arguments it names among the ones known here; None if it is absent or
-    cannot be called with them."""
+def plan_prediction_gib(backend: str, shape: Shape, mb_tokens: int, dtype: str) -> float | None:
+    """pipeline.plan.trainer_peak_memory's prediction of what torch's allocator peaks at (its `allocated` term,
+    comparable with torch.cuda.max_memory_allocated), in GiB, for the largest micro-batch; None where that function
+    does not exist (it comes with another change) or fails."""
     try:
         from pipeline.plan import trainer_peak_memory  # type: ignore[attr-defined]
     except ImportError:
         return None
     cfg = _bench_config(backend, dtype, 0)
-    cfg.trainer.micro_batch_size = rows
-    known = {
-        "cfg": cfg,
-        "config": cfg,
-        "backend": backend,
-        "hf_config": hf_config(shape),
-        "model_config": hf_config(shape),
-        "params": param_count(shape),
-        "n_params": param_count(shape),
-        "micro_batch_tokens": sum(lengths[:rows]),
-        "tokens": sum(lengths[:rows]),
-        "max_tokens": sum(lengths[:rows]),
-        "seq_len": max(lengths),
-        "vocab_size": shape.vocab,
-        "hidden_size": shape.hidden,
-        "num_layers": shape.layers,
-    }
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        sig = inspect.signature(trainer_peak_memory)
-        kwargs = {k: v for k, v in known.items() if k in sig.parameters}
-        value = trainer_peak_memory(**kwargs)
-    except Exception:  # an unknown signature must not fail the measurement beside it
+        terms = trainer_peak_memory(hf_config(shape), cfg, mb_tokens, device=device)
+        value = terms.get("allocated", terms["total"]) if isinstance(terms, dict) else float(terms)
+    except Exception:  # a prediction that cannot be made must not fail the measurement beside it
         return None
-    value = float(getattr(value, "total", value))
-    return value / GIB if value > 1e6 else value  # bytes or GiB
+    return float(value) / GIB
 
 
 def run(
@@ -315,7 +296,7 @@ def run(
 ) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if quick:
-        steps, warmup = min(steps, 2), min(warmup, 1)
+        steps, warmup = 1, 1
     shape = shape or ("tiny" if quick or not cuda else "1.5b")
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: expected one of {', '.join(SHAPES)}")
@@ -326,6 +307,8 @@ def run(
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = peak_tflops * 1e12 if peak_tflops else device_peak_flops(device) if cuda else None
     flops = train_flops(s, lengths)
+    mbs = micro_batches(lengths, w.prompt, s.vocab, rows, max_tokens, seed)
+    max_mb_tokens = max(int(mb.attention_mask.sum()) for mb in mbs)
     tokens = sum(lengths)
     out: dict[str, Any] = {
         "shape": shape,
@@ -374,7 +357,7 @@ def run(
             out[f"{name}_setup_s"] = r["setup_s"]
             out[f"{name}_train_times_s"] = r["train_times"]
             out[f"{name}_logprob_times_s"] = r["logprob_times"]
-            pred = plan_prediction_gib(name, s, lengths, rows, dtype)
+            pred = plan_prediction_gib(name, s, max_mb_tokens, dtype)
             if pred is not None:
                 out[f"{name}_plan_peak_gib"] = pred
     return out
