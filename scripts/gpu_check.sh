@@ -136,8 +136,10 @@ start train "$secs" "$PY" -m pipeline.cli train configs/tiny-cpu.yaml "${TRAIN_G
     trainer.total_steps="$STEPS" eval.every=0 checkpoint.every=0 logging.tensorboard=false \
     logging.dir="$OUT/train-runs" logging.run_name=gpu-check
 if command -v nvidia-smi >/dev/null && ((!DRY)); then # GPU memory held by processes while the parts run
+    # One line per GPU process: "MiB session command"; the run's are in the train part's session or Ray workers.
     (while kill -0 "${PIDS[train]}" 2>/dev/null; do
-        nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null
+        nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null |
+            while IFS=', ' read -r pid mib; do echo "$mib $(ps -o sess=,args= -p "$pid" 2>/dev/null)"; done
         sleep 2
     done) >"$OUT/train-gpu-usage.log" 2>&1 &
 fi
@@ -149,7 +151,8 @@ finish train
     echo "| part | result | seconds | figures |"
     echo "|---|---|---|---|"
     s=$([[ ${RC[setup]} == 0 ]] && echo pass || echo FAIL)
-    echo "| setup | $s | ${SECS[setup]} | $(grep -c '^import .*: ok' "$OUT/setup.log") imports ok; $(grep -m1 '^torch ' "$OUT/setup.log") |"
+    echo "| setup | $s | ${SECS[setup]} | $(grep -c '^import .*: ok' "$OUT/setup.log") imports ok;" \
+        "$(grep -m1 '^torch ' "$OUT/setup.log") |"
     s=$([[ ${RC[bench]} == 0 ]] && echo pass || echo "FAIL rc ${RC[bench]}")
     figs=$("$PY" - "$OUT/bench.json" <<'PYEOF' 2>/dev/null || echo "no bench.json"
 import json, sys
@@ -168,13 +171,15 @@ PYEOF
 )
     echo "| bench | $s | ${SECS[bench]} | $figs |"
     s=$([[ ${RC[pytest]} == 0 ]] && echo pass || echo "FAIL rc ${RC[pytest]}")
-    echo "| pytest -m gpu | $s | ${SECS[pytest]} | $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$OUT/pytest.log" | tail -1) |"
+    counts=$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$OUT/pytest.log" | tail -1)
+    echo "| pytest -m gpu | $s | ${SECS[pytest]} | $counts |"
     last=$(grep -oE "^step +[0-9]+/[0-9]+" "$OUT/train.log" | tail -1)
     reached=$(grep -cE "^step +$STEPS/$STEPS " "$OUT/train.log")
     s=$([[ ${RC[train]} == 0 && $reached -ge 1 ]] && echo pass || echo "FAIL rc ${RC[train]}")
-    gpu_mem=$(awk -F', ' '{gsub(/ MiB/, "", $3); if ($3 + 0 > m) m = $3 + 0} END {print m + 0}' \
+    gpu_mem=$(awk -v sid="${PIDS[train]}" '($2 == sid || /ray::/) && $1 + 0 > m {m = $1 + 0} END {print m + 0}' \
         "$OUT/train-gpu-usage.log" 2>/dev/null)
-    echo "| train (tiny, trainer on GPU) | $s | ${SECS[train]} | last '${last:-none}' of $STEPS; GPU memory of run processes max ${gpu_mem:-n/a} MiB |"
+    echo "| train (tiny, trainer on GPU) | $s | ${SECS[train]} | last '${last:-none}' of $STEPS;" \
+        "GPU memory of the run's processes max ${gpu_mem:-n/a} MiB |"
     echo "total $((SECONDS - START))s of budget ${BUDGET}s; logs in $OUT"
 } >"$OUT/summary.txt"
 echo

@@ -78,4 +78,5 @@ echo "[wheels] warm-start entry $key -> $CACHE_DIR/warmstart/$key"
 
 ls -l "$WHL_DIR"
 total=$(du -cb "$WHL_DIR" "$CACHE_DIR" | tail -1 | cut -f1)
-echo "[wheels] total: $total bytes ($((total / 1048576)) MiB) in $WHL_DIR and $CACHE_DIR (transfer limit 64 MiB with the repo)"
+echo "[wheels] total: $total bytes ($((total / 1048576)) MiB) in $WHL_DIR and $CACHE_DIR" \
+    "(transfer limit: 64 MiB with the repo)"
