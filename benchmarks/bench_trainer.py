@@ -261,6 +261,7 @@ def _worker(rank: int, world_size: int, port: int, tmp: str, spec: dict) -> None
     }
     with open(os.path.join(tmp, f"result_{name}.json"), "w") as f:
         json.dump(result, f)
+    torch.distributed.destroy_process_group()
 
 
 def plan_prediction_gib(backend: str, shape: Shape, mb_tokens: int, dtype: str) -> float | None:
