@@ -124,7 +124,7 @@ echo "[gpu_check] $(date -u +%T) setup: rc ${RC[setup]} in ${SECS[setup]}s"
 ((RC[setup] != 0)) && tail -n 15 "$OUT/setup.log" | sed 's/^/[setup] /'
 
 # ------------------------------------------------------------------ bench (alone on the GPU: its timings)
-secs=$(limit 230 150)
+secs=$(limit 260 150)
 start bench "$secs" "$PY" -m benchmarks.bench_trainer --shape "$SHAPE" --backends megatron,fsdp \
     --steps "${BENCH_STEPS:-3}" --json "$OUT/bench.json" --timeout-s $(((secs - 40) / 2))
 finish bench
