@@ -6,6 +6,12 @@ gradients summed over micro-batches and DP ranks, AdamW with constant LR after l
 (pipeline/algorithm/schedule.py), global-norm clipping. Runs on CPU (gloo) and GPU (nccl). The default process group,
 when world_size > 1, is initialised by the caller before `build_backend`.
 
+Packing (the default; `FSDPBackend(..., packing=False)` keeps the right-padded (B, T) layout with SDPA): each
+micro-batch runs as one row without padding (engines/packing.py: RoPE positions restarting per sequence), its
+attention one packed kernel call per layer (engines/attention.py, registered with transformers' AttentionInterface,
+the sequence bounds passed through the forward kwargs); the per-token results are mapped back to the (B, T) layout.
+Same loss, gradients and update as the padded layout (tests/test_fsdp_packing.py).
+
 Mixed precision (`model.dtype = bfloat16`): the parameters the optimizer steps (master weights), their gradients and
 the AdamW state are float32; forward and backward compute in bfloat16.
 - world_size > 1: FSDP2 with `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the all-gathered
@@ -28,7 +34,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from pipeline.algorithm.logprobs import token_aligned
+from engines.attention import register_hf_attention
+from engines.packing import PackedMicroBatch, pack_micro_batch, unpack
+from pipeline.algorithm.logprobs import fused_logprobs, token_aligned
 from pipeline.algorithm.schedule import warmup_factor
 from pipeline.backend import LossFn, MicroBatch
 from pipeline.config import Config
@@ -47,25 +55,42 @@ class PolicyHead(torch.nn.Module):
         self.temperature, self.chunk_tokens, self.entropy_grad = temperature, chunk_tokens, entropy_grad
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, with_entropy: bool
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        with_entropy: bool,
+        packed: PackedMicroBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.lm.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
-        return token_aligned(
-            out.last_hidden_state,  # (B, T, H)
-            input_ids,
-            self.lm.lm_head.weight,
+        """Padded (B, T) layout: (B, T) results aligned with input_ids. Packed (`packed` given, input (1, t)):
+        per-position results of the row, position i scoring `packed.target[i]` (engines/packing.py unpacks them)."""
+        head = dict(
             temperature=self.temperature,
             chunk_tokens=self.chunk_tokens,
             with_entropy=with_entropy,
             entropy_grad=self.entropy_grad,
         )
+        if packed is not None:  # the packed attention kernel takes the sequence bounds through the forward kwargs
+            out = self.lm.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                dapo_cu_seqlens=packed.cu_seqlens,
+                dapo_max_seqlen=packed.max_seqlen,
+            )
+            return fused_logprobs(out.last_hidden_state, self.lm.lm_head.weight, packed.target, **head)
+        out = self.lm.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return token_aligned(out.last_hidden_state, input_ids, self.lm.lm_head.weight, **head)  # hidden (B, T, H)
 
 
 class FSDPBackend:
-    def __init__(self, cfg: Config, rank: int, world_size: int):
+    def __init__(self, cfg: Config, rank: int, world_size: int, packing: bool = True):
+        """`packing=False` runs the right-padded (B, T) layout with transformers' SDPA (the equality tests' and the
+        benchmark's baseline) instead of one packed row per micro-batch."""
         self.cfg = cfg
+        self.packing = packing
         self.rank = rank
         self.world_size = world_size
         self.dp_rank = rank
@@ -96,7 +121,8 @@ class FSDPBackend:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: warmup_factor(step, warmup))
 
     def _load(self, hf_model_dir: str, dtype: torch.dtype) -> torch.nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=dtype, attn_implementation="sdpa")
+        attn = register_hf_attention() if self.packing else "sdpa"
+        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=dtype, attn_implementation=attn)
         model.to(self.device)
         model.config.use_cache = False
         return model
@@ -156,13 +182,18 @@ class FSDPBackend:
 
     # ------------------------------------------------------------------ compute
     def _forward(self, mb: MicroBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = mb.input_ids.to(self.device)
-        logprobs, entropy = self.policy(
-            input_ids=ids,
-            attention_mask=mb.attention_mask.to(self.device),
-            position_ids=mb.position_ids.to(self.device),
-            with_entropy=with_entropy,
-        )  # (B, T) each, aligned with input_ids; entropy detached when algorithm.entropy_coef == 0
+        if self.packing:
+            pk = pack_micro_batch(mb, self.device)
+            lp, ent = self.policy(pk.input_ids, None, pk.position_ids, with_entropy, packed=pk)  # (1, t) each
+            logprobs, entropy = unpack(pk, lp), (unpack(pk, ent) if ent is not None else None)
+        else:
+            logprobs, entropy = self.policy(
+                input_ids=mb.input_ids.to(self.device),
+                attention_mask=mb.attention_mask.to(self.device),
+                position_ids=mb.position_ids.to(self.device),
+                with_entropy=with_entropy,
+            )
+        # (B, T) each, aligned with input_ids; entropy detached when algorithm.entropy_coef == 0
         if entropy is None:
             entropy = torch.zeros_like(logprobs)
         return logprobs, entropy
@@ -263,5 +294,5 @@ def _reduce_sum(sums: dict[str, torch.Tensor], world_size: int) -> dict[str, flo
     return {k: float(v) for k, v in zip(keys, vec.cpu(), strict=True)}
 
 
-def build_backend(cfg: Config, rank: int, world_size: int) -> FSDPBackend:
-    return FSDPBackend(cfg, rank, world_size)
+def build_backend(cfg: Config, rank: int, world_size: int, packing: bool = True) -> FSDPBackend:
+    return FSDPBackend(cfg, rank, world_size, packing)

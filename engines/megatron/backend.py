@@ -22,7 +22,8 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 - `train_minibatch(micro_batches, loss_fn)`: each micro-batch (the trainer groups samples by count, or by token
   budget with `trainer.max_tokens_per_micro_batch`) is packed into one row without padding (THD: sequences back to
   back, `PackedSeqParams(cu_seqlens)`, RoPE positions restarting per sequence, attention within each sequence only;
-  on CPU via `model.SDPACoreAttention`, on GPU via TE). With pp > 1 every pack of the mini-batch is padded to the
+  the packing helpers are engines/packing.py's; attention via TE when installed, else `model.SDPACoreAttention`:
+  one engines/attention.py kernel call per layer). With pp > 1 every pack of the mini-batch is padded to the
   longest one (stages exchange one activation shape) and with sequence parallelism to a multiple of tp; the padding
   is one extra segment that no loss position reads. Then megatron's `get_forward_backward_func()` runs them (no
   pipelining, 1F1B, or interleaved with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches
@@ -66,17 +67,16 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from engines.megatron.context_parallel import cp_gather, cp_partition_index, cp_slot_length
+from engines.megatron.context_parallel import cp_gather
 from engines.megatron.convert import (
     arch_from_hf,
     chunk_layers,
@@ -85,6 +85,7 @@ from engines.megatron.convert import (
     megatron_to_hf_named_tensors,
 )
 from engines.megatron.cpu_compat import enable_cpu_compat
+from engines.packing import PackedMicroBatch, pack_micro_batch, packed_length, padded_micro_batch  # noqa: F401
 from pipeline.algorithm.logprobs import fused_logprobs, tp_vocab_start
 from pipeline.algorithm.schedule import warmup_lr
 from pipeline.backend import LossFn, MicroBatch
@@ -126,117 +127,6 @@ class HFWeights:
 
         with safe_open(self._where[name], framework="pt") as h:
             return h.get_tensor(name)
-
-
-# --------------------------------------------------------------------------------------------------- packing
-@dataclass
-class PackedMicroBatch:
-    """A MicroBatch as the model sees it, plus the indices to unpack per-token results to its (B, T) layout: one
-    packed row (THD, `cu_seqlens` set), or the padded (B, T) layout itself (`cu_seqlens` None; `packing=False`).
-    With context parallelism the model input is this CP rank's share of the row (`cp_indices[cp_rank]`)."""
-
-    mb: MicroBatch
-    input_ids: torch.Tensor  # (1, t) packed (t / cp with context parallelism), or (B, T)
-    position_ids: torch.Tensor  # same shape; restarting at 0 for every sequence
-    target: torch.Tensor  # same shape: the next token of the same sequence (0 at a sequence's last token)
-    gather_idx: torch.Tensor  # (B, T): flat position in the whole row whose prediction is about token (b, s)
-    valid: torch.Tensor  # (B, T) bool: s >= 1 and s < len(b)
-    cu_seqlens: torch.Tensor | None  # (n + 1,) int32, cumulative real lengths
-    max_seqlen: int  # longest slot
-    real_tokens: int
-    total_len: int  # positions of the whole row (B * T for the padded layout)
-    cu_seqlens_padded: torch.Tensor | None = None  # (n + 1,) int32 slot bounds; context parallelism only
-    cp_indices: list[torch.Tensor] | None = None  # row positions each CP rank holds; context parallelism only
-
-
-def packed_length(mb: MicroBatch, cp: int = 1) -> int:
-    """Positions a MicroBatch takes packed (each sequence in a slot that is a multiple of 2*cp when cp > 1)."""
-    lengths = mb.attention_mask.sum(dim=1).tolist()
-    return int(sum(cp_slot_length(n, cp) if cp > 1 else n for n in lengths))
-
-
-def pack_micro_batch(
-    mb: MicroBatch, device: torch.device, pad_to: int = 0, align: int = 1, cp: int = 1, cp_rank: int = 0
-) -> PackedMicroBatch:
-    """Pack a right-padded (B, T) MicroBatch into one row without padding. With `pad_to` > the packed length, or a
-    length that is not a multiple of `align`, pad tokens are appended as one extra segment (attending only to itself;
-    never a loss position): every micro-batch of a pipeline-parallel mini-batch gets the same shape, and sequence
-    parallelism gets a length divisible by tp. With cp > 1 each sequence takes a slot that is a multiple of 2*cp
-    (`cu_seqlens_padded`; the slot's tail is never attended to nor read), and the model input is CP rank
-    `cp_rank`'s load-balanced share of the row (engines/megatron/context_parallel.py)."""
-    lengths = mb.attention_mask.sum(dim=1).tolist()
-    T = mb.input_ids.shape[1]
-    slots = [cp_slot_length(n, cp) if cp > 1 and n else n for n in lengths]
-    offsets = []
-    for b, n in enumerate(lengths):
-        if not bool(mb.attention_mask[b, :n].all()):
-            raise ValueError(f"MicroBatch row {b}: attention_mask must be right-padded (ones then zeros)")
-        offsets.append(sum(slots[:b]))
-    real = int(sum(lengths))
-    if cp > 1:
-        align = math.lcm(align, 2 * cp)
-    total = max(sum(slots), pad_to, 1)
-    total = -(-total // align) * align
-    ids = torch.zeros(total, dtype=torch.long)
-    target = torch.zeros(total, dtype=torch.long)  # a sequence's last token predicts nothing in this batch
-    pos = torch.zeros(total, dtype=torch.long)
-    bounds, real_bounds = [0], [0]
-    for b, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
-        if n == 0:
-            continue
-        ids[o : o + n] = mb.input_ids[b, :n]
-        target[o : o + n - 1] = mb.input_ids[b, 1:n]
-        pos[o : o + slots[b]] = torch.arange(slots[b])
-        bounds.append(o + slots[b])
-        real_bounds.append(real_bounds[-1] + n)
-    if total > bounds[-1]:  # padding segment
-        pos[bounds[-1] :] = torch.arange(total - bounds[-1])
-        real_bounds.append(real_bounds[-1] + total - bounds[-1])
-        bounds.append(total)
-    s = torch.arange(T)
-    valid = (s >= 1) & (s < torch.tensor(lengths).unsqueeze(1))  # (B, T)
-    gather_idx = torch.where(valid, torch.tensor(offsets).unsqueeze(1) + s - 1, 0)
-    cu_padded = torch.tensor(bounds, dtype=torch.int32)
-    cp_indices = [cp_partition_index(cu_padded, cp, r) for r in range(cp)] if cp > 1 else None
-    if cp_indices is not None:
-        ids, pos, target = (x[cp_indices[cp_rank]] for x in (ids, pos, target))
-    return PackedMicroBatch(
-        mb=mb,
-        input_ids=ids.view(1, -1).to(device),
-        position_ids=pos.view(1, -1).to(device),
-        target=target.view(1, -1).to(device),
-        gather_idx=gather_idx.to(device),
-        valid=valid.to(device),
-        cu_seqlens=torch.tensor(real_bounds, dtype=torch.int32, device=device),
-        max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)),
-        real_tokens=real,
-        total_len=total,
-        cu_seqlens_padded=cu_padded.to(device) if cp > 1 else None,
-        cp_indices=[i.to(device) for i in cp_indices] if cp_indices is not None else None,
-    )
-
-
-def padded_micro_batch(mb: MicroBatch, device: torch.device) -> PackedMicroBatch:
-    """The unpacked baseline: the right-padded (B, T) layout as is (causal attention; padding computed and ignored)."""
-    B, T = mb.input_ids.shape
-    lengths = mb.attention_mask.sum(dim=1)
-    target = torch.zeros(B, T, dtype=torch.long)
-    target[:, :-1] = mb.input_ids[:, 1:]
-    s = torch.arange(T)
-    valid = (s >= 1) & (s < lengths.unsqueeze(1))
-    gather_idx = torch.where(valid, torch.arange(B).unsqueeze(1) * T + s - 1, 0)
-    return PackedMicroBatch(
-        mb=mb,
-        input_ids=mb.input_ids.to(device),
-        position_ids=s.expand(B, T).contiguous().to(device),
-        target=target.to(device),
-        gather_idx=gather_idx.to(device),
-        valid=valid.to(device),
-        cu_seqlens=None,
-        max_seqlen=T,
-        real_tokens=int(lengths.sum()),
-        total_len=B * T,
-    )
 
 
 def _empty_micro_batch(like: MicroBatch) -> MicroBatch:
