@@ -285,7 +285,7 @@ class RewardResult:
 
 
 # Configs saved before the package layout (a run directory being resumed) name the module by its old path.
-_MOVED = {"pipeline.rewards": "pipeline.flow.rewards"}
+_MOVED = {"pipeline.flow.rewards": "pipeline.flow.rewards"}
 
 
 def load_reward_fn(fn_path: str, key: str = "algorithm.reward_fn") -> Callable[[str, str], Any]:
