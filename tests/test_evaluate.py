@@ -14,8 +14,7 @@ from pipeline.config import ModelConfig, TinyModelConfig, load_config
 from pipeline.contracts.records import Prompt
 from pipeline.flow.tasks import answer_matches
 from pipeline.modeling import build_tiny_model
-from pipeline.tokenizer import build_char_tokenizer
-from pipeline.tools.evaluate import (
+from pipeline.runtime.evaluate import (
     EVAL_SETS,
     PromptResult,
     data_dir,
@@ -27,6 +26,7 @@ from pipeline.tools.evaluate import (
     resolve_eval_set,
     summarize,
 )
+from pipeline.tokenizer import build_char_tokenizer
 
 TINY_CPU = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
 

@@ -14,8 +14,8 @@ from pipeline.config import load_config
 from pipeline.flow.data import DataError, load_prompts
 from pipeline.flow.tasks import answer_matches, synthetic_rows
 from pipeline.modeling import build_tiny_model
+from pipeline.runtime.evaluate import evaluate_hf
 from pipeline.tokenizer import build_char_tokenizer, load_tokenizer
-from pipeline.tools.evaluate import evaluate_hf
 from pipeline.warmstart import prepare_model_dir
 
 TINY_CPU = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")

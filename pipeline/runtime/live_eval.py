@@ -2,7 +2,7 @@
 
 Contract: every `eval.every` trainer steps, `LiveEval.maybe_start(step, version)` launches avg@k on the held-out
 set (data.eval_path) through the same engines, on a background event loop; the trainer goes on. Requests that a
-weight update aborts are resumed (see pipeline/tools/evaluate.py), so a mid-run evaluation mixes the weights of the
+weight update aborts are resumed (see pipeline/runtime/evaluate.py), so a mid-run evaluation mixes the weights of the
 version it started at with the one or two that follow. `run(step, version)` evaluates now and waits: the loop uses
 it before the first step and after the last, when no weight update can happen, so those two are exact. `poll()` returns
 the finished evaluation's metrics (`eval/acc`, `eval/pass`, `eval/response_len`, with the step and weight version
@@ -26,8 +26,8 @@ class LiveEval:
     def __init__(self, cfg: Config, urls: list[str], model_dir: str):
         from pipeline.flow.data import load_prompts
         from pipeline.flow.rewards import RewardRunner
+        from pipeline.runtime.evaluate import engine_client, eval_sampling
         from pipeline.tokenizer import load_tokenizer
-        from pipeline.tools.evaluate import engine_client, eval_sampling
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model.path or cfg.model.tokenizer, model_dir)
@@ -47,7 +47,7 @@ class LiveEval:
         if self.future is not None and not self.future.done():
             self.skipped += 1
             return
-        from pipeline.tools.evaluate import evaluate
+        from pipeline.runtime.evaluate import evaluate
 
         concurrency = self.cfg.engine.max_running_requests * max(len(self.client.alive_urls), 1) // 2
         coro = evaluate(

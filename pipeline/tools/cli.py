@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if args.cmd == "eval":
-        from pipeline.tools.evaluate import eval_main
+        from pipeline.runtime.evaluate import eval_main
 
         return eval_main(cfg)
     from pipeline.runtime.metrics import setup_logging
