@@ -9,6 +9,7 @@ import time
 import pytest
 
 from engines.client import GenerateOutput
+from pipeline.contracts.records import as_lists
 from pipeline.flow.prompt_queue import PromptQueue
 from pipeline.flow.rollout import RolloutManager
 from pipeline.flow.transport import GroupReceiver
@@ -407,7 +408,7 @@ def test_real_engine_resume_across_a_version_change(local_engine):
             await m.before_weight_update()
             await client.update_weight_version(url, "1")
             await m.after_weight_update(1)
-            batch = await asyncio.to_thread(buffer.get_batch, 1, 120.0)
+            batch = [as_lists(g) for g in await asyncio.to_thread(buffer.get_batch, 1, 120.0)]  # arrays -> lists
             stats = m.stats()
         finally:
             await m.stop()

@@ -1,6 +1,6 @@
 """The records that flow through the pipeline, as msgspec Structs (they cross ZMQ as msgpack, never pickle).
 
-Contract (DESIGN.md, contract 3): every sample carries its prompt id, group id, response token ids, behaviour
+Contract (docs/DESIGN.md, Contracts): every sample carries its prompt id, group id, response token ids, behaviour
 logprobs, per-token policy versions, reward, `acc`, finish reason and lengths. A `Group` is the G responses to
 one prompt; it is the unit the buffer admits, filters and hands to the trainer.
 The four per-token fields (`prompt_ids`, `response_ids`, `logprobs`, `versions`) are lists on the rollout side and

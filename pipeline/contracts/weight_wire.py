@@ -1,6 +1,6 @@
 """The weight-sync process group and tensor (de)serialisation, shared by the engine and the trainer-side sender.
 
-Contract (DESIGN.md contract 2; mirrors SGLang's `init_custom_process_group`, checked against sglang 0.5.5 and
+Contract (docs/DESIGN.md, Contracts; mirrors SGLang's `init_custom_process_group`, checked against sglang 0.5.5 and
 0.5.23, `sglang/srt/utils/common.py` and `model_runner_components/weight_updater.py`):
 
 - `create_sync_group` builds a NEW process group beside any default group: a TCP rendezvous at

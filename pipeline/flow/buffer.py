@@ -12,9 +12,10 @@ Contract:
   full buffer block the frame of an older group it has to hand out first.
 - `get_batch(trainer_version, timeout_s, size=batch_size)` returns EXACTLY `size` groups whose samples all satisfy
   trainer_version - sample.min_version <= max_staleness, their per-token fields numpy views of the received
-  frames (`decode_group(arrays=True)`: no per-token Python objects). `size` < batch_size hands a step's batch out in parts
-  (the loop streams mini-batches: it trains the first while the last are still generating); the bound and the
-  EDF check below count groups, so parts and whole batches give the same groups in the same order. Groups already too stale are dropped first (reason
+  frames (`decode_group(arrays=True)`: no per-token Python objects). `size` < batch_size hands a step's batch out
+  in parts (the loop streams mini-batches: it trains the first while the last are still generating); the bound
+  and the EDF check below count groups, so parts and whole batches give the same groups in the same order. Groups
+  already too stale are dropped first (reason
   `stale`, a terminal "filtered" outcome; with the manager's admission rule this does not happen in steady state).
   The batch is the `size` oldest groups (by start version, then arrival), returned at once unless taking a
   group younger than a still-unresolved older one (known from the manager's status) could make some group miss
@@ -22,7 +23,7 @@ Contract:
   the manager's reservations, pipeline/flow/admission.py -- is kept); then it waits.
   With the manager's rule no trained sample ever exceeds the bound; `TimeoutError` after timeout_s (with the
   buffer's view in the message).
-- Accounting (DESIGN.md contract 3), checked exactly because every frame carries the manager's counters as of
+- Accounting (docs/DESIGN.md, Contracts), checked exactly because every frame carries the manager's counters as of
   that frame (an ordered stream gives a consistent cut):
       drawn == trained + filtered + requeued + in_flight + buffered
   drawn, requeued, in_flight: the manager's (latest status); trained: groups handed out by get_batch; filtered:

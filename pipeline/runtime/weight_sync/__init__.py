@@ -1,4 +1,4 @@
-"""Weight sync from the trainer's source rank(s) to the inference engines (DESIGN.md contract 2).
+"""Weight sync from the trainer's source rank(s) to the inference engines (docs/DESIGN.md, Contracts).
 
 `WeightSyncSender` (sender.py) drives SGLang's protocol: pause, a dedicated process group (NCCL on GPU, gloo on
 CPU), bucketed broadcasts with per-bucket metadata over HTTP, continue, verified `weight_version`. Buckets are
