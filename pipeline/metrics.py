@@ -40,8 +40,9 @@ class MetricsLogger:
         if tensorboard and logdir:
             from torch.utils.tensorboard import SummaryWriter
 
-            # On resume, purge events past the checkpointed step so the curves continue without a jump.
-            self.writer = SummaryWriter(logdir, purge_step=first_step or None)
+            # On resume from the checkpoint of step `first_step`, purge what the earlier run logged after it (it is
+            # redone), keeping that completed step's own scalars: TensorBoard drops events with step >= purge_step.
+            self.writer = SummaryWriter(logdir, purge_step=first_step + 1 if first_step else None)
         self.t0 = time.perf_counter()
 
     def _scalars(self, step: int, metrics: Mapping[str, float]) -> None:
