@@ -8,15 +8,19 @@
     dapo eval CONFIG [overrides]   evaluate a model on the configured eval set
     dapo ablate CONFIG [--seeds 0,1,2] [--steps N] [overrides]   DAPO's components one at a time (Table 1)
 
-Errors in the config print one line naming the key path and exit with status 2.
+Errors in the config (YAML syntax, encoding, values, missing local files) print one line naming the file or key
+path and exit with status 2, before anything starts; so do data and checkpoint errors found at start-up. Other
+start-up failures print one line with the root cause (exit 1; the traceback with logging.level=DEBUG).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
 
-from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.config import ConfigError, check_local_paths, load_config, to_yaml
 
 _DELEGATED = ("plan", "report", "bench", "ablate")
 
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.cmd in ("train", "eval"):
+            check_local_paths(cfg)  # before Ray or any engine starts
     except ConfigError as e:
         print(f"dapo: config error: {e}", file=sys.stderr)
         return 2
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "eval":
         from pipeline.evaluate import eval_main
 
-        return eval_main(cfg)
+        return _guarded(lambda: eval_main(cfg))
     from pipeline.train import RunFailed, setup_logging, train
 
     setup_logging(cfg.logging.level)
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"dapo: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - a start-up failure: one short report, the traceback at DEBUG
+        return _report(e, "run failed before the first step")
     except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once (every process of the run is stopped)
         print(
             "dapo: stopped by a second interrupt without saving this step; continue from the last checkpoint with "
@@ -72,6 +80,43 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"done: {result.steps} steps, weights v{result.version}, logs in {result.run_dir}")
     return 0
+
+
+def _guarded(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - see _report
+        return _report(e, "failed")
+
+
+def _report(e: BaseException, what: str) -> int:
+    """One short report of a failure (exit 2 for a configuration, data or checkpoint problem, 1 otherwise): the
+    root cause's message, unwrapped from Ray's task errors whose text repeats the remote traceback."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data import DataError
+
+    cause = _root_cause(e)
+    logging.getLogger("dapo").debug("%s", what, exc_info=e)
+    first = (str(cause).strip().splitlines() or [""])[0]
+    for kind, cls in (("config", ConfigError), ("data", DataError), ("checkpoint", CheckpointError)):
+        if isinstance(cause, cls):
+            print(f"dapo: {kind} error: {first}", file=sys.stderr)
+            return 2
+    print(f"dapo: {what}: {type(cause).__name__}: {first} (traceback: logging.level=DEBUG)", file=sys.stderr)
+    return 1
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The exception a Ray task/actor error wraps (its `cause`), else e itself."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException):
+            e = inner
+            continue
+        break
+    return e
 
 
 def _delegate(name: str, rest: list[str]) -> int:

@@ -25,7 +25,7 @@ import ray
 
 from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
-from pipeline.config import Config, engine_api_key, releases_engine_memory, stream_parts, to_yaml
+from pipeline.config import Config, check_local_paths, engine_api_key, releases_engine_memory, stream_parts, to_yaml
 from pipeline.live_eval import live_eval_or_none
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import prepare_model_dir
@@ -58,6 +58,7 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config) -> RunResult:
+    check_local_paths(cfg)  # missing files fail here, before Ray or any engine starts
     run_dir = make_run_dir(cfg)
     t, every = cfg.trainer, cfg.weight_sync.every
     stop = _StopFlag()
