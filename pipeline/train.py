@@ -385,6 +385,8 @@ def _next_batch(
             timeout_s = max(min(5.0, remaining), 0.01)
             return buffer.get_batch(trainer_version=engines.version, timeout_s=timeout_s, size=size), healed
         except TimeoutError:
+            if error := ray.get(engines.rollout.error.remote()):  # e.g. the reward function fails on every call
+                raise RuntimeError(error) from None
             if remaining <= 5.0:
                 raise
             healed.update(engines.update())
