@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -91,19 +92,39 @@ def _guarded(fn: Callable[[], int]) -> int:
 
 def _report(e: BaseException, what: str) -> int:
     """One short report of a failure (exit 2 for a configuration, data or checkpoint problem, 1 otherwise): the
-    root cause's message, unwrapped from Ray's task errors whose text repeats the remote traceback."""
+    root cause's message, unwrapped from Ray's errors whose text repeats the remote traceback."""
+    cause = _root_cause(e)
+    logging.getLogger("dapo").debug("%s", what, exc_info=e)
+    name, message = type(cause).__name__, (str(cause).strip().splitlines() or [""])[0]
+    if type(cause).__module__.startswith("ray."):  # e.g. ActorDiedError: its text holds the remote traceback
+        name, message = _last_raise(str(cause)) or (name, message)
+    kind = _kind(cause, name)
+    if kind:
+        print(f"dapo: {kind} error: {message}", file=sys.stderr)
+        return 2
+    print(f"dapo: {what}: {name}: {message} (traceback: logging.level=DEBUG)", file=sys.stderr)
+    return 1
+
+
+def _kind(cause: BaseException, name: str) -> str:
+    """config | data | checkpoint for our own input errors (also by class name, from a remote traceback), else ""."""
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
 
-    cause = _root_cause(e)
-    logging.getLogger("dapo").debug("%s", what, exc_info=e)
-    first = (str(cause).strip().splitlines() or [""])[0]
     for kind, cls in (("config", ConfigError), ("data", DataError), ("checkpoint", CheckpointError)):
-        if isinstance(cause, cls):
-            print(f"dapo: {kind} error: {first}", file=sys.stderr)
-            return 2
-    print(f"dapo: {what}: {type(cause).__name__}: {first} (traceback: logging.level=DEBUG)", file=sys.stderr)
-    return 1
+        if isinstance(cause, cls) or name == cls.__name__:
+            return kind
+    return ""
+
+
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
+
+
+def _last_raise(text: str) -> tuple[str, str] | None:
+    """(class name, message) of the last `pkg.mod.SomeError: message` line of a traceback text, ANSI codes removed."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()
+    found = [m.groups() for m in map(_RAISED.match, (ln.strip() for ln in lines)) if m]
+    return found[-1] if found else None
 
 
 def _root_cause(e: BaseException) -> BaseException:
