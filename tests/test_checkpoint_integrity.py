@@ -153,3 +153,8 @@ def test_resume_loads_the_trainer_state_saved(run, backend):
     backend.load(str(_ckpt(run, 2) / "trainer"))
     after = dict(backend.named_hf_weights())
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_explicit_resume_path_that_is_not_a_checkpoint_names_the_key(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^checkpoint\.resume: no checkpoint directory at .*nope"):
+        checkpoint.open_resume(tmp_path, str(tmp_path / "nope"))
