@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.cmd in ("train", "eval"):
-            check_local_paths(cfg)  # before Ray or any engine starts
+            check_local_paths(cfg, train=args.cmd == "train")  # before Ray or any engine starts
     except ConfigError as e:
         print(f"dapo: config error: {e}", file=sys.stderr)
         return 2
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except RunFailed as e:
-        print(f"dapo: {e}", file=sys.stderr)
+        print(f"dapo: {_compact(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - a start-up failure: one short report, the traceback at DEBUG
         return _report(e, "run failed before the first step")
@@ -125,6 +125,16 @@ def _last_raise(text: str) -> tuple[str, str] | None:
     lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()
     found = [m.groups() for m in map(_RAISED.match, (ln.strip() for ln in lines)) if m]
     return found[-1] if found else None
+
+
+def _compact(e: BaseException) -> str:
+    """The failure's text with a Ray error it embeds (remote traceback and all) cut to its last raise line."""
+    text, cause = str(e), e.__cause__
+    if cause is not None and type(cause).__module__.startswith("ray."):
+        found = _last_raise(str(cause))
+        if found:
+            text = text.replace(f"{type(cause).__name__}: {cause}", f"{found[0]}: {found[1]}")
+    return text
 
 
 def _root_cause(e: BaseException) -> BaseException:

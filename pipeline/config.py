@@ -768,12 +768,12 @@ def _parse_yaml(path: Path) -> Any:
     return node
 
 
-def check_local_paths(cfg: Config) -> None:
+def check_local_paths(cfg: Config, train: bool = True) -> None:
     """The local files a run reads exist: data.train_path and data.eval_path (each source that is a file, not
     `synthetic:`, `hf://` or `bench:`), model.path (a Hugging Face model directory) and model.tokenizer when it
     is a local path. Separate from validate() because presets carry placeholder paths (`dapo config show` works on
-    them); the CLI and train() call it before anything starts."""
-    for key in ("data.train_path", "data.eval_path"):
+    them); the CLI and train() call it before anything starts. `train=False` (`dapo eval`): not data.train_path."""
+    for key in ("data.train_path", "data.eval_path") if train else ("data.eval_path",):
         for source in filter(None, (s.strip() for s in _get(cfg, key).split(","))):
             if source.startswith(("synthetic:", "hf://", "bench:")):
                 continue

@@ -37,3 +37,19 @@ def test_any_other_failure_is_one_line_with_its_type(capsys):
         err
         == "dapo: run failed before the first step: OSError: no space left on device (traceback: logging.level=DEBUG)\n"
     )
+
+
+def test_a_run_failure_wrapping_a_remote_traceback_is_one_line():
+    from pipeline.cli import _compact
+    from pipeline.train import RunFailed
+
+    cause = _remote(RuntimeError("trainer rank 0: CUDA out of memory"))
+    try:
+        raise RunFailed(
+            f"run failed during step 3: {type(cause).__name__}: {cause}; the last checkpoint is /r/s"
+        ) from cause
+    except RunFailed as e:
+        text = _compact(e)
+    assert text == (
+        "run failed during step 3: RuntimeError: trainer rank 0: CUDA out of memory; the last checkpoint is /r/s"
+    )

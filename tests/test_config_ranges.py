@@ -137,6 +137,13 @@ def test_local_paths_are_checked_before_anything_starts(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^model\.path: .* has no config\.json"):
         check_local_paths(cfg)
     check_local_paths(load_config(TINY, ["model.tokenizer=builtin:char"]))  # synthetic sources: nothing to check
+    (tmp_path / "model" / "config.json").write_text("{}")
+    cfg = load_config(TINY, [f"model.path={tmp_path}/model", f"model.tokenizer={tmp_path}/tok"])
+    with pytest.raises(ConfigError, match=r"^model\.tokenizer: .*tok': no such file or directory"):
+        check_local_paths(cfg)
+    check_local_paths(load_config(TINY, [f"model.path={tmp_path}/model", "model.tokenizer=Qwen/Qwen2.5-0.5B"]))
+    cfg = load_config(TINY, [f"data.train_path={missing}"])
+    check_local_paths(cfg, train=False)  # `dapo eval` does not read the training set
     # the CLI: one line, exit 2, before Ray (a train that got that far would take seconds and print far more)
     assert main(["train", str(TINY), f"data.train_path={missing}", f"logging.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
