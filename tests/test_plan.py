@@ -111,28 +111,68 @@ def test_states_and_distributed_optimizer():
     offload = train_memory(m, Parallel(dp=4), 1000, TrainSetup(optimizer_offload=True))
     assert offload["optimizer"] == 0
     fsdp = train_memory(m, Parallel(dp=8), 1000, TrainSetup(backend="fsdp"))
-    assert fsdp["weights"] + fsdp["grads"] + fsdp["optimizer"] == pytest.approx(16 * P7 / 8 / GiB)
+    assert fsdp["weights"] + fsdp["optimizer"] == pytest.approx(12 * P7 / 8 / GiB)  # fp32 master + Adam, sharded
 
 
 def test_activations_by_hand():
-    m = load_model("Qwen2.5-7B")
-    # bytes per token and layer: attention 4h + 4q + 8kv + 4a = 14336 + 14336 + 4096 + 112 = 32880,
-    # MLP 4h + 8I = 14336 + 151552 = 165888 -> 198768
-    layer = 198768
+    m = load_model("Qwen2.5-7B")  # h 3584, q 3584, kv 512, I 18944, 28 heads, bf16 (c = 2)
+    # Megatron, per token and layer (local spec): norms 2*2*2h + bias-dropout-adds 2*(2+1)h = 14h = 50176;
+    # attention 2*(q + 2kv + q + kv + 2kv + (2q - 2kv) + q + q) = 2*(6q + 3kv) = 46080, + 4*28 LSE = 46192;
+    # MLP 2*3I = 113664 -> 210032
+    layer = 210032
     no_rc = train_memory(m, Parallel(), 1000, TrainSetup(recompute=False, mb_tokens=1000))
-    assert no_rc["activations"] == pytest.approx(1000 * layer * 28 / GiB)  # 5.18 GiB
+    embed_out = 1000 * 2 * 3584
+    assert no_rc["activations"] == pytest.approx((1000 * layer * 28 + embed_out) / GiB)  # 5.49 GiB
+    assert no_rc["logits"] == pytest.approx(1000 * 152064 * 22 / GiB)  # the full path: 22 B per token x vocab
     rc = train_memory(m, Parallel(), 1000, TrainSetup(recompute=True, mb_tokens=1000))
-    assert rc["activations"] == pytest.approx(1000 * (2 * 3584 * 28 + layer) / GiB)  # layer inputs + one layer
+    # the layer inputs; the recomputed layer (210 MB) is smaller than the logits (3.3 GB) freed before it
+    assert rc["activations"] == pytest.approx((1000 * 2 * 3584 * 28 + embed_out) / GiB)
+    # tp=4 without transformer-engine: no sequence parallelism, the h-sized terms are replicated
     tp4 = train_memory(m, Parallel(tp=4), 1000, TrainSetup(recompute=False, mb_tokens=1000))
-    assert tp4["activations"] == pytest.approx(no_rc["activations"] / 4)  # sequence parallel
-    cp2 = train_memory(m, Parallel(cp=2), 1000, TrainSetup(recompute=False, mb_tokens=1000))
+    assert tp4["activations"] == pytest.approx((1000 * 28 * (50176 + (46080 + 112 + 113664) / 4) + embed_out) / GiB)
+    assert tp4["logits"] == pytest.approx(no_rc["logits"] / 4)  # vocabulary-parallel head
+    te4 = train_memory(m, Parallel(tp=4), 1000, TrainSetup(recompute=False, mb_tokens=1000, te=True))
+    assert te4["activations"] < tp4["activations"] * 0.6  # sequence parallelism with transformer-engine
+    cp2 = train_memory(m, Parallel(cp=2), 1000, TrainSetup(recompute=False, mb_tokens=1000, te=True))
     assert cp2["activations"] == pytest.approx(no_rc["activations"] / 2)
     # 1F1B with pp=2: stage 0 keeps 2 micro-batches of 14 layers; the last stage 1 micro-batch plus the logits
     first = train_memory(m, Parallel(pp=2), 1000, TrainSetup(recompute=False, mb_tokens=1000), "first")
     last = train_memory(m, Parallel(pp=2), 1000, TrainSetup(recompute=False, mb_tokens=1000), "last")
-    assert first["activations"] == pytest.approx(no_rc["activations"])
-    assert last["activations"] == pytest.approx(no_rc["activations"] / 2)
-    assert last["logits"] == pytest.approx(1000 * 152064 * 10 / GiB) and first["logits"] == 0
+    assert first["activations"] == pytest.approx((2 * 1000 * layer * 14 + embed_out) / GiB)
+    assert last["logits"] == pytest.approx(no_rc["logits"]) and first["logits"] == 0
+    # the fused chunked logprob path (#16): one 2048-token chunk x 16 B + the hidden states, not tokens x vocab
+    chunked = train_memory(m, Parallel(), 20000, TrainSetup(recompute=True, mb_tokens=20000, logprob_chunk=2048))
+    assert chunked["logits"] == pytest.approx((2048 * 152064 * 16 + 20000 * 2 * 3584) / GiB)
+
+
+def test_fsdp_mixed_precision_states():
+    m = load_model("Qwen2.5-7B")
+    t = TrainSetup("fsdp", recompute=True, mb_tokens=1000)
+    one = train_memory(m, Parallel(), 1000, t)
+    assert one["weights"] + one["optimizer"] == pytest.approx(12 * P7 / GiB)  # fp32 master + Adam m, v
+    # gradients are allocated during the backward; at the peak all 4*P outweigh the activations here
+    assert one["grads"] == pytest.approx(4 * P7 / GiB - one["activations"] - one["logits"])
+    attn = 3584 * 3584 * 2 + 2 * 3584 * 512 + 3584 + 2 * 512 + 2 * 3584
+    gather = 2 * (3 * (attn + 3 * 3584 * 18944) + 2 * 152064 * 3584)  # 2 bf16 layers + 1 layer's grads + root
+    assert one["fsdp_gather"] == pytest.approx(gather / GiB)
+    old = train_memory(m, Parallel(), 1000, TrainSetup("fsdp", mb_tokens=1000, master_fp32=False))
+    assert old["weights"] == pytest.approx(2 * P7 / GiB) and old["fsdp_gather"] == 0  # bf16 params, no casts
+
+
+def test_trainer_peak_memory_from_a_config():
+    from pipeline.plan import trainer_peak_memory
+
+    hf = {"model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+          "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": True}  # fmt: skip
+    cfg = load_config(CONFIGS / "qwen2.5-1.5b-1gpu.yaml", ["trainer.recompute=false", "trainer.backend=megatron"])
+    out = trainer_peak_memory(hf, cfg, 16384)
+    terms = ("weights", "grads", "optimizer", "activations", "logits")
+    assert out["allocated"] == pytest.approx(sum(out[k] for k in terms))
+    assert out["total"] == pytest.approx(out["allocated"] + out["runtime"] + out["fragmentation"])
+    # the H200 measurement of #16 (megatron, micro-batches of 4 rows of 272-4096 tokens, so at most 16k tokens,
+    # full logprob path): 90 GiB peak; a full 16k-token micro-batch is the upper bound
+    assert out["logits"] / GiB == pytest.approx(16384 * 151936 * 22 / GiB)  # 51 GiB
+    assert 90 < out["allocated"] / GiB < 130
 
 
 def test_engine_memory_by_hand():
@@ -201,7 +241,8 @@ PUBLISHED = [
               EngineSetup(tp=8, mem_fraction=0.7), "time-shared", optimizer_offload=True,
               notes="EP 8, optimizer CPU offload, max-tokens-per-gpu 20480"),
     Published("THUDM/slime scripts/run-qwen3-235B-A22B.sh", "Qwen3-235B-A22B", 128, 80, 8192 + 1024,
-              Parallel(tp=4, pp=4, cp=2, ep=16, etp=1, dp=2), TrainSetup(mb_tokens=2 * 16384, optimizer_offload=True),
+              Parallel(tp=4, pp=4, cp=2, ep=16, etp=1, dp=2),
+              TrainSetup(mb_tokens=2 * 16384, optimizer_offload=True, te=True),
               EngineSetup(tp=32, mem_fraction=0.7, weight_bytes=1), "disaggregated", train_gpus=64,
               optimizer_offload=True, notes="8x8 actor GPUs + 64 rollout GPUs, FP8 engine weights, 32 GPUs/engine"),
     Published("THUDM/slime scripts/run-qwen3-32B.sh", "Qwen3-32B", 8, 80, 8192 + 1024,
@@ -213,11 +254,12 @@ PUBLISHED = [
               Parallel(), TrainSetup(recompute=False, mb_tokens=4096), EngineSetup(tp=1, mem_fraction=0.45),
               "time-shared"),
     Published("volcengine/verl recipe/dapo/run_dapo_qwen2.5_32b.sh", "Qwen2.5-32B", 128, 96, 2048 + 20480,
-              Parallel(cp=8, dp=16), TrainSetup("fsdp", mb_tokens=22528 * 8), EngineSetup(tp=4, mem_fraction=0.8),
+              Parallel(cp=8, dp=16), TrainSetup("fsdp", mb_tokens=22528 * 8, ulysses=True, logprob_chunk=2048),
+              EngineSetup(tp=4, mem_fraction=0.8),
               "time-shared", gpu="h20",
               notes="the DAPO run: 16 nodes of H20, FSDP + Ulysses sp=8, param/optimizer offload between phases"),
     Published("volcengine/verl examples/grpo_trainer/run_qwen2_5-7b_math.sh", "Qwen2.5-7B-Instruct", 16, 80,
-              1024 + 1024, Parallel(dp=16), TrainSetup("fsdp", mb_tokens=16 * 2048, offload_in_gen=False),
+              1024 + 1024, Parallel(dp=16), TrainSetup("fsdp", mb_tokens=16 * 2048, offload_in_gen=False, logprob_chunk=2048),
               EngineSetup(tp=2, mem_fraction=0.6), "time-shared", notes="micro-batch 16 per GPU, no offload"),
     Published("volcengine/verl examples/grpo_trainer/run_qwen2_5-7b_math_megatron.sh", "Qwen2.5-7B-Instruct", 16,
               80, 1024 + 1024, Parallel(tp=4, pp=2, vpp=2, dp=2), TrainSetup(mb_tokens=4 * 2048, offload_in_gen=False),
@@ -239,7 +281,7 @@ PUBLISHED = [
               Parallel(dp=4), TrainSetup("fsdp", mb_tokens=16384), EngineSetup(tp=1, mem_fraction=0.9),
               "disaggregated", train_gpus=4, notes="allocation vllm:d4+d4"),
     Published("inclusionAI/AReaL docs/tutorial/megatron.md (Qwen3-30B-A3B example)", "Qwen3-30B-A3B", 32, 80,
-              1024 + 1024, Parallel(tp=2, pp=4, cp=2, ep=4, etp=1, dp=1), TrainSetup(recompute=False, mb_tokens=10240),
+              1024 + 1024, Parallel(tp=2, pp=4, cp=2, ep=4, etp=1, dp=1), TrainSetup(recompute=False, mb_tokens=10240, te=True),
               EngineSetup(tp=4, mem_fraction=0.8), "disaggregated", train_gpus=16,
               notes="sglang d4t4 + megatron attn:d1p4t2c2|ffn:d1p4t1e4 (MoE parallel folding)"),
 ]  # fmt: skip
