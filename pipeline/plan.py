@@ -46,7 +46,15 @@ from pipeline.planning.models import (
     load_model,
     model_from_hf_config,
 )
-from pipeline.planning.output import check_config, config_overrides, explain, preset_for, validated_config, write_config
+from pipeline.planning.output import (
+    check_config,
+    config_overrides,
+    explain,
+    explain_difference,
+    preset_for,
+    validated_config,
+    write_config,
+)
 from pipeline.planning.search import Plan, propose
 from pipeline.planning.throughput import (
     DEFAULT_KEEP_RATE,
@@ -62,7 +70,7 @@ __all__ = [
     "GPU", "GPUS", "KNOWN_MODELS", "LOGIT_BYTES_CHUNK", "LOGIT_BYTES_FULL", "PLACEMENTS", "EngineSetup",
     "Feasibility", "GiB", "ModelSpec", "Parallel", "Plan", "PlanError", "TrainSetup", "check_config",
     "check_feasible", "config_overrides", "decode_tail_efficiency", "decode_tokens_per_s", "engine_memory",
-    "explain", "generation_demand", "layer_activation_bytes", "load_model", "model_from_hf_config", "plan_main",
+    "explain", "explain_difference", "generation_demand", "layer_activation_bytes", "load_model", "model_from_hf_config", "plan_main",
     "preset_for", "propose", "train_efficiency", "train_flops_per_token", "train_memory", "train_memory_bytes",
     "trainer_peak_memory", "validated_config", "weight_sync_seconds", "write_config",
 ]  # fmt: skip

@@ -142,7 +142,7 @@ def test_activations_by_hand():
     assert last["logits"] == pytest.approx(no_rc["logits"]) and first["logits"] == 0
     # the fused chunked logprob path (#16): one 2048-token chunk x 16 B + the hidden states, not tokens x vocab
     chunked = train_memory(m, Parallel(), 20000, TrainSetup(recompute=True, mb_tokens=20000, logprob_chunk=2048))
-    assert chunked["logits"] == pytest.approx((2048 * 152064 * 16 + 20000 * 2 * 3584) / GiB)
+    assert chunked["logits"] == pytest.approx((2048 * 152064 * 16 + 20000 * 2 * 3584 + 4 * 152064 * 3584) / GiB)
 
 
 def test_fsdp_mixed_precision_states():
@@ -356,3 +356,74 @@ def test_plan_main(tmp_path, capsys):
     assert "Nope-7B" in capsys.readouterr().err
     assert plan_main(["--check", str(CONFIGS / "qwen2.5-7b-8gpu.yaml")]) == 0
     assert math.isfinite(float(capsys.readouterr().out.split("peak per GPU ")[1].split(" /")[0]))
+
+
+# --------------------------------------------------------------------------------------------------- the recipes of #21
+def _pub(source_end):
+    return next(p for p in PUBLISHED if p.source.endswith(source_end))
+
+
+def test_verl_dapo_32b_on_128_h20_explained():
+    from pipeline.plan import explain_difference
+
+    pub = _pub("run_dapo_qwen2.5_32b.sh")
+    plan = propose(pub.model, pub.gpus, pub.gpu_mem, pub.seq_len, gpu="h20", prompt_len=2048)
+    assert plan.feasibility.ok and plan.train_gpus + plan.num_engines * plan.engine.tp <= 128
+    why = explain_difference(plan, pub.parallel, pub.train, pub.engine, pub.placement)
+    assert "Ulysses" in why and "placement disaggregated instead of time-shared" in why
+    assert 0 <= plan.idle_fraction < 1 and plan.demand == pytest.approx(1 / 0.5 + 0.5 * 0.5 * 0.5)
+
+
+@pytest.mark.parametrize("script", ["run-qwen3-30B-A3B.sh", "run-qwen3-32B.sh"])
+def test_slime_8_gpu_recipes_take_the_shared_layout(script):
+    from pipeline.plan import explain_difference
+
+    pub = _pub(script)
+    with pytest.raises(PlanError, match="does not fit"):  # no optimizer offload here: the states alone fill 80 GiB
+        propose(pub.model, 8, 80, pub.seq_len, mode="colocated", prompt_len=1024)
+    plan = propose(pub.model, 8, 80, pub.seq_len, mode="colocated", prompt_len=1024, allow_offload=True)
+    # the recipes' layout: one multi-GPU engine set on the trainer's GPUs, memory released while training
+    assert plan.placement == "time-shared" and plan.engine.tp > 1 and plan.feasibility.ok
+    why = explain_difference(plan, pub.parallel, pub.train, pub.engine, pub.placement)
+    assert "not writable as a config yet" in why and "offload" in why
+    # with 141 GiB the same model fits without offload
+    h200 = propose(pub.model, 8, 141, pub.seq_len, mode="colocated", prompt_len=1024, gpu="h200")
+    assert h200.feasibility.ok and not h200.train.optimizer_offload
+
+
+def test_verl_30b_a3b_on_32_gpus_explained():
+    from pipeline.plan import explain_difference
+
+    pub = _pub("run_qwen3moe-30b_megatron.sh")
+    plan = propose(pub.model, 32, 80, pub.seq_len, prompt_len=1024)
+    assert plan.feasibility.ok and plan.train.backend == "megatron" and plan.parallel.ep > 1
+    assert plan.engine.tp <= 8 and plan.parallel.tp <= 8
+    why = explain_difference(plan, pub.parallel, pub.train, pub.engine, pub.placement)
+    assert "placement disaggregated instead of time-shared" in why and "instead of" in why
+
+
+def test_candidates_validate_and_unsizable_models_are_refused(tmp_path):
+    # cp > 1 needs transformer-engine: without it no proposal uses cp (every written config validates)
+    plan = propose("Qwen2.5-32B", 128, 96, 22528, gpu="h20", prompt_len=2048, te=False)
+    assert plan.parallel.cp == 1 and not plan.config_error
+    load_config(write_config(plan, tmp_path / "p.yaml"))
+    # engines never span more GPUs than a node has
+    big = propose("Qwen3-235B-A22B", 256, 141, 8192, gpu="h200", allow_offload=True)
+    assert big.engine.tp <= 8
+    mla = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+           "kv_lora_rank": 512, "q_lora_rank": 1536, "vocab_size": 129280}  # fmt: skip
+    with pytest.raises(PlanError, match="deepseek_v3"):
+        model_from_hf_config(mla)
+    with pytest.raises(PlanError, match="kv_lora_rank"):
+        model_from_hf_config({**mla, "model_type": "qwen2"})
+
+
+def test_pipeline_stages_show_the_last_stage_logits():
+    from pipeline.plan import explain
+
+    plan = propose("Qwen2.5-32B", 128, 96, 22528, gpu="h20", prompt_len=2048)
+    f = check_feasible(plan.model, Parallel(tp=8, pp=2, dp=4), 128, 96, 22528, train=TrainSetup(mb_tokens=22528),
+                       engine=EngineSetup(tp=4), train_gpus=64)  # fmt: skip
+    assert f.breakdown["train/logits"] == 0 and f.breakdown["train_last/logits"] > 5
+    row = next(line for line in explain(plan).splitlines() if "logits" in line)
+    assert float(row.split()[-1]) > 0

@@ -261,8 +261,10 @@ def train_memory_bytes(m: ModelSpec, p: Parallel, seq_len: int, t: TrainSetup, s
 def _logit_bytes(m: ModelSpec, t: TrainSetup, tokens: float, tp: int) -> float:
     vocab = m.vocab_size / tp
     if t.logprob_chunk > 0:
-        # the chunk's logits plus the (tokens x h) hidden states the fused path keeps for its backward
-        return min(tokens, t.logprob_chunk) * vocab * LOGIT_BYTES_CHUNK + tokens * t.compute_bytes * m.hidden_size
+        # the chunk's logits, the (tokens x h) hidden states kept for the backward, and the output layer's weight
+        # gradient accumulated over chunks in float32 (pipeline/algorithm/logprobs.py)
+        chunk = min(tokens, t.logprob_chunk) * vocab * LOGIT_BYTES_CHUNK
+        return chunk + tokens * t.compute_bytes * m.hidden_size + 4 * vocab * m.hidden_size
     return tokens * vocab * LOGIT_BYTES_FULL[(t.backend, t.compute_bytes)]
 
 

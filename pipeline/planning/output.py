@@ -220,3 +220,30 @@ def check_config(cfg: Any, gpu_mem: float = 80.0, model: str | ModelSpec | None 
         return check_feasible(m, par, n, gpu_mem, seq_len, train=setup, engine=engine, placement=placement)
     gpus = n + e.num_engines * e.tp
     return check_feasible(m, par, gpus, gpu_mem, seq_len, train=setup, engine=engine, train_gpus=n)
+
+
+def explain_difference(plan: Plan, parallel: Parallel, train: TrainSetup, engine: EngineSetup, placement: str) -> str:
+    """Why the plan differs from a published layout for the same model and GPUs ('' when it is the same)."""
+    reasons = []
+    if train.optimizer_offload and not plan.train.optimizer_offload:
+        reasons.append("the published layout offloads the optimizer state to CPU, which this project's trainers "
+                       "cannot; without it that layout does not fit")  # fmt: skip
+    if train.ulysses:
+        reasons.append(f"the published layout splits sequences over cp={parallel.cp} inside FSDP (Ulysses); this "
+                       "project's FSDP backend is data parallel only")  # fmt: skip
+    if train.backend == "megatron" and parallel.cp > 1 and not plan.train.te:
+        reasons.append(f"context parallelism (cp={parallel.cp}) needs transformer-engine, which is not installed")
+    if train.offload_in_gen and placement == "time-shared":
+        reasons.append("the published trainer leaves the GPU while the engines generate; here it stays resident, "
+                       "so the engines get what its states leave")  # fmt: skip
+    if placement != plan.placement:
+        reasons.append(f"placement {plan.placement} instead of {placement}")
+    if (engine.tp, parallel) != (plan.engine.tp, plan.parallel) or train.backend != plan.train.backend:
+        reasons.append(
+            f"trainer {fmt_par(plan.parallel, plan.train).strip()} and engines of tp={plan.engine.tp} instead of "
+            f"{fmt_par(parallel, train).strip()} and tp={engine.tp}: the best modelled throughput "
+            f"({plan.pipeline_tokens_per_s:,.0f} response tokens/s) among the layouts that fit here"
+        )
+    if plan.config_error:
+        reasons.append(f"not writable as a config yet: {plan.config_error}")
+    return "; ".join(reasons)
