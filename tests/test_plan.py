@@ -234,10 +234,10 @@ class Published:
 
 PUBLISHED = [
     Published("THUDM/slime scripts/run-qwen3-4B.sh", "Qwen3-4B", 8, 80, 8192 + 1024,
-              Parallel(tp=2, dp=4), TrainSetup(mb_tokens=9216), EngineSetup(tp=2, mem_fraction=0.7), "time-shared",
+              Parallel(tp=2, dp=4), TrainSetup(mb_tokens=9216, te=True), EngineSetup(tp=2, mem_fraction=0.7), "time-shared",
               notes="SP, full recompute, max-tokens-per-gpu 9216, 2 GPUs per SGLang engine"),
     Published("THUDM/slime scripts/run-qwen3-30B-A3B.sh", "Qwen3-30B-A3B", 8, 80, 8192 + 1024,
-              Parallel(tp=4, ep=8, etp=1, dp=2), TrainSetup(mb_tokens=20480, optimizer_offload=True),
+              Parallel(tp=4, ep=8, etp=1, dp=2), TrainSetup(mb_tokens=20480, optimizer_offload=True, te=True),
               EngineSetup(tp=8, mem_fraction=0.7), "time-shared", optimizer_offload=True,
               notes="EP 8, optimizer CPU offload, max-tokens-per-gpu 20480"),
     Published("THUDM/slime scripts/run-qwen3-235B-A22B.sh", "Qwen3-235B-A22B", 128, 80, 8192 + 1024,
