@@ -427,3 +427,54 @@ def test_pipeline_stages_show_the_last_stage_logits():
     assert f.breakdown["train/logits"] == 0 and f.breakdown["train_last/logits"] > 5
     row = next(line for line in explain(plan).splitlines() if "logits" in line)
     assert float(row.split()[-1]) > 0
+
+
+# --------------------------------------------------------------------------------------------------- throughput terms
+def test_generation_demand_tail_and_sync_by_hand():
+    from pipeline.plan import decode_tail_efficiency, generation_demand, weight_sync_seconds
+
+    # keep rate 1/3 (verl's DAPO recipe generates 3x the batch): 3 groups per kept one, + half the 0.5 x batch
+    # over-admitted surplus finishing kept (1/3) and thrown away
+    assert generation_demand(1 / 3, 0.5) == pytest.approx(3 + 0.5 * 0.5 / 3)
+    assert generation_demand(1.0, 0.0) == 1.0
+    with pytest.raises(ValueError, match="keep_rate"):
+        generation_demand(0.0)
+    assert decode_tail_efficiency(0, "wait", tail_ratio=4.0) == 0.25  # synchronous: slots idle until the longest
+    assert decode_tail_efficiency(1, "abort", tail_ratio=4.0) == pytest.approx(1 - 0.5 * 0.75)
+    assert decode_tail_efficiency(1, "resume") == 1.0
+    assert weight_sync_seconds(10**9, 2.0, "nccl-inter-node") == pytest.approx(2e9 / 20e9)  # 0.1 s per 1B params
+
+
+def test_pipeline_rate_and_idle_fraction_by_hand():
+    plan = propose("Qwen2.5-7B", 16, 80, 6144, prompt_len=2048, samples_per_minibatch=512)
+    gen, train = plan.useful_gen_tokens_per_s, plan.train_tokens_per_s
+    assert gen == pytest.approx(plan.gen_tokens_per_s / plan.demand)
+    step = max(plan.step_tokens / gen + plan.sync_s, plan.step_tokens / train)
+    assert plan.pipeline_tokens_per_s == pytest.approx(plan.step_tokens / step)
+    t_gen, t_train = plan.step_tokens / gen + plan.sync_s, plan.step_tokens / train
+    assert plan.idle_fraction == pytest.approx(1 - min(t_gen, t_train) / max(t_gen, t_train))
+    assert plan.step_tokens == 512 * (6144 - 2048) / 2
+
+
+def test_time_shared_memory_phases_by_hand():
+    m = load_model("Qwen2.5-7B")
+    par, t = Parallel(tp=2, pp=4), TrainSetup(recompute=False, mb_tokens=10240, offload_in_gen=False)
+    e = EngineSetup(tp=2, mem_fraction=0.5)
+    f = check_feasible(m, par, 8, 80, 10240, train=t, engine=e, placement="time-shared")
+    b = f.breakdown
+    train = b["train/total"] + 1.5  # + what a released engine keeps (context, buffers)
+    generate = 0.5 * 80 + 3.0 + b["train/weights"] + b["train/grads"] + b["train/optimizer"] + b["train/runtime"]
+    assert f.peak_gb == pytest.approx(max(train, generate))
+
+
+def test_colocated_multi_gpu_engines_refused_by_the_validator_and_by_write_config(tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="engine.tp: colocated"):
+        load_config(CONFIGS / "qwen2.5-7b-8gpu.yaml",
+                    ["weight_sync.mode=colocated", "engine.tp=4", "engine.num_engines=2", "trainer.world_size=8",
+                     "trainer.parallel.dp=2"])  # fmt: skip
+    plan = propose("Qwen3-30B-A3B", 8, 141, 9216, mode="colocated", gpu="h200", prompt_len=1024)
+    assert plan.placement == "time-shared" and plan.engine.tp > 1 and "engine.tp" in plan.config_error
+    with pytest.raises(PlanError, match="cannot be written"):
+        write_config(plan, tmp_path / "x.yaml")
