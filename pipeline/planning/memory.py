@@ -16,8 +16,9 @@ What the terms are (c = compute dtype bytes: 2 for bfloat16, 4 for float32; P = 
   m + v = 16 B per parameter over all ranks, plus the compute-dtype copies FSDP gathers (two layers in flight and
   the root module's embedding/head, kept for the whole step) and one layer's unsharded gradients before the
   reduce-scatter. Without master weights (`master_fp32=False`) everything is in the compute dtype (4c B).
-- Activations per token and layer, itemised from what autograd saves in each implementation (below); full
-  recompute keeps each layer's input (c*h) plus one layer's full set during its backward (Megatron's
+- Activations per token and layer, itemised from what autograd saves in each implementation (below), plus the
+  gradients of one layer's MLP interior (3 I) during its backward; full recompute keeps each layer's input (c*h)
+  plus one layer's full set and those gradients during its backward (Megatron's
   full/uniform recompute and HF gradient checkpointing both work per layer). Megatron splits the h-sized terms
   over tp only with sequence parallelism (the backend enables it with transformer-engine); the q/kv/I-sized
   terms are always split over tp. CP divides the tokens. 1F1B: the first stage holds pp micro-batches (x (1 +
@@ -241,12 +242,16 @@ def train_memory_bytes(m: ModelSpec, p: Parallel, seq_len: int, t: TrainSetup, s
     layer_input = c * m.hidden_size / (tp if sp else 1)
     last = stage == "last" or p.pp == 1
     logits = _logit_bytes(m, t, tokens, tp) if last else 0.0
+    # a layer's backward holds the gradients of its MLP interior (fc2 input, gate and up: 3 I) on top of what is kept
+    mlp_width = max(m.intermediate_size, m.experts_per_token * m.moe_intermediate_size if m.is_moe else 0)
+    backward = c * 3 * mlp_width / tp
     if t.recompute:
         # the layer inputs, plus one recomputed layer during its backward; on the last stage the logits path is
         # freed before the first layer is recomputed, so only the larger of the two counts
-        acts = tokens * layer_input * layers * in_flight + max(0.0, tokens * max(moe_layer, dense_layer) - logits)
+        one_layer = tokens * (max(moe_layer, dense_layer) + backward)
+        acts = tokens * layer_input * layers * in_flight + max(0.0, one_layer - logits)
     else:
-        acts = tokens * per_layer * layers * in_flight
+        acts = tokens * (per_layer * layers * in_flight + backward)
     out["activations"] = acts + tokens * c * m.hidden_size  # + the embedding output feeding layer 0
     out["logits"] = logits
     if t.backend == "fsdp":
