@@ -56,6 +56,9 @@ def state_bytes(backend: Any) -> int:
             seen[local.untyped_storage().data_ptr()] = _tensor_bytes(local)
 
     modules = getattr(backend, "chunks", None) or [backend.model]
+    compute = getattr(backend, "compute", None)  # FSDP on one rank in bf16: a compute copy of the fp32 master
+    if isinstance(compute, torch.nn.Module) and compute is not backend.model:
+        modules = [*modules, compute]
     for mod in modules:
         for p in mod.parameters():
             add(p)
@@ -71,9 +74,10 @@ def state_bytes(backend: Any) -> int:
         for st in inner.state.values():
             for v in st.values():
                 add(v)
-        for group in getattr(o, "shard_fp32_from_float16_groups", []) or []:
-            for t in group:
-                add(t)
+        for attr in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):  # Megatron's fp32 masters
+            for group in getattr(o, attr, []) or []:
+                for t in group:
+                    add(t)
     return sum(seen.values())
 
 

@@ -15,7 +15,7 @@ What the terms are (c = compute dtype bytes: 2 for bfloat16, 4 for float32; P = 
 - FSDP2 with fp32 master weights and bf16 compute (MixedPrecisionPolicy): fp32 parameters, gradients and Adam
   m + v = 16 B per parameter over all ranks, plus the compute-dtype copies FSDP gathers (two layers in flight and
   the root module's embedding/head, kept for the whole step) and one layer's unsharded gradients before the
-  reduce-scatter. Without master weights (`master_fp32=False`) everything is in the compute dtype (4c B).
+  reduce-scatter; on one rank the backend keeps a whole bf16 copy of the master instead (2 B per parameter). Without master weights (`master_fp32=False`) everything is in the compute dtype (4c B).
 - Activations per token and layer, itemised from what autograd saves in each implementation (below), plus the
   gradients of one layer's MLP interior (3 I) during its backward; full recompute keeps each layer's input (c*h)
   plus one layer's full set and those gradients during its backward (Megatron's
@@ -144,8 +144,8 @@ and running at once (weight_sync.mode=colocated without release_memory)."""
 def layer_activation_bytes(m: ModelSpec, backend: str, c: int, tp: int = 1, sp: bool = False, moe: bool = False):
     """Bytes autograd keeps per token for one layer's backward, on one tp rank.
 
-    HF eager (fsdp): each RMSNorm keeps its fp32 input, the normalised fp32 tensor, its compute-dtype cast and the
-    weighted output (12 B x h whatever c: in fp32 the casts are the same tensors); attention keeps rotated Q, K,
+    HF eager (fsdp): each RMSNorm keeps its fp32 input, the normalised tensor cast to the compute dtype and the
+    weighted output ((4 + 2c) B x h; in fp32 the casts are the same tensors); attention keeps rotated Q, K,
     V, SDPA's output and fp32 log-sum-exp, and o_proj's (contiguous) input; the SwiGLU MLP gate, up, SiLU(gate)
     and the product (4 I).
     Megatron (local spec / TE): each norm keeps its input and output (2 h), each bias-dropout-add a copy and a
@@ -156,7 +156,7 @@ def layer_activation_bytes(m: ModelSpec, backend: str, c: int, tp: int = 1, sp: 
     h, q, kv, a = m.hidden_size, m.q_dim, m.kv_dim, m.num_heads
     hsplit = tp if sp else 1
     if backend == "fsdp":
-        norms = 2 * 12 * h / hsplit
+        norms = 2 * (4 + 2 * c) * h / hsplit  # fp32 input, compute-dtype cast, weighted output
         attn = c * (3 * q + 2 * kv) / tp + 4 * a / tp
         attn += c * (2 * q + 2 * kv) / tp if m.qk_norm else 0
     else:
@@ -208,8 +208,12 @@ def _states(m: ModelSpec, p: Parallel, t: TrainSetup, dense: float, experts: flo
         out["optimizer"] = 0.0 if t.optimizer_offload else 2 * state_bytes * total / n
         layer = m.attn_params + max(m.dense_mlp_params, m.moe_shared_params + m.expert_params)
         root = m.embed_params * (1 if m.tie_embeddings else 2)
-        gathers = n > 1 or (t.master_fp32 and c != 4)  # compute copies exist when sharded or cast
-        out["fsdp_gather"] = c * (3 * layer + root) if gathers else 0.0  # 2 layers + root, 1 layer's grads
+        if n > 1:  # FSDP2 gathers two layers in the compute dtype, keeps the root's, and one layer's grads
+            out["fsdp_gather"] = c * (3 * layer + root)
+        elif t.master_fp32 and c != 4:  # one rank: a whole compute-dtype copy of the fp32 master
+            out["fsdp_gather"] = c * total
+        else:
+            out["fsdp_gather"] = 0.0
         return out
     dp_dense = p.dp * p.cp
     dp_expert = max(p.tp * p.cp * p.dp // (p.ep * p.etp), 1)
