@@ -140,8 +140,16 @@ def _pow2(limit: int) -> list[int]:
     return [2**i for i in range(int(math.log2(max(limit, 1))) + 1)]
 
 
+def default_logprob_chunk() -> int:
+    """The trainers' default `trainer.logprob_chunk_tokens` (0 where the config has no fused logprob head)."""
+    from pipeline.config import TrainerConfig
+
+    return int(getattr(TrainerConfig(), "logprob_chunk_tokens", 0) or 0)
+
+
 def _train_candidates(r: Request, n: int):
     m = r.model
+    chunk = default_logprob_chunk()
     backends = ["megatron"] if m.is_moe else ["fsdp", "megatron"]
     for backend in backends:
         tps = [1] if backend == "fsdp" else [t for t in _pow2(r.gpus_per_node) if m.num_kv_heads % t == 0]
@@ -162,7 +170,7 @@ def _train_candidates(r: Request, n: int):
                             for recompute in (False, True):
                                 par = Parallel(tp=tp, pp=pp, cp=cp, ep=ep, dp=dp)
                                 yield par, TrainSetup(backend, recompute=recompute, optimizer_offload=offload,
-                                                      offload_in_gen=False, te=r.te)  # fmt: skip
+                                                      offload_in_gen=False, logprob_chunk=chunk, te=r.te)  # fmt: skip
 
 
 def best_trainers(r: Request, n: int, mem_budget: float, states_budget: float = float("inf")):
