@@ -161,6 +161,7 @@ def _plan_dict(plan: Plan) -> dict[str, Any]:
         "train_tokens_per_s": round(plan.train_tokens_per_s),
         "pipeline_tokens_per_s": round(plan.pipeline_tokens_per_s),
         "idle_fraction": round(plan.idle_fraction, 3),
+        "idle_side": plan.idle_side if plan.placement == "disaggregated" else "",
         "weight_sync_s": round(plan.sync_s, 2),
         "notes": plan.notes,
         "config_error": plan.config_error,

@@ -94,7 +94,7 @@ def explain(plan: Plan) -> str:
         f"    weight sync {plan.sync_s:11.1f} s per step ({plan.step_tokens:,.0f} response tokens per step)",
         f"    pipeline   {plan.pipeline_tokens_per_s:12,.0f}"
         + (
-            f"   idle fraction of the waiting side {plan.idle_fraction:.0%}"
+            f"   {plan.idle_side} GPUs idle {plan.idle_fraction:.0%} of the time"
             if plan.placement == "disaggregated"
             else ""
         ),

@@ -127,6 +127,12 @@ class Plan:
         return self.step_tokens / step
 
     @property
+    def idle_side(self) -> str:
+        """Disaggregated: which GPUs wait for the other side ("generation" or "training")."""
+        gen = self.step_tokens / max(self.useful_gen_tokens_per_s, 1e-9) + self.sync_s
+        return "generation" if gen < self.step_tokens / max(self.train_tokens_per_s, 1e-9) else "training"
+
+    @property
     def idle_fraction(self) -> float:
         """Disaggregated: share of the waiting side's GPU time spent idle (0 when balanced)."""
         if self.placement != "disaggregated":
