@@ -246,8 +246,12 @@ def serve_receiver(port: int, layout_name: str, shm: str) -> None:
     app = web.Application(client_max_size=2**30)
     app.router.add_get("/health", ok)
     app.router.add_get("/get_model_info", info)
+    app.router.add_get("/model_info", info)
+    app.router.add_get("/server_info", lambda _req: web.json_response({"version": "0.5.23"}))  # the protocol spoken
     for path in ("/pause_generation", "/continue_generation", "/flush_cache"):
         app.router.add_post(path, ok)
+    for path in ("/begin_weight_update", "/end_weight_update"):  # SGLang 0.5.23's session (not enforced here)
+        app.router.add_post(path, lambda _req: web.json_response({"success": True, "message": "Success"}))
     app.router.add_post("/init_weights_update_group", init_group)
     app.router.add_post("/destroy_weights_update_group", destroy_group)
     app.router.add_post("/update_weights_from_distributed", update)

@@ -11,7 +11,15 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23; see tests/t
   marked dead and `EngineDeadError` (naming its URL) is raised; dead engines get no more traffic until
   `add_url`. Timeouts and HTTP errors raise `EngineError` (also naming the URL) without retrying.
 - Calls that address all engines (pause, continue, flush, abort_all) run on every live engine concurrently.
-- The API key is sent as `Authorization: Bearer <key>` (SGLang's header) and never appears in logs or reprs.
+- The API key is sent as `Authorization: Bearer <key>` (SGLang's header) and never appears in logs or reprs. With an
+  `admin_api_key` (SGLang 0.5.23's --admin-api-key) the control routes (`ADMIN_ROUTES`: weights, pause, continue,
+  flush, abort, memory) carry that key instead, as SGLang then refuses the plain one there.
+- Version negotiation: `protocol(url)` reads the server's version once (GET /server_info, else /get_server_info
+  on servers without it) and returns its `engines.sglang.protocol.Protocol`, or raises `UnsupportedVersion` naming
+  the supported releases. Control and weight calls speak that protocol: /model_info or /get_model_info,
+  /flush_cache?timeout= where offered, `load_format` only where the route takes it (else ValueError: the caller
+  must send per-tensor broadcasts), /begin_weight_update and /end_weight_update where a session exists (no-ops
+  answering success on releases without one). Generation needs no negotiation.
 - Sync callers (a trainer thread) use `run_sync(coro)` / `submit(coro)`, which run on a private event loop.
 """
 
@@ -29,9 +37,18 @@ from typing import Any
 
 import aiohttp
 
+from engines.sglang.protocol import Protocol, protocol_for
+
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "abort")
+# SGLang 0.5.23 routes marked AuthLevel.ADMIN_OPTIONAL that this client calls (http_server.py)
+ADMIN_ROUTES = frozenset({
+    "/flush_cache", "/abort_request", "/pause_generation", "/continue_generation", "/init_weights_update_group",
+    "/destroy_weights_update_group", "/begin_weight_update", "/end_weight_update", "/update_weights_from_distributed",
+    "/update_weights_from_tensor", "/update_weights_from_disk", "/update_weight_version", "/get_weights_by_name",
+    "/release_memory_occupation", "/resume_memory_occupation",
+})  # fmt: skip
 _STICKY_MAX = 100_000
 
 
@@ -101,9 +118,11 @@ class EngineClient:
         connect_timeout_s: float = 10.0,
         router_url: str | None = None,
         pool_size: int = 1024,
+        admin_api_key: str = "",
     ) -> None:
         self._urls: list[str] = []
         self._dead: set[str] = set()
+        self._protocols: dict[str, Protocol] = {}
         self._outstanding: dict[str, int] = {}
         for url in urls:
             self.add_url(url)
@@ -114,6 +133,7 @@ class EngineClient:
         self.router_url = router_url.rstrip("/") if router_url else None
         self.pool_size = pool_size
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._admin_headers = {"Authorization": f"Bearer {admin_api_key}"} if admin_api_key else None
         self._lock = threading.Lock()
         self._rr = itertools.count()
         self._sticky: OrderedDict[str, str] = OrderedDict()
@@ -122,7 +142,8 @@ class EngineClient:
         self._bg_thread: threading.Thread | None = None
 
     def __repr__(self) -> str:  # never shows the API key
-        return f"EngineClient(urls={self._urls}, dead={sorted(self._dead)}, api_key={'***' if self._headers else ''!r})"
+        keys = f"api_key={'***' if self._headers else ''!r}, admin_api_key={'***' if self._admin_headers else ''!r}"
+        return f"EngineClient(urls={self._urls}, dead={sorted(self._dead)}, {keys})"
 
     # ------------------------------------------------------------------ engine set (fault-tolerance hooks)
     @property
@@ -139,6 +160,7 @@ class EngineClient:
         if url not in self._urls:
             self._urls.append(url)
         self._outstanding.setdefault(url, 0)
+        self._protocols.pop(url, None)  # a restarted engine may run another release
         self._dead.discard(url)
 
     def mark_dead(self, url: str) -> None:
@@ -192,15 +214,19 @@ class EngineClient:
         retries: int | None = None,
         parse: str = "json",
         mark_dead: bool = True,
+        params: dict | None = None,
     ) -> Any:
         url = url.rstrip("/")
+        headers = self._admin_headers if self._admin_headers is not None and path in ADMIN_ROUTES else None
         if url in self._dead:
             raise EngineDeadError(f"engine {url} is marked dead", url)
         retries = self.max_retries if retries is None else retries
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s, sock_connect=self.connect_timeout_s)
         for attempt in itertools.count():
             try:
-                async with self._session().request(method, url + path, json=body, timeout=timeout) as resp:
+                async with self._session().request(
+                    method, url + path, json=body, timeout=timeout, headers=headers, params=params
+                ) as resp:
                     raw = await resp.read()
                     if resp.status == 401:
                         raise EngineError(f"{url}{path}: HTTP 401 unauthorized (wrong or missing API key)", url, 401)
@@ -228,14 +254,16 @@ class EngineClient:
         raise AssertionError("unreachable")
 
     async def _on_all(self, path: str, body: Any = None, method: str = "POST", parse: str = "json") -> dict[str, Any]:
+        return await self._each(lambda u: self._request(u, path, body, method=method, parse=parse), path)
+
+    async def _each(self, call, what: str) -> dict[str, Any]:
+        """`call(url)` on every live engine concurrently; EngineError listing every failure (`.failures`)."""
         urls = self.alive_urls
-        results = await asyncio.gather(
-            *(self._request(u, path, body, method=method, parse=parse) for u in urls), return_exceptions=True
-        )
+        results = await asyncio.gather(*(call(u) for u in urls), return_exceptions=True)
         failures = {u: r for u, r in zip(urls, results, strict=True) if isinstance(r, BaseException)}
         if failures:
             detail = "; ".join(str(e) for e in failures.values())
-            err = EngineError(f"{path} failed on {len(failures)}/{len(urls)} engines: {detail}")
+            err = EngineError(f"{what} failed on {len(failures)}/{len(urls)} engines: {detail}")
             err.failures = failures  # type: ignore[attr-defined]
             raise err
         return dict(zip(urls, results, strict=True))
@@ -315,8 +343,17 @@ class EngineClient:
     async def continue_generation(self) -> dict[str, Any]:
         return await self._on_all("/continue_generation", {})
 
-    async def flush_cache(self) -> dict[str, Any]:
-        return await self._on_all("/flush_cache", None, parse="text")
+    async def flush_cache(self, timeout_s: float = 0.0) -> dict[str, Any]:
+        """Flush every engine's prefix cache. SGLang refuses (400) while requests run or wait; with `timeout_s` > 0 a
+        release that offers it waits up to that long for the scheduler to become idle."""
+
+        async def one(url: str) -> Any:
+            proto = await self.protocol(url)
+            params = {"timeout": f"{timeout_s:g}"} if timeout_s > 0 and proto.flush_timeout else None
+            limit = self.timeout_s + (timeout_s if params else 0.0)
+            return await self._request(url, "/flush_cache", None, parse="text", params=params, timeout_s=limit)
+
+        return await self._each(one, "/flush_cache")
 
     # ------------------------------------------------------------------ info
     async def health(self, url: str) -> bool:
@@ -326,14 +363,35 @@ class EngineClient:
         except EngineError:
             return False
 
+    async def protocol(self, url: str) -> Protocol:
+        """The protocol of the engine at `url` (its version is read once; `add_url` of a restarted engine re-reads)."""
+        url = url.rstrip("/")
+        proto = self._protocols.get(url)
+        if proto is None:
+            info = await self.get_server_info(url)
+            version = info.get("version") if isinstance(info, dict) else None
+            if not version:
+                raise EngineError(f"{url}: the server info carries no 'version'; is this an SGLang server?", url)
+            proto = self._protocols[url] = protocol_for(str(version), url)
+        return proto
+
     async def get_model_info(self, url: str) -> dict:
-        return await self._request(url, "/get_model_info", method="GET")
+        return await self._request(url, (await self.protocol(url)).model_info_path, method="GET")
 
     async def get_server_info(self, url: str) -> dict:
+        """/server_info (0.5.23), else the /get_server_info of releases without it (0.5.5 answers 404 there)."""
+        proto = self._protocols.get(url.rstrip("/"))
+        if proto is not None:
+            return await self._request(url, proto.server_info_path, method="GET")
+        try:
+            return await self._request(url, "/server_info", method="GET")
+        except EngineError as e:
+            if e.status != 404:
+                raise
         return await self._request(url, "/get_server_info", method="GET")
 
     async def get_weight_version(self, url: str) -> str:
-        # /get_model_info carries weight_version in sglang 0.5.5 and 0.5.23 (0.5.23 dropped /get_weight_version).
+        # The model info carries weight_version in sglang 0.5.5 and 0.5.23 (0.5.23 dropped /get_weight_version).
         return str((await self.get_model_info(url))["weight_version"])
 
     # ------------------------------------------------------------------ weights (one engine each)
@@ -371,6 +429,19 @@ class EngineClient:
     async def destroy_weights_update_group(self, url: str, group_name: str = "weight_update_group") -> dict:
         return await self._checked(url, "/destroy_weights_update_group", {"group_name": group_name})
 
+    async def begin_weight_update(self, url: str) -> dict:
+        """Open the weight-update session that SGLang 0.5.23 requires around distributed/tensor updates (refused,
+        HTTP 400, while one is open); a success no-op on releases without sessions."""
+        if not (await self.protocol(url)).session:
+            return {"success": True, "message": "no weight-update session in this release"}
+        return await self._checked(url, "/begin_weight_update", {"selector": "all"})
+
+    async def end_weight_update(self, url: str) -> dict:
+        """Close the session `begin_weight_update` opened (refused, HTTP 400, when none is open)."""
+        if not (await self.protocol(url)).session:
+            return {"success": True, "message": "no weight-update session in this release"}
+        return await self._checked(url, "/end_weight_update", {})
+
     async def update_weights_from_distributed(
         self,
         url: str,
@@ -392,7 +463,10 @@ class EngineClient:
             "abort_all_requests": abort_all_requests,
             "weight_version": weight_version,
         }
-        if load_format is not None:  # sglang >= 0.5.x with flattened buckets; 0.5.5 has no such field
+        if load_format is not None:
+            proto = await self.protocol(url)
+            if not proto.flat_buckets:  # 0.5.5 drops the field silently and would read per-tensor broadcasts
+                raise ValueError(f"{url}: SGLang {proto.release} takes no load_format; send per-tensor broadcasts")
             body["load_format"] = load_format
         return await self._checked(url, "/update_weights_from_distributed", body)
 
@@ -430,7 +504,7 @@ class EngineClient:
             "abort_all_requests": abort_all_requests,
             "weight_version": weight_version,
         }
-        if not flush_cache:  # sglang 0.5.23's field (default true); 0.5.5 has none and always flushes
+        if not flush_cache and (await self.protocol(url)).disk_flush_field:  # 0.5.5 has none and always flushes
             body["flush_cache"] = False
         return await self._checked(url, "/update_weights_from_disk", body)
 

@@ -57,13 +57,19 @@ def log_tail(path: str | Path, lines: int = 30) -> str:
 
 class EngineProcess:
     def __init__(
-        self, cmd: list[str], url: str, log_path: str | Path, env: dict[str, str] | None = None, secret: str = ""
+        self,
+        cmd: list[str],
+        url: str,
+        log_path: str | Path,
+        env: dict[str, str] | None = None,
+        secret: str | tuple[str, ...] = "",
     ) -> None:
         self.cmd = list(cmd)
         self.url = url.rstrip("/")
         self.log_path = Path(log_path)
         self.env = env
-        self._secret = secret
+        self._secrets = {secret} if isinstance(secret, str) else set(secret)
+        self._secrets.discard("")
         self._proc: subprocess.Popen | None = None
         self._stopped = False
 
@@ -72,7 +78,7 @@ class EngineProcess:
 
     def display_cmd(self) -> str:
         """The command line with the API key masked (safe to log)."""
-        shown = ["***" if self._secret and a == self._secret else a for a in self.cmd]
+        shown = ["***" if a in self._secrets else a for a in self.cmd]
         return " ".join(shown)
 
     @property
@@ -180,6 +186,7 @@ def local_command(cfg: EngineConfig, model_dir: str, port: int) -> list[str]:
         "--max-running-requests", str(cfg.max_running_requests),
         "--threads", str(cfg.threads),
         "--parent-pid", str(os.getpid()),
+        *(["--context-length", str(cfg.context_length)] if cfg.context_length > 0 else []),
         *cfg.extra_args,
     ]  # fmt: skip
 
@@ -200,13 +207,13 @@ def launch_engine(
         else:
             env.pop(API_KEY_ENV, None)
     elif cfg.backend == "sglang":
-        from engines.sglang.launcher import sglang_command
+        from engines.sglang.launcher import installed_release, sglang_command
 
-        cmd = sglang_command(cfg, model_dir, port, api_key=key)
+        cmd = sglang_command(cfg, model_dir, port, key, cfg.admin_api_key, installed_release())
     else:
         raise ValueError(f"engine.backend: cannot launch {cfg.backend!r} servers (external servers are given by URL)")
     cmd += list(extra_args)
-    proc = EngineProcess(cmd, url, log_path, env=env, secret=key).start()
+    proc = EngineProcess(cmd, url, log_path, env=env, secret=(key, cfg.admin_api_key)).start()
     try:
         proc.wait_healthy(cfg.startup_timeout_s)
     except BaseException:

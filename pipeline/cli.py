@@ -4,7 +4,7 @@
     dapo config show CONFIG [key.path=value ...]   print the resolved, validated config
     dapo plan ...    propose parallelism for a model and GPU count
     dapo report LOGDIR    render training curves to PNG
-    dapo bench [--quick]  run the benchmark suite
+    dapo bench [--quick] [--only NAME ...] [--trainer-shape tiny|0.5b|1.5b|7b]  run the benchmark suite
     dapo eval CONFIG [overrides]   evaluate a model on the configured eval set
     dapo ablate CONFIG [--seeds 0,1,2] [--steps N] [overrides]   DAPO's components one at a time (Table 1)
 

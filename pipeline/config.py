@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,20 @@ class EngineConfig:
     health_timeout_s: float = 30.0
     """An engine whose process is alive but whose GET /health gives no 200 within this many seconds is hung: it is
     killed and restarted like a crashed one (checked between batches and after a failed weight sync)."""
+    context_length: int = 0
+    """Longest prompt + response an engine serves (SGLang `--context-length`); 0: the model's max_position_embeddings.
+    data.max_prompt_tokens + rollout.max_new_tokens must fit (SGLang answers 400 to a request that does not)."""
+    admin_api_key: str = ""
+    """SGLang >= 0.5.23 `--admin-api-key`: required on the control routes (weights, pause, flush, abort), where the
+    plain API key is then refused; sent by the client on exactly those routes. Never logged."""
+    deterministic_inference: bool = False
+    """SGLang `--enable-deterministic-inference` (batch-invariant kernels: same output whatever the batch)."""
+    skip_tokenizer_init: bool = False
+    """SGLang `--skip-tokenizer-init` (token ids in and out; then SGLang stops only at the model's EOS ids)."""
+    random_seed: int = -1
+    """SGLang `--random-seed`; -1: SGLang's default (random)."""
+    weight_version: str = ""
+    """SGLang `--weight-version`: the version the engines report before the first sync; empty: SGLang's default."""
 
 
 # --------------------------------------------------------------------------------------------------- rollout
@@ -272,7 +287,11 @@ class TrainerConfig:
     threads: int = 1
     """CPU threads per trainer rank."""
     recompute: bool = False
-    """Activation recomputation (megatron: full layer recompute)."""
+    """Activation recomputation of every transformer layer (megatron: full layer recompute; fsdp: HF gradient
+    checkpointing, non-reentrant)."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens per chunk of the fused output layer + log-softmax (pipeline/algorithm/logprobs.py): its extra memory
+    is a few chunk x vocabulary float32 buffers, never tokens x vocabulary. Larger chunks: fewer, bigger matmuls."""
     distributed_optimizer: bool = True
     """Megatron distributed (ZeRO-1) optimizer."""
 
@@ -428,6 +447,7 @@ _POSITIVE: tuple[str, ...] = (
     "trainer.batch_size",
     "trainer.num_minibatches",
     "trainer.micro_batch_size",
+    "trainer.logprob_chunk_tokens",
     "trainer.parallel.tp",
     "trainer.parallel.pp",
     "trainer.parallel.vpp",
@@ -549,11 +569,46 @@ def validate(cfg: Config) -> Config:
         if _get(cfg, path) <= 0:
             _fail(path, f"must be > 0; got {_get(cfg, path)}")
     _validate_colocated(cfg)
+    _validate_context_length(cfg)
     if cfg.engine.backend == "external" and not cfg.engine.urls:
         _fail("engine.urls", "the external backend needs at least one URL")
     if not cfg.model.path and not cfg.model.tokenizer.startswith("builtin:"):
         _fail("model.tokenizer", "a model built from config (empty model.path) needs a builtin: tokenizer")
     return cfg
+
+
+def model_context_length(cfg: Config) -> tuple[int, str]:
+    """(the engines' context length, the key it comes from), or (0, "") where unknown: a model path that is not a
+    local directory with a config.json, or a model built from config for engines other than the CPU engine (base
+    presets validate with the tiny model as a placeholder for the real one)."""
+    if cfg.engine.context_length > 0:
+        return cfg.engine.context_length, "engine.context_length"
+    if not cfg.model.path:
+        if cfg.engine.backend != "local":
+            return 0, ""
+        return cfg.model.tiny.max_position_embeddings, "model.tiny.max_position_embeddings"
+    config_json = Path(cfg.model.path) / "config.json"
+    try:
+        hf = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return 0, ""
+    hf = hf.get("text_config", hf) if isinstance(hf.get("text_config"), dict) else hf
+    n = hf.get("max_position_embeddings")
+    return (int(n), f"max_position_embeddings of {config_json}") if isinstance(n, int) and n > 0 else (0, "")
+
+
+def _validate_context_length(cfg: Config) -> None:
+    if cfg.engine.context_length < 0:
+        _fail("engine.context_length", f"must be >= 0 (0: the model's); got {cfg.engine.context_length}")
+    ctx, source = model_context_length(cfg)
+    need = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    if ctx and need > ctx:
+        _fail(
+            "rollout.max_new_tokens",
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {cfg.data.max_prompt_tokens} + "
+            f"{cfg.rollout.max_new_tokens} = {need} exceeds the context length {ctx} ({source}); the engines would "
+            "refuse such requests: lower them or raise engine.context_length (up to what the model supports)",
+        )
 
 
 RELEASE_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU memory types (sglang/srt/constants.py)

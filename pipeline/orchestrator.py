@@ -146,7 +146,7 @@ class TrainerActor:
         ws = dataclasses.replace(ws, master_address=advertised(ws.master_address, ray.util.get_node_ip_address()))
         self.sender = WeightSyncSender(
             urls, ws, api_key=engine_api_key(self.cfg), engine_tp=engine_tp, stage=self.pp_stage(),
-            model_dir=self.model_dir,
+            model_dir=self.model_dir, admin_api_key=self.cfg.engine.admin_api_key,
         )  # fmt: skip
         if self.sender.transport == "disk" and engine_nodes:
             from pipeline.weight_sync.disk import check_engines_see
@@ -215,8 +215,9 @@ class RolloutActor:
         prompts = load_prompts(cfg.data, tokenizer, seed=cfg.trainer.seed)
         e = cfg.engine
         client = EngineClient(
-            urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries
-        )
+            urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries,
+            admin_api_key=e.admin_api_key,
+        )  # fmt: skip
         a = cfg.algorithm
         rewards = RewardRunner(a.reward_fn, a.reward_timeout_s, a.reward_workers)
         self.manager = RolloutManager(cfg, client, tokenizer, prompts, push_address, rewards)

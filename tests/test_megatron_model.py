@@ -1,5 +1,6 @@
 """Megatron GPTModel built from a HF config gives the HF model's logits; the backend's packed (THD) forward gives
-HF's per-token log-probs on a right-padded, variable-length batch. One gloo process."""
+HF's per-token log-probs on a right-padded, variable-length batch, with the CPU loop and with flex_attention (the
+packed kernel CUDA runs without TE). One gloo process."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def _logits_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
     backend = build_backend(tiny_config(), 0, 1)
     backend.setup(os.path.join(tmp, "qwen2"))
     results["logprobs"] = backend.forward_logprobs(mbs)
+    os.environ["DAPO_PACKED_ATTENTION"] = "flex"  # the one-call kernel of CUDA without TE, run eagerly on CPU
+    results["flex_logprobs"] = backend.forward_logprobs(mbs)
+    del os.environ["DAPO_PACKED_ATTENTION"]
     padded = MegatronBackend(tiny_config(), 0, 1, packing=False)  # the unpacked (B, T) baseline layout
     padded.setup(os.path.join(tmp, "qwen2"))
     results["padded_logprobs"] = padded.forward_logprobs(mbs)
@@ -89,8 +93,11 @@ def test_packed_forward_logprobs_equal_hf(run):
     results, models = run
     mbs = random_micro_batches(2, 3, 200, seed=5)
     assert any((mb.attention_mask == 0).any() for mb in mbs)  # padding present: packing is exercised
-    for mb, got, unpacked in zip(mbs, results["logprobs"], results["padded_logprobs"], strict=True):
+    for mb, got, unpacked, flex in zip(
+        mbs, results["logprobs"], results["padded_logprobs"], results["flex_logprobs"], strict=True
+    ):
         want = _hf_logprobs(models["qwen2"], mb)
+        assert (flex - want).abs().max().item() < 1e-4  # SDPACoreAttention's THD path through flex_attention
         assert (unpacked - want).abs().max().item() < 1e-4
         assert got.shape == mb.input_ids.shape
         assert (got[:, 0] == 0).all() and (got[mb.attention_mask == 0] == 0).all()

@@ -1,7 +1,7 @@
 """TP=2, PP=2 (also interleaved, vpp=2), DP=2, CP=2, and TP=2 x PP=2 (4 ranks, also with vpp=2), TP=2 x CP=2 and
 PP=2 x CP=2 (4 ranks) train exactly like TP=1 (same DAPO loss, grad norm, per-token logprobs, updated weights); the
 gradient is the sum of the loss shares whatever the micro-batch split; activation recomputation changes nothing; the
-vocabulary-parallel log-softmax equals the full-vocabulary one, gradients included; the CP all-gathers' backward.
+fused vocabulary-parallel logprob head equals the full-vocabulary one, gradients included; the CP all-gathers' backward.
 gloo, a 4-layer tiny Qwen2 with tied embeddings and a padded vocabulary (200 -> 256); CP runs model.SDPACoreAttention
 on packs of sequences of different lengths, most of them in slots with padding."""
 
@@ -64,34 +64,47 @@ def _reference_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
 
 
 def _vocab_parallel_check(rank: int) -> dict:
-    """Vocab-parallel logprob/entropy and their gradients vs the full-vocabulary reference, at TP=2."""
+    """The fused vocab-parallel logprob/entropy head (megatron's TP group, hidden states made TP-replicated by
+    copy_to_tensor_model_parallel_region as the backend does) and its hidden and weight gradients vs the
+    full-vocabulary float64 reference, at TP=2 and temperature 0.7."""
     from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-    from engines.megatron.vocab_parallel import vocab_parallel_logprobs
+    from pipeline.algorithm.logprobs import fused_logprobs
 
     g = torch.Generator().manual_seed(7)
-    full = torch.randn(3, 5, 16, generator=g) * 3
-    vocab = 13  # 3 padding columns on rank 1
+    hidden = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(16, 4, generator=g, dtype=torch.float64) * 2
+    vocab, temp = 13, 0.7  # 3 padding rows on rank 1
     target = torch.randint(0, vocab, (3, 5), generator=g)
-    target[0, 0] = 7  # owned by rank 0 (columns 0-7) ...
+    target[0, 0] = 7  # owned by rank 0 (rows 0-7) ...
     target[0, 1] = 8  # ... and rank 1 (8-15)
-    g_lp, g_ent = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    g_lp, g_ent = (
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+    )
 
-    ref_in = full[..., :vocab].clone().requires_grad_(True)
-    logp = torch.log_softmax(ref_in, dim=-1)
+    ref_h, ref_w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp = torch.log_softmax((ref_h @ ref_w[:vocab].T) / temp, dim=-1)
     ref_lp = logp.gather(-1, target[..., None])[..., 0]
     ref_ent = -(logp.exp() * logp).sum(-1)
     (ref_lp * g_lp + ref_ent * g_ent).sum().backward()
 
-    local = full[..., rank * 8 : (rank + 1) * 8].clone().requires_grad_(True)
-    lp, ent = vocab_parallel_logprobs(local, target, vocab, ps.get_tensor_model_parallel_group(), with_entropy=True)
+    h = hidden.clone().requires_grad_(True)
+    w = weight[rank * 8 : (rank + 1) * 8].clone().requires_grad_(True)
+    lp, ent = fused_logprobs(
+        copy_to_tensor_model_parallel_region(h), w, target, temperature=temp, chunk_tokens=4, with_entropy=True,
+        vocab_start=rank * 8, vocab_size=vocab, group=ps.get_tensor_model_parallel_group(),
+    )  # fmt: skip
     (lp * g_lp + ent * g_ent).sum().backward()
-    ref_grad = torch.cat([ref_in.grad, torch.zeros(3, 5, 3)], dim=-1)[..., rank * 8 : (rank + 1) * 8]
     return {
         "lp": (lp - ref_lp).abs().max().item(),
         "ent": (ent - ref_ent).abs().max().item(),
-        "grad": (local.grad - ref_grad).abs().max().item(),
-        "grad_scale": ref_grad.abs().max().item(),
+        "grad": max(
+            (h.grad - ref_h.grad).abs().max().item(),
+            (w.grad - ref_w.grad[rank * 8 : (rank + 1) * 8]).abs().max().item(),
+        ),
+        "grad_scale": ref_h.grad.abs().max().item(),
     }
 
 

@@ -589,6 +589,86 @@ def test_refused_tensor_names_the_engine_and_its_message(engines, sender):
     assert _ask(engines.urls, lambda c, u: c.get_weight_version(u)) == ["4", "4"]  # nothing changed
 
 
+# ----------------------------------------------------------------- SGLang 0.5.23's session and version rules
+# The CPU engines answer as SGLang 0.5.23 does (same status codes and messages, held against SGLang's source in
+# tests/test_sglang_contract.py): distributed/tensor updates outside a session -> 400 without joining the
+# broadcast; begin while a session is open -> 400; end without one -> 400.
+def _session_calls(urls, what):
+    return _ask(urls, lambda c, u: getattr(c, what)(u))
+
+
+def test_sync_without_session_fails_in_seconds_naming_the_engines_message(engines, monkeypatch):
+    """The engines refuse every bucket sent outside a session and never join its broadcast: the sender must see
+    their answers while it broadcasts and fail at once, not after weight_sync.timeout_s."""
+    cfg = WeightSyncConfig(backend="gloo", bucket_mb=BUCKET_MB, timeout_s=60)
+    s = WeightSyncSender(engines.urls, cfg)
+    monkeypatch.setattr(s, "_begin_session", lambda deadline: [])  # a client that forgets the session
+    try:
+        s.pause()
+        s.connect()
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError) as err:
+            s.sync(_state(build_tiny_model(seed=29, **MODEL)), version=30, pause=False)
+        elapsed = time.monotonic() - t0
+    finally:
+        s.close()
+        _ask(engines.urls, lambda c, u: c.continue_generation())
+    assert elapsed < 8, elapsed  # seconds, not the 60 s collective timeout
+    msg = "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+    assert msg in str(err.value) and all(u in str(err.value) for u in engines.urls)
+    assert s.group is None  # abandoned mid-broadcast: rebuilt by the next sync
+
+
+def test_begin_refused_while_a_session_is_open_fails_before_any_bucket(engines, sender, monkeypatch):
+    other = engines.urls[1]
+    _ask([other], lambda c, u: c.begin_weight_update(u))  # someone else's session, left open
+    posted = []
+    real = sender.client.update_weights_from_distributed
+    monkeypatch.setattr(
+        sender.client, "update_weights_from_distributed", lambda *a, **k: posted.append(a) or real(*a, **k)
+    )
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(WeightSyncError) as err:
+            sender.sync(_state(build_tiny_model(seed=31, **MODEL)), version=31)
+        elapsed = time.monotonic() - t0
+        # the sender closed the session it opened on the other engine, and left the foreign one alone
+        with pytest.raises(EngineError, match="no weight-update session is open"):
+            _ask([engines.urls[0]], lambda c, u: c.end_weight_update(u))
+    finally:
+        _ask([other], lambda c, u: c.end_weight_update(u))
+    assert elapsed < 5 and posted == []
+    assert other in str(err.value) and "a weight-update session is already open" in str(err.value)
+    model = build_tiny_model(seed=37, **MODEL)  # with the session closed, the same sender syncs again
+    sender.sync(_state(model), version=32)
+    _assert_engines_run(engines.urls, model, 32)
+
+
+def test_release_without_flat_buckets_gets_per_tensor_broadcasts(engines, sender, monkeypatch):
+    """An engine whose release has no load_format (0.5.5) would read a flat buffer as per-tensor broadcasts: the
+    sender speaks per-tensor to it whatever weight_sync.flatten says."""
+    from engines.sglang.protocol import PROTOCOLS
+
+    no_flat = replace(PROTOCOLS["0.5.23"], flat_buckets=False)
+
+    async def proto(url):
+        return no_flat
+
+    monkeypatch.setattr(sender.client, "protocol", proto)
+    sent = []
+    real = sender.client.update_weights_from_distributed
+    monkeypatch.setattr(
+        sender.client,
+        "update_weights_from_distributed",
+        lambda *a, **k: sent.append(k.get("load_format")) or real(*a, **k),
+    )
+    assert sender.cfg.flatten
+    model = build_tiny_model(seed=41, **MODEL)
+    sender.sync(_state(model), version=33)
+    assert sent and set(sent) == {None}
+    _assert_engines_run(engines.urls, model, 33)
+
+
 def test_hung_engine_is_named_within_the_timeout(engines):
     hung = engines.procs[1]
     cfg = WeightSyncConfig(backend="gloo", bucket_mb=BUCKET_MB, timeout_s=4)

@@ -6,10 +6,23 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23 `entrypoints
   "meta_info": {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version",
   "output_token_logprobs": [[logprob, token_id, null], ...]}}; n > 1 (or a batch of input_ids) -> a list.
 - GET /health, /health_generate, /get_model_info (+ /model_info), /get_server_info (+ /server_info),
-  /get_weight_version; GET|POST /flush_cache; POST /abort_request {rid, abort_all}; POST /pause_generation {mode};
-  POST /continue_generation; POST /init_weights_update_group, /destroy_weights_update_group,
+  /get_weight_version; GET|POST /flush_cache[?timeout=S]; POST /abort_request {rid, abort_all}; POST
+  /pause_generation {mode}; POST /continue_generation; POST /init_weights_update_group,
+  /destroy_weights_update_group, /begin_weight_update {selector}, /end_weight_update {},
   /update_weights_from_distributed, /update_weights_from_tensor, /update_weight_version; GET|POST
   /get_weights_by_name {name, truncate_size}.
+- As strict as the SGLang release it speaks (`sglang_release`, default the latest supported; server info reports
+  it as "version" so a client negotiates the same protocol it would with SGLang), with SGLang's status codes and
+  messages (engines.sglang.protocol):
+  - 0.5.23 session rule: /update_weights_from_distributed and /update_weights_from_tensor outside a session ->
+    400 "... must run between begin_weight_update() and end_weight_update()", WITHOUT joining the broadcast;
+    /begin_weight_update while a session is open and /end_weight_update without one -> 400. (0.5.5: no session
+    routes, updates need none; `load_format` is dropped as 0.5.5 does, so a flattened bucket fails there.)
+  - sampling_params keys that SGLang's SamplingParams does not have -> 400 {"error": "unknown field `k`, ..."}.
+  - a prompt of >= context length tokens, or prompt + max_new_tokens > context length -> 400 with SGLang's text.
+  - /flush_cache while requests run (or wait, unless paused) -> 400; with ?timeout=S (0.5.23) it waits up to S
+    seconds for that, then 400 "Timed out waiting for idle state.". The CPU engine has no prefix cache, so a flush
+    that succeeds drops nothing.
 - POST /update_weights_from_disk {model_path, load_format, abort_all_requests, weight_version, flush_cache} ->
   {"success", "message", "num_paused_requests"} (see updates.py; `weights_root` restricts model_path).
 - GET|POST /release_memory_occupation {tags} and /resume_memory_occupation {tags} -> JSON null, or 400 with
@@ -37,10 +50,18 @@ from engines.local.dist import parse_dtype
 from engines.local.engine import Engine, Request
 from engines.local.sampling import SamplingParams
 from engines.local.updates import WeightReceiver
+from engines.sglang import protocol as sgl
 
 log = logging.getLogger(__name__)
 
-VERSION = "dapo-local-0.1"
+ENGINE_NAME = "dapo-local-0.1"
+# sglang 0.5.23 sglang/api/v1/api_types.py SamplingParams, in declaration order (its unknown-field message lists them)
+SGLANG_SAMPLING_FIELDS = (
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex",
+    "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+    "stream_interval", "logit_bias", "sampling_seed", "custom_params", "beam_width", "watermark", "choice",
+)  # fmt: skip
 PUBLIC_PREFIXES = ("/health", "/ready", "/metrics")
 # GenerateReqInput fields we accept; those we do not implement must keep their neutral value.
 _GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "rid", "stream"}
@@ -63,6 +84,15 @@ _GENERATE_NEUTRAL: dict[str, Any] = {
 
 class BadRequest(ValueError):
     pass
+
+
+class ContractError(BadRequest):
+    """SGLang's /generate schema gate: answered as 400 {"error": "<text>"}."""
+
+
+def _unknown_field(key: str, fields: tuple[str, ...]) -> str:
+    listed = ", ".join(f"`{f}`" for f in fields)
+    return f"unknown field `{key}`, expected one of {listed}"
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -98,7 +128,14 @@ def _require(body: dict, *keys: str) -> None:
 
 class LocalServer:
     def __init__(
-        self, engine: Engine, model_path: str, tokenizer=None, api_key: str = "", weights_root: str = "", **info: Any
+        self,
+        engine: Engine,
+        model_path: str,
+        tokenizer=None,
+        api_key: str = "",
+        weights_root: str = "",
+        sglang_release: str = sgl.LATEST.release,
+        **info: Any,
     ) -> None:
         self.engine = engine
         self.model_path = model_path
@@ -106,6 +143,10 @@ class LocalServer:
         self._api_key = api_key
         self.info = info
         self.receiver = WeightReceiver(engine, allowed_root=weights_root)
+        self.protocol = sgl.protocol_for(sglang_release)
+        self.session_open = False  # 0.5.23's weight-update session (one per engine)
+        if tokenizer is not None:  # SGLang also stops at the tokenizer's EOS and extra stop tokens
+            engine.eos_ids |= sgl.stop_token_ids(tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -113,9 +154,9 @@ class LocalServer:
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/health_generate", self.health_generate)
-        for path in ("/get_model_info", "/model_info"):
+        for path in {"/get_model_info", self.protocol.model_info_path}:
             r.add_get(path, self.model_info)
-        for path in ("/get_server_info", "/server_info"):
+        for path in {"/get_server_info", self.protocol.server_info_path}:
             r.add_get(path, self.server_info)
         r.add_get("/get_weight_version", self.get_weight_version)
         r.add_get("/get_load", self.get_load)
@@ -131,6 +172,9 @@ class LocalServer:
         r.add_post("/continue_generation", self.continue_generation)
         r.add_post("/init_weights_update_group", self.init_weights_update_group)
         r.add_post("/destroy_weights_update_group", self.destroy_weights_update_group)
+        if self.protocol.session:
+            r.add_post("/begin_weight_update", self.begin_weight_update)
+            r.add_post("/end_weight_update", self.end_weight_update)
         r.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
         r.add_post("/update_weights_from_tensor", self.update_weights_from_tensor)
         r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
@@ -151,6 +195,8 @@ class LocalServer:
     async def _errors(self, request: web.Request, handler):
         try:
             return await handler(request)
+        except ContractError as e:
+            return _json({"error": str(e)}, 400)
         except BadRequest as e:
             return _error(str(e))
         except (ValueError, TypeError, KeyError) as e:
@@ -201,7 +247,8 @@ class LocalServer:
                 "context_length": self.engine.max_len,
                 "runner": type(self.engine.runner).__name__,
                 "internal_states": [{**self.engine.load(), "steps": self.engine.steps}],
-                "version": VERSION,
+                "version": self.protocol.release,  # the protocol spoken, so clients negotiate it
+                "engine": ENGINE_NAME,
             }
         )
 
@@ -228,6 +275,10 @@ class LocalServer:
         sps = sp if isinstance(sp, list) else [sp] * len(prompts)
         if len(sps) != len(prompts):
             raise BadRequest(f"sampling_params has {len(sps)} entries for {len(prompts)} prompts")
+        for p in sps:
+            unknown = [k for k in (p or {}) if k not in SGLANG_SAMPLING_FIELDS]
+            if unknown:
+                raise ContractError(_unknown_field(unknown[0], SGLANG_SAMPLING_FIELDS))
         params = [SamplingParams.from_json(p) for p in sps]
         n = params[0].n
         if any(p.n != n for p in params):
@@ -239,8 +290,7 @@ class LocalServer:
         rets = rets if isinstance(rets, list) else [bool(rets)] * len(prompts)
         reqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            if not prompt or len(prompt) >= self.engine.max_len:
-                raise BadRequest(f"prompt {i} has {len(prompt)} tokens; it must have 1..{self.engine.max_len - 1}")
+            self._check_length(prompt, p)
             for j in range(n):
                 if isinstance(rid, list):
                     sub = rid[i]
@@ -250,6 +300,23 @@ class LocalServer:
                     sub = rid if (single and n == 1) else f"{rid}_{i * n + j}"
                 reqs.append(Request(rid=str(sub), prompt=prompt, params=p, return_logprob=bool(rets[i])))
         return reqs, single and n == 1
+
+    def _check_length(self, prompt: list[int], p: SamplingParams) -> None:
+        """SGLang's TokenizerManager._validate_one_request, with its messages (no auto-truncation)."""
+        ctx = self.engine.max_len
+        if not prompt:
+            raise BadRequest("input_ids must not be empty")
+        if len(prompt) >= ctx:
+            raise BadRequest(
+                f"The input ({len(prompt)} tokens) is longer than the model's context length ({ctx} tokens)."
+            )
+        if len(prompt) + p.max_new_tokens > ctx:
+            raise BadRequest(
+                f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested a "
+                f"total of {len(prompt) + p.max_new_tokens} tokens: {len(prompt)} tokens from the input messages and "
+                f"{p.max_new_tokens} tokens for the completion. Please reduce the number of tokens in the input "
+                "messages or the completion to fit within the limit."
+            )
 
     def _prompts(self, body: dict) -> tuple[list[list[int]], bool]:
         ids = body.get("input_ids")
@@ -343,9 +410,30 @@ class LocalServer:
         log.info("resume_memory_occupation: still released %s", sorted(self.engine.released))
         return _json(None)
 
+    def _idle(self) -> bool:
+        """SGLang's Scheduler.is_fully_idle(ignore_waiting=paused): nothing running, nothing waiting unless paused."""
+        load = self.engine.load()
+        return load["num_running"] == 0 and (bool(load["paused"]) or load["num_waiting"] == 0)
+
     async def flush_cache(self, request: web.Request) -> web.Response:
-        # No prefix cache to drop: KV lives only as long as its request.
-        return web.Response(text="Cache flushed.\n", status=200)
+        # No prefix cache to drop (KV lives only as long as its request); refused when SGLang would refuse.
+        timeout = 0.0
+        if self.protocol.flush_timeout and "timeout" in request.query:
+            try:
+                timeout = float(request.query["timeout"])
+            except ValueError:
+                return _json({"detail": "timeout must be a number"}, 422)
+            if timeout < 0:
+                return _json({"detail": "timeout must be >= 0"}, 422)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self._idle():
+            if timeout <= 0:  # 0.5.5 answers its success text with the 400
+                text = sgl.MSG_FLUSH_FAILED if self.protocol.flush_timeout else sgl.MSG_FLUSH_OK
+                return web.Response(text=text, status=400)
+            if asyncio.get_running_loop().time() >= deadline:
+                return web.Response(text=sgl.MSG_FLUSH_TIMEOUT, status=400)
+            await asyncio.sleep(0.01)
+        return web.Response(text=sgl.MSG_FLUSH_OK, status=200)
 
     # ------------------------------------------------------------------ weights
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
@@ -374,7 +462,31 @@ class LocalServer:
         ok, msg = await self._on_engine(lambda: update(body))
         return body, ok, msg
 
+    async def begin_weight_update(self, request: web.Request) -> web.Response:
+        await _body(request)
+        if self.session_open:
+            return _result(False, sgl.MSG_SESSION_OPEN)
+        self.session_open = True
+        return _result(True, "Success")
+
+    async def end_weight_update(self, request: web.Request) -> web.Response:
+        await _body(request)
+        if not self.session_open:
+            return _result(False, sgl.MSG_NO_SESSION)
+        self.session_open = False
+        return _result(True, "Success")
+
+    def _outside_session(self, route: str) -> web.Response | None:
+        """0.5.23 refuses distributed/tensor updates outside a session, before joining any broadcast."""
+        if self.protocol.session and not self.session_open:
+            return _result(False, sgl.MSG_NEEDS_SESSION.format(route=route))
+        return None
+
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        refused = self._outside_session("update_weights_from_distributed")
+        if refused is not None:
+            return refused
+        flat_ok = self.protocol.flat_buckets  # 0.5.5 drops load_format (its request class has no such field)
         _, ok, msg = await self._weight_update(
             request,
             ("names", "dtypes", "shapes"),
@@ -384,12 +496,15 @@ class LocalServer:
                 b["shapes"],
                 b.get("group_name", "weight_update_group"),
                 b.get("weight_version"),
-                b.get("load_format"),
+                b.get("load_format") if flat_ok else None,
             ),
         )
         return _result(ok, msg)
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        refused = self._outside_session("update_weights_from_tensor")
+        if refused is not None:
+            return refused
         _, ok, msg = await self._weight_update(
             request,
             ("serialized_named_tensors",),

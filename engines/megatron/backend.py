@@ -13,18 +13,26 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   megatron's convention; distributed optimizer when `trainer.distributed_optimizer`).
 - Rank layout: DP is the outermost dimension, `dp_rank = rank // (tp * cp * pp)`, as pipeline/train.py shards
   the batch; TP/CP/PP peers of one DP replica receive the same micro-batches.
-- LR: constant after a linear warm-up, `lr * min(1, (k + 1) / warmup_steps)` at optimizer step k (as the fsdp
-  backend), applied with each group's `lr_mult`/`wd_mult`.
+- LR: constant after a linear warm-up, `lr * min(1, (k + 1) / warmup_steps)` at optimizer step k
+  (pipeline/algorithm/schedule.py, shared with the fsdp backend), applied with each group's `lr_mult`/`wd_mult`.
+- Precision: with `model.dtype = bfloat16` the model computes in bf16 and megatron's optimizer keeps fp32 main
+  (master) weights, fp32 gradients (`grad_reduce_in_fp32`) and fp32 Adam state (Float16OptimizerWithFloat16Params,
+  or the distributed optimizer's fp32 shards); `named_hf_weights` reads the bf16 model weights, i.e. the master
+  weights rounded to bf16 after each step.
 - `train_minibatch(micro_batches, loss_fn)`: each micro-batch (the trainer groups samples by count, or by token
   budget with `trainer.max_tokens_per_micro_batch`) is packed into one row without padding (THD: sequences back to
   back, `PackedSeqParams(cu_seqlens)`, RoPE positions restarting per sequence, attention within each sequence only;
-  on CPU via `model.SDPACoreAttention`, on GPU via TE). With pp > 1 every pack of the mini-batch is padded to the
+  the packing helpers are engines/packing.py's; attention via TE when installed, else `model.SDPACoreAttention`:
+  one engines/attention.py kernel call per layer). With pp > 1 every pack of the mini-batch is padded to the
   longest one (stages exchange one activation shape) and with sequence parallelism to a multiple of tp; the padding
   is one extra segment that no loss position reads. Then megatron's `get_forward_backward_func()` runs them (no
   pipelining, 1F1B, or interleaved with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches
-  to a multiple of pp). On the last stage the logits stay vocabulary-parallel:
-  `vocab_parallel.vocab_parallel_logprobs` gives per-token logprobs and entropies, which are unpacked to the (B, T)
-  layout of the MicroBatch before calling `loss_fn(logprobs, entropy, mb)`. Gradient = the exact SUM of the loss
+  to a multiple of pp). On the last stage GPTModel's output layer is bypassed (`bypass_output_layer`: the model
+  returns its last hidden states, TP-replicated as the output layer's input would be) and
+  `pipeline.algorithm.logprobs.fused_logprobs` computes per-token logprobs at `rollout.temperature` and entropies
+  from the hidden states and this TP rank's vocabulary slice of the output weight, chunked over tokens (no logits
+  tensor), reducing over the TP group; they are unpacked to the (B, T) layout of the MicroBatch before calling
+  `loss_fn(logprobs, entropy, mb)`. Gradient = the exact SUM of the loss
   shares over micro-batches and DP ranks: the model runs with `calculate_per_token_loss=True` (megatron then
   neither divides by the number of micro-batches nor averages over DP: DDP's gradient scaling factor is 1) and every
   micro-batch reports 0 tokens, so `finalize_model_grads` skips its 1/num_tokens scaling; no multiply/divide round trip happens. Returns `grad_norm`, `lr`, the loss_fn metric
@@ -59,17 +67,16 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from engines.megatron.context_parallel import cp_gather, cp_partition_index, cp_slot_length
+from engines.megatron.context_parallel import cp_gather
 from engines.megatron.convert import (
     arch_from_hf,
     chunk_layers,
@@ -78,7 +85,9 @@ from engines.megatron.convert import (
     megatron_to_hf_named_tensors,
 )
 from engines.megatron.cpu_compat import enable_cpu_compat
-from engines.megatron.vocab_parallel import vocab_parallel_logprobs
+from engines.packing import PackedMicroBatch, pack_micro_batch, packed_length, padded_micro_batch  # noqa: F401
+from pipeline.algorithm.logprobs import fused_logprobs, tp_vocab_start
+from pipeline.algorithm.schedule import warmup_lr
 from pipeline.backend import LossFn, MicroBatch
 from pipeline.config import Config, ParallelConfig
 
@@ -118,117 +127,6 @@ class HFWeights:
 
         with safe_open(self._where[name], framework="pt") as h:
             return h.get_tensor(name)
-
-
-# --------------------------------------------------------------------------------------------------- packing
-@dataclass
-class PackedMicroBatch:
-    """A MicroBatch as the model sees it, plus the indices to unpack per-token results to its (B, T) layout: one
-    packed row (THD, `cu_seqlens` set), or the padded (B, T) layout itself (`cu_seqlens` None; `packing=False`).
-    With context parallelism the model input is this CP rank's share of the row (`cp_indices[cp_rank]`)."""
-
-    mb: MicroBatch
-    input_ids: torch.Tensor  # (1, t) packed (t / cp with context parallelism), or (B, T)
-    position_ids: torch.Tensor  # same shape; restarting at 0 for every sequence
-    target: torch.Tensor  # same shape: the next token of the same sequence (0 at a sequence's last token)
-    gather_idx: torch.Tensor  # (B, T): flat position in the whole row whose prediction is about token (b, s)
-    valid: torch.Tensor  # (B, T) bool: s >= 1 and s < len(b)
-    cu_seqlens: torch.Tensor | None  # (n + 1,) int32, cumulative real lengths
-    max_seqlen: int  # longest slot
-    real_tokens: int
-    total_len: int  # positions of the whole row (B * T for the padded layout)
-    cu_seqlens_padded: torch.Tensor | None = None  # (n + 1,) int32 slot bounds; context parallelism only
-    cp_indices: list[torch.Tensor] | None = None  # row positions each CP rank holds; context parallelism only
-
-
-def packed_length(mb: MicroBatch, cp: int = 1) -> int:
-    """Positions a MicroBatch takes packed (each sequence in a slot that is a multiple of 2*cp when cp > 1)."""
-    lengths = mb.attention_mask.sum(dim=1).tolist()
-    return int(sum(cp_slot_length(n, cp) if cp > 1 else n for n in lengths))
-
-
-def pack_micro_batch(
-    mb: MicroBatch, device: torch.device, pad_to: int = 0, align: int = 1, cp: int = 1, cp_rank: int = 0
-) -> PackedMicroBatch:
-    """Pack a right-padded (B, T) MicroBatch into one row without padding. With `pad_to` > the packed length, or a
-    length that is not a multiple of `align`, pad tokens are appended as one extra segment (attending only to itself;
-    never a loss position): every micro-batch of a pipeline-parallel mini-batch gets the same shape, and sequence
-    parallelism gets a length divisible by tp. With cp > 1 each sequence takes a slot that is a multiple of 2*cp
-    (`cu_seqlens_padded`; the slot's tail is never attended to nor read), and the model input is CP rank
-    `cp_rank`'s load-balanced share of the row (engines/megatron/context_parallel.py)."""
-    lengths = mb.attention_mask.sum(dim=1).tolist()
-    T = mb.input_ids.shape[1]
-    slots = [cp_slot_length(n, cp) if cp > 1 and n else n for n in lengths]
-    offsets = []
-    for b, n in enumerate(lengths):
-        if not bool(mb.attention_mask[b, :n].all()):
-            raise ValueError(f"MicroBatch row {b}: attention_mask must be right-padded (ones then zeros)")
-        offsets.append(sum(slots[:b]))
-    real = int(sum(lengths))
-    if cp > 1:
-        align = math.lcm(align, 2 * cp)
-    total = max(sum(slots), pad_to, 1)
-    total = -(-total // align) * align
-    ids = torch.zeros(total, dtype=torch.long)
-    target = torch.zeros(total, dtype=torch.long)  # a sequence's last token predicts nothing in this batch
-    pos = torch.zeros(total, dtype=torch.long)
-    bounds, real_bounds = [0], [0]
-    for b, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
-        if n == 0:
-            continue
-        ids[o : o + n] = mb.input_ids[b, :n]
-        target[o : o + n - 1] = mb.input_ids[b, 1:n]
-        pos[o : o + slots[b]] = torch.arange(slots[b])
-        bounds.append(o + slots[b])
-        real_bounds.append(real_bounds[-1] + n)
-    if total > bounds[-1]:  # padding segment
-        pos[bounds[-1] :] = torch.arange(total - bounds[-1])
-        real_bounds.append(real_bounds[-1] + total - bounds[-1])
-        bounds.append(total)
-    s = torch.arange(T)
-    valid = (s >= 1) & (s < torch.tensor(lengths).unsqueeze(1))  # (B, T)
-    gather_idx = torch.where(valid, torch.tensor(offsets).unsqueeze(1) + s - 1, 0)
-    cu_padded = torch.tensor(bounds, dtype=torch.int32)
-    cp_indices = [cp_partition_index(cu_padded, cp, r) for r in range(cp)] if cp > 1 else None
-    if cp_indices is not None:
-        ids, pos, target = (x[cp_indices[cp_rank]] for x in (ids, pos, target))
-    return PackedMicroBatch(
-        mb=mb,
-        input_ids=ids.view(1, -1).to(device),
-        position_ids=pos.view(1, -1).to(device),
-        target=target.view(1, -1).to(device),
-        gather_idx=gather_idx.to(device),
-        valid=valid.to(device),
-        cu_seqlens=torch.tensor(real_bounds, dtype=torch.int32, device=device),
-        max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)),
-        real_tokens=real,
-        total_len=total,
-        cu_seqlens_padded=cu_padded.to(device) if cp > 1 else None,
-        cp_indices=[i.to(device) for i in cp_indices] if cp_indices is not None else None,
-    )
-
-
-def padded_micro_batch(mb: MicroBatch, device: torch.device) -> PackedMicroBatch:
-    """The unpacked baseline: the right-padded (B, T) layout as is (causal attention; padding computed and ignored)."""
-    B, T = mb.input_ids.shape
-    lengths = mb.attention_mask.sum(dim=1)
-    target = torch.zeros(B, T, dtype=torch.long)
-    target[:, :-1] = mb.input_ids[:, 1:]
-    s = torch.arange(T)
-    valid = (s >= 1) & (s < lengths.unsqueeze(1))
-    gather_idx = torch.where(valid, torch.arange(B).unsqueeze(1) * T + s - 1, 0)
-    return PackedMicroBatch(
-        mb=mb,
-        input_ids=mb.input_ids.to(device),
-        position_ids=s.expand(B, T).contiguous().to(device),
-        target=target.to(device),
-        gather_idx=gather_idx.to(device),
-        valid=valid.to(device),
-        cu_seqlens=None,
-        max_seqlen=T,
-        real_tokens=int(lengths.sum()),
-        total_len=B * T,
-    )
 
 
 def _empty_micro_batch(like: MicroBatch) -> MicroBatch:
@@ -334,6 +232,9 @@ class MegatronBackend:
         chunks, self.tconfig, self.arch = build_model(hf_config, p, opts)
         self._aux_coeff = float(self.tconfig.moe_aux_loss_coeff or 0.0)
         self._load_hf(chunks, HFWeights(hf_model_dir))
+        for chunk in chunks:
+            if chunk.post_process:
+                bypass_output_layer(chunk)
         self.chunks = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer()
 
@@ -402,9 +303,7 @@ class MegatronBackend:
     # ------------------------------------------------------------------ schedule
     def current_lr(self) -> float:
         t = self.cfg.trainer
-        if t.warmup_steps <= 0:
-            return t.lr
-        return t.lr * min(1.0, (self.optimizer_steps + 1) / t.warmup_steps)
+        return warmup_lr(t.lr, self.optimizer_steps, t.warmup_steps)
 
     def _apply_schedule(self) -> float:
         lr, wd = self.current_lr(), self.cfg.trainer.weight_decay
@@ -414,15 +313,24 @@ class MegatronBackend:
         return lr
 
     # ------------------------------------------------------------------ compute
-    def _logprobs(self, packed: PackedMicroBatch, logits: torch.Tensor, with_entropy: bool):
-        """(B, T) logprobs and entropies (or None) from this TP rank's vocabulary slice of the packed logits."""
+    def _logprobs(self, packed: PackedMicroBatch, hidden: torch.Tensor, weight: torch.Tensor, with_entropy: bool):
+        """(B, T) logprobs and entropies (or None) from the packed last hidden states (b, s, h) and this TP rank's
+        vocabulary slice of the output weight."""
         from megatron.core import parallel_state as ps
 
-        lp, ent = vocab_parallel_logprobs(
-            logits, packed.target, self.arch.vocab_size, ps.get_tensor_model_parallel_group(), with_entropy
+        group = ps.get_tensor_model_parallel_group()
+        lp, ent = fused_logprobs(
+            hidden,
+            weight,
+            packed.target,
+            temperature=self.cfg.rollout.temperature,
+            chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
+            with_entropy=with_entropy,
+            entropy_grad=self.cfg.algorithm.entropy_coef != 0,
+            vocab_start=tp_vocab_start(weight, group),
+            vocab_size=self.arch.vocab_size,
+            group=group,
         )
-        if ent is not None and self.cfg.algorithm.entropy_coef == 0:
-            ent = ent.detach()
         if packed.cp_indices is not None:  # this CP rank's share -> the whole row (see context_parallel.py)
             group = ps.get_context_parallel_group()
             lp = cp_gather(lp, packed.cp_indices, packed.total_len, group)
@@ -435,19 +343,20 @@ class MegatronBackend:
     def _forward_step(self, loss_fn: LossFn | None, data_iterator: Iterator[PackedMicroBatch], model: Any):
         packed = next(data_iterator)
         psp = _packed_seq_params(packed) if packed.cu_seqlens is not None else None
-        logits = model(
+        hidden = model(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, packed_seq_params=psp
-        )
-        return logits, partial(self._loss, loss_fn, packed)
+        )  # last stage: (b, s, h) hidden states (the output layer is bypassed); other stages: activations
+        return hidden, partial(self._loss, loss_fn, packed, model)
 
-    def _loss(self, loss_fn: LossFn | None, packed: PackedMicroBatch, logits: torch.Tensor):
+    def _loss(self, loss_fn: LossFn | None, packed: PackedMicroBatch, model: Any, hidden: torch.Tensor):
         """Megatron's loss_func: (loss share, 0 tokens, reported dict); see the module docstring for the 0."""
-        no_tokens = torch.zeros((), dtype=torch.int, device=logits.device)
+        weight = output_weight(model)
+        no_tokens = torch.zeros((), dtype=torch.int, device=hidden.device)
         if loss_fn is None:  # forward_logprobs
-            lp, _ = self._logprobs(packed, logits, with_entropy=False)
-            return logits.new_zeros(()), no_tokens, {"logprobs": lp.detach()}
-        lp, ent = self._logprobs(packed, logits, with_entropy=True)
-        loss, metrics = loss_fn(lp, ent, _to_device(packed.mb, logits.device))
+            lp, _ = self._logprobs(packed, hidden, weight, with_entropy=False)
+            return hidden.new_zeros(()), no_tokens, {"logprobs": lp.detach()}
+        lp, ent = self._logprobs(packed, hidden, weight, with_entropy=True)
+        loss, metrics = loss_fn(lp, ent, _to_device(packed.mb, hidden.device))
         return loss, no_tokens, {k: v.detach().float() for k, v in metrics.items()}
 
     def _run(
@@ -679,6 +588,34 @@ def _shim_psutil_memory_log() -> None:
 
     if not getattr(filesystem_async, "HAVE_PSUTIL", True):
         filesystem_async._process_memory = lambda: 0
+
+
+def bypass_output_layer(gpt: Any) -> None:
+    """Make a last-stage GPTModel return its final hidden states ([b, s, h] after GPTModel's transpose) instead of
+    logits: its output layer only does what a ColumnParallelLinear does to its input, i.e. makes the hidden states
+    TP-replicated with a backward that sums (all-reduces) their gradient over the TP group exactly once (all-gather /
+    reduce-scatter under sequence parallelism). The layer keeps its weight (state dict, checkpoints, the DDP
+    gradient buffers); `output_weight` hands it to the fused logprob head."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+
+    layer = gpt.output_layer
+
+    def forward(hidden_states: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None) -> tuple:
+        if layer.sequence_parallel:
+            return gather_from_sequence_parallel_region(hidden_states), None
+        return copy_to_tensor_model_parallel_region(hidden_states), None
+
+    layer.forward = forward
+
+
+def output_weight(model: Any) -> torch.Tensor:
+    """The output-layer weight (V/tp, H) of a last-stage chunk (DDP-wrapped or not): the shared embedding when tied."""
+    gpt = model
+    while hasattr(gpt, "module"):
+        gpt = gpt.module
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
 
 
 def _packed_seq_params(packed: PackedMicroBatch) -> Any:

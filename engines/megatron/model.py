@@ -13,7 +13,8 @@ Contract:
   to train otherwise).
 - The layer spec: transformer-engine's when TE is importable (`use_te=None`) or requested, else megatron's local
   spec with its core attention replaced by `SDPACoreAttention`, which also accepts packed sequences (THD,
-  `PackedSeqParams` with `cu_seqlens`) and context parallelism on them, so sequence packing and cp > 1 run on CPU.
+  `PackedSeqParams` with `cu_seqlens`: one `engines.attention.packed_causal_attention` call per layer) and context
+  parallelism on them, so sequence packing and cp > 1 run on CPU (and packing runs on CUDA without TE).
 - The padded vocabulary is `convert.padded_vocab_size(vocab, make_vocab_size_divisible_by, tp)`; the extra logit
   columns are masked out by the backend's vocab-parallel log-softmax, never trained towards.
 - Dropout is 0 (RL fine-tuning; and it keeps TP/PP/DP runs comparable).
@@ -39,6 +40,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from engines.attention import packed_causal_attention
 from engines.megatron.context_parallel import cp_gather, cp_partition_index
 from engines.megatron.convert import ArchInfo, arch_from_hf
 from pipeline.config import ParallelConfig
@@ -56,7 +58,8 @@ def te_available() -> bool:
 
 # --------------------------------------------------------------------------------------------------- attention
 class SDPACoreAttention(MegatronModule):
-    """Causal attention with torch's scaled_dot_product_attention, for megatron's local spec.
+    """Causal attention for megatron's local spec: torch's scaled_dot_product_attention, and for packed rows with
+    cp = 1 engines/attention.py's one-call kernel (varlen / flex_attention on CUDA, the per-sequence loop on CPU).
 
     Takes what megatron's `SelfAttention` hands its core attention: sbhd tensors `[s, b, heads, dim]`, or with
     `packed_seq_params.qkv_format == "thd"` packed tensors `[t, heads, dim]` holding sequences back to back at
@@ -129,7 +132,18 @@ class SDPACoreAttention(MegatronModule):
     def _forward_thd(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, psp: PackedSeqParams
     ) -> torch.Tensor:
-        """Packed sequences: one causal SDPA per sequence (no cross-sequence attention, no padding compute)."""
+        """Packed sequences in one kernel call per layer (engines/attention.py: TE / torch varlen / flex_attention on
+        CUDA, the per-sequence SDPA loop on CPU): no cross-sequence attention, no padding compute."""
+        if self.dropout > 0 and self.training:  # the packed kernels have no dropout: the loop under megatron's RNG
+            return self._forward_thd_loop(query, key, value, psp)
+        max_seqlen = int(psp.max_seqlen_q) if psp.max_seqlen_q is not None else None
+        out = packed_causal_attention(query, key, value, psp.cu_seqlens_q, max_seqlen, self.softmax_scale)
+        return out.reshape(out.shape[0], -1)
+
+    def _forward_thd_loop(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, psp: PackedSeqParams
+    ) -> torch.Tensor:
+        """Packed sequences, one causal SDPA per sequence (with dropout)."""
         bounds = psp.cu_seqlens_q.tolist()
         outs = []
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):

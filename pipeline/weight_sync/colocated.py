@@ -17,6 +17,10 @@ Optionally (weight_sync.release_memory) engines give back their memory while the
 /release_memory_occupation and /resume_memory_occupation {tags}; SGLang needs `--enable-memory-saver`, which
 `engine_args` adds, as it adds `--update-weights-root weight_sync.disk_dir` to CPU engines (they then load only
 from there).
+
+`engine_args` also adds `--disable-radix-cache` to SGLang servers when weight_sync.pause_mode is in_place (any
+weight-sync mode): requests paused in place keep their KV cache, so SGLang refuses to flush the prefix cache
+around a sync, and new prompts after the update would otherwise reuse prefixes computed with the old weights.
 """
 
 from __future__ import annotations
@@ -54,12 +58,15 @@ def safetensors_encoder(num_engines: int) -> tuple[Encoder, str]:
 
 
 def engine_args(cfg: Config) -> list[str]:
-    """Server flags colocated mode needs on the engines we launch (none otherwise)."""
+    """Server flags the weight-sync settings need on the engines we launch (none for external engines)."""
     ws, e = cfg.weight_sync, cfg.engine
+    args: list[str] = []
+    if e.backend == "sglang" and ws.pause_mode == "in_place" and "--disable-radix-cache" not in e.extra_args:
+        args.append("--disable-radix-cache")
     if ws.mode != "colocated" or e.backend == "external":
-        return []
+        return args
     if e.backend == "local":
-        return ["--update-weights-root", ws.disk_dir]
+        return args + ["--update-weights-root", ws.disk_dir]
     if ws.release_memory and "--enable-memory-saver" not in e.extra_args:
-        return ["--enable-memory-saver"]
-    return []
+        args.append("--enable-memory-saver")
+    return args

@@ -1,24 +1,38 @@
 """Trainer-side weight sync: bucketed broadcast from a source rank to SGLang-protocol engines (DESIGN contract 2).
 
 Protocol (SGLang's; the CPU engine serves the same routes):
-1. pause: POST /pause_generation {mode} on every engine, then /flush_cache (not with mode in_place, whose paused
-   requests keep their KV cache).
+0. negotiate: each engine's SGLang release is read once (`EngineClient.protocol`); an unsupported one fails the
+   sync naming the supported releases. Flattened buckets are sent only if every engine's release takes
+   `load_format` (0.5.23), else one broadcast per tensor (0.5.5), whatever weight_sync.flatten says.
+1. pause: POST /pause_generation {mode} on every engine, then /flush_cache?timeout=<s> (SGLang refuses a flush
+   while requests still run; the timeout lets it wait for them, at most min(30 s, what is left of the sync); a
+   release without the parameter is retried until then). Not with mode in_place: its paused requests keep their
+   KV cache and SGLang refuses to flush under them, so in_place runs need SGLang's radix cache off
+   (`colocated.engine_args` adds --disable-radix-cache for launched SGLang servers): otherwise new prompts after
+   the update would reuse prefixes computed with the old weights.
 2. group (`connect()`, once per sender, again after `reconnect()`): this process calls
    `create_sync_group(..., rank=0, world_size=1 + sum(engine_tp))` while every engine gets, concurrently,
    POST /init_weights_update_group with rank_offset = 1 + the TP sizes of the engines before it; all block until
    the group has formed. Backend: weight_sync.backend, where auto means nccl if CUDA is available, else gloo.
-3. per bucket: POST /update_weights_from_distributed {names, dtypes, shapes, group_name, load_format,
+3. session (SGLang 0.5.23): POST /begin_weight_update on every engine, awaited before any bucket: a refusal
+   (e.g. a session left open) fails the sync at once, naming the engine and its message, before any broadcast
+   starts. POST /end_weight_update closes it on every engine that opened one, after the last bucket and on
+   every error path too (try/finally). Releases without sessions (0.5.5) skip both.
+4. per bucket: POST /update_weights_from_distributed {names, dtypes, shapes, group_name, load_format,
    flush_cache and weight_version=str(version) on the last bucket only} to every engine without awaiting, then
-   broadcast from group rank 0 (one uint8 tensor per bucket with weight_sync.flatten, else one per tensor in names
-   order), then await every answer; success=false fails the sync naming the engine and its message. The next
-   bucket is posted only after every engine answered (requests on separate connections may be reordered).
-   Meanwhile a producer thread prepares the following bucket (see buckets.py).
-4. resume: POST /continue_generation on every engine, then each engine must report `weight_version == str(version)`
-   (GET /get_model_info); the rollout manager stamps that version on new samples.
+   broadcast from group rank 0 (one uint8 tensor per bucket when flattened, else one per tensor in names
+   order) while WATCHING the HTTP answers: an engine that answers an error before the broadcast completed has
+   refused the bucket and will not join it, so the broadcast is abandoned at once (the group is dropped and
+   rebuilt by the next sync) and the sync fails within seconds with the engine's message, instead of blocking
+   until weight_sync.timeout_s. Then every answer is awaited; success=false fails the sync naming the engine and
+   its message. The next bucket is posted only after every engine answered (requests on separate connections may
+   be reordered). Meanwhile a producer thread prepares the following bucket (see buckets.py).
+5. resume: POST /continue_generation on every engine, then each engine must report `weight_version == str(version)`
+   (GET /model_info, /get_model_info on 0.5.5); the rollout manager stamps that version on new samples.
 Colocated mode (weight_sync.mode = colocated) needs no group; steps 2-3 become, by weight_sync.colocated_transport
 (`transport`; auto = disk where CUDA is available, else tensor):
 - tensor: one POST /update_weights_from_tensor per bucket and engine (safetensors payloads, colocated.py; CPU
-  engine only);
+  engine only), inside a weight-update session like step 4;
 - disk: every bucket is written as a safetensors file into a fresh directory under weight_sync.disk_dir (disk.py;
   the producer thread moves and casts the next bucket meanwhile), then every engine gets one POST
   /update_weights_from_disk {model_path, load_format="safetensors", weight_version, flush_cache}; the directory is
@@ -75,6 +89,8 @@ from pipeline.weight_sync.disk import DiskStaging, StagedCheckpoint
 log = logging.getLogger(__name__)
 
 WIRE_DTYPES = ("bfloat16", "float16", "float32")
+FLUSH_WINDOW_S = 30.0  # the longest a pause waits for the engines' schedulers to become idle before flushing
+_POLL_S = 0.0002  # first interval at which a running broadcast checks its completion (doubles up to 1 ms)
 
 
 class WeightSyncError(RuntimeError):
@@ -104,6 +120,7 @@ class WeightSyncSender:
         engine_tp: list[int] | None = None,
         stage: int = 0,
         model_dir: str = "",
+        admin_api_key: str | None = None,
     ) -> None:
         self.urls = [u.rstrip("/") for u in engine_urls]
         if not self.urls:
@@ -114,8 +131,8 @@ class WeightSyncSender:
         if stage < 0:
             raise ValueError(f"stage must be >= 0; got {stage}")
         _check_config(cfg)
-        self.cfg, self.stage, self._api_key = cfg, stage, api_key
-        self.client = EngineClient(self.urls, api_key=api_key, timeout_s=cfg.timeout_s, max_retries=2)
+        self.cfg, self.stage, self._api_key, self._admin_api_key = cfg, stage, api_key, admin_api_key
+        self.client = self._new_client()
         self.group: dist.ProcessGroup | None = None
         self.group_name = ""
         self.backend = ""
@@ -126,6 +143,12 @@ class WeightSyncSender:
         self._staging: DiskStaging | None = None
         if self.transport == "disk":
             self._disk_staging()  # checks weight_sync.disk_dir now rather than at the first sync
+
+    def _new_client(self) -> EngineClient:
+        return EngineClient(
+            self.urls, api_key=self._api_key, timeout_s=self.cfg.timeout_s, max_retries=2,
+            admin_api_key=self._admin_api_key,
+        )  # fmt: skip
 
     def __repr__(self) -> str:  # never shows the API key
         return f"WeightSyncSender(urls={self.urls}, stage={self.stage}, group={self.group_name or None})"
@@ -208,7 +231,7 @@ class WeightSyncSender:
             self.urls = [u.rstrip("/") for u in engine_urls]
             self.engine_tp = list(engine_tp) if engine_tp is not None else [1] * len(self.urls)
             self.client.close_sync()
-            self.client = EngineClient(self.urls, api_key=self._api_key, timeout_s=self.cfg.timeout_s, max_retries=2)
+            self.client = self._new_client()
         for url in self.urls:
             self.client.add_url(url)  # a restarted engine comes back into rotation
         self.connect()
@@ -226,6 +249,17 @@ class WeightSyncSender:
             except Exception as e:  # noqa: BLE001 - the engine may be gone; nothing to undo there
                 log.debug("destroy_weights_update_group on %s: %s", url, e)
         self._destroy(group)
+
+    def _abandon(self, reason: str) -> None:
+        """Give up a broadcast in flight: abort the group where the backend can (unblocks its pending work), else
+        just forget it; the next sync builds a fresh one."""
+        group = self.group
+        self._drop_group(reason)
+        if group is not None:
+            try:
+                group.abort()
+            except Exception as e:  # noqa: BLE001 - not every backend can abort; the group is forgotten anyway
+                log.debug("abort of the abandoned sync group: %s", e)
 
     def _drop_group(self, reason: str) -> None:
         """After a failed or timed-out broadcast the group's state is unknown: forget it (rebuilt on next sync)."""
@@ -253,7 +287,24 @@ class WeightSyncSender:
         self._check_alive()
         self._call_all(self.client.pause_generation(self.cfg.pause_mode), deadline, "pause_generation")
         if self.cfg.pause_mode != "in_place":
-            self._call_all(self.client.flush_cache(), deadline, "flush_cache")
+            self._flush(deadline)
+
+    def _flush(self, deadline: float) -> None:
+        """/flush_cache on every engine, letting each wait for its scheduler to become idle: with ?timeout= where the
+        release offers it, else by retrying a refused (400) flush until the window passes."""
+        window = min(FLUSH_WINDOW_S, max(0.0, deadline - time.monotonic()))
+        until = time.monotonic() + window
+        while True:
+            try:
+                self._call_all(self.client.flush_cache(timeout_s=window), deadline, "flush_cache")
+                return
+            except WeightSyncError as e:
+                refused = isinstance(e.__cause__, EngineError) and all(
+                    getattr(x, "status", None) == 400 for x in (getattr(e.__cause__, "failures", None) or {}).values()
+                )
+                if not refused or time.monotonic() + 0.5 >= until:
+                    raise
+            time.sleep(0.5)
 
     def resume(self, version: int, deadline: float | None = None) -> None:
         """Continue generation on every engine, then check each reports `version`."""
@@ -292,10 +343,16 @@ class WeightSyncSender:
         stream = self._stream(named_tensors, checksums)
         staged = self._stage(version) if self.transport == "disk" else None
         nbytes = nbuckets = 0
+        opened: list[str] = []
         try:
+            protocols = self.negotiate(deadline)
+            if stream.flatten and not all(p.flat_buckets for p in protocols.values()):
+                stream.flatten = False  # e.g. SGLang 0.5.5 would read a flat buffer as per-tensor broadcasts
             if pause:
                 self.pause(deadline)
             self.connect()
+            if staged is None:
+                opened = self._begin_session(deadline)
             for bucket in stream:
                 if staged is not None:
                     self._write_bucket(staged, bucket)
@@ -310,6 +367,11 @@ class WeightSyncSender:
                 raise ValueError("weight sync: no tensors to send")
             if staged is not None:
                 self._load_from_disk(staged, version, deadline)
+        except BaseException:
+            self._end_session(opened, deadline, failing=True)
+            raise
+        else:
+            self._end_session(opened, deadline, failing=False)
         finally:
             stream.close()
             if staged is not None:
@@ -322,6 +384,40 @@ class WeightSyncSender:
             self.verify_version(version, deadline)
         seconds = time.perf_counter() - t0
         return SyncStats(seconds, nbytes, nbuckets, nbytes / seconds / 1e9, version)
+
+    def negotiate(self, deadline: float | None = None) -> dict:
+        """Every engine's protocol (`engines.sglang.protocol.Protocol`), read once per engine by the client."""
+        deadline = deadline or time.monotonic() + self.cfg.timeout_s
+        futures = {u: self.client.submit(self.client.protocol(u)) for u in self.urls}
+        return self._await(futures, deadline, "reading the engines' SGLang version")
+
+    def _begin_session(self, deadline: float) -> list[str]:
+        """Open the weight-update session on every engine; returns those that opened one. A refusal anywhere closes
+        the ones that opened and fails before any bucket is sent."""
+        futures = {u: self.client.submit(self.client.begin_weight_update(u)) for u in self.urls}
+        try:
+            self._await(futures, deadline, "begin_weight_update")
+        except WeightSyncError as e:
+            # Close where a session may be open: opened, or no answer (the begin may still land). Not where the
+            # engine refused: a session open there is not ours (e.g. another stage's sender running concurrently).
+            maybe = [u for u, f in futures.items() if f.cancelled() or not f.done() or f.exception() is None]
+            self._end_session(sorted(set(maybe) | set(e.unanswered)), deadline, failing=True)
+            raise
+        return list(self.urls)
+
+    def _end_session(self, urls: list[str], deadline: float, failing: bool) -> None:
+        """Close the session on `urls`. While another error propagates (`failing`) a failure here is only logged."""
+        if not urls:
+            return
+        futures = {u: self.client.submit(self.client.end_weight_update(u)) for u in urls}
+        # Even after the sync's deadline: an engine left with an open session refuses the next sync's begin.
+        grace = max(deadline, time.monotonic() + 10.0) if failing else deadline
+        try:
+            self._await(futures, grace, "end_weight_update")
+        except WeightSyncError as e:
+            if not failing:
+                raise
+            log.warning("after a failed weight sync: %s", e)
 
     def _stream(self, named: Iterable[tuple[str, torch.Tensor]], checksums: Checksums | None) -> BucketStream:
         cfg = self.cfg
@@ -358,7 +454,11 @@ class WeightSyncSender:
         }
         what = f"bucket {bucket.index} ({len(names)} tensors, {bucket.nbytes / MiB:.1f} MiB) of version {version}"
         try:
-            self._broadcast(bucket, deadline)
+            self._broadcast(bucket, deadline, futures)
+        except _Refused as e:
+            self._abandon(str(e))
+            self._await(futures, time.monotonic() + 2.0, what, cause="the broadcast was abandoned")
+            raise AssertionError("unreachable: a refusal is an answered error") from e
         except Exception as e:  # noqa: BLE001 - name the engines that failed, if they told us
             self._drop_group(str(e))
             grace = min(5.0, max(0.0, deadline - time.monotonic()))
@@ -373,16 +473,30 @@ class WeightSyncSender:
                 self._drop_group(str(e))
             raise
 
-    def _broadcast(self, bucket: Bucket, deadline: float) -> None:
+    def _broadcast(self, bucket: Bucket, deadline: float, answers: dict[str, cf.Future] | None = None) -> None:
+        """Broadcast the bucket; while it runs, an error answer in `answers` (an engine refused the bucket, so it
+        will not join) raises `_Refused` at once instead of waiting for the collective's timeout."""
         tensors = [bucket.flat] if bucket.flat is not None else bucket.tensors
         if bucket.ready is not None:  # CUDA: the producer's side stream finished this bucket
             torch.cuda.current_stream().wait_event(bucket.ready)
         works = [dist.broadcast(t, group_src=0, group=self.group, async_op=True) for t in tensors]
-        for work in works:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        answered = threading.Event()  # an HTTP answer wakes the wait at once
+        for fut in (answers or {}).values():
+            fut.add_done_callback(lambda _f: answered.set())
+        poll = _POLL_S
+        # is_completed() is the non-blocking test on both backends (on NCCL it queries the CUDA events; the work's
+        # future would report completion at enqueue time); polled at <= 1 ms, so it adds at most that per bucket.
+        while not all(w.is_completed() for w in works):
+            refused = _refusals(answers or {})
+            if refused:
+                raise _Refused("; ".join(f"{u}: {_message(e, u)}" for u, e in refused.items()))
+            if time.monotonic() >= deadline:
                 raise TimeoutError(f"no broadcast progress within weight_sync.timeout_s={self.cfg.timeout_s}s")
-            work.wait(timeout=timedelta(seconds=remaining))
+            if answered.wait(poll):
+                answered.clear()  # checked at the top of the next round; a success answer must not make this spin
+            poll = min(poll * 2, 0.001)
+        for work in works:  # completed: re-raises a failed collective's error
+            work.wait(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
         if tensors[0].is_cuda:
             # The bucket is freed after this returns; NCCL must be done reading it.
             torch.cuda.current_stream().synchronize()
@@ -486,6 +600,14 @@ class WeightSyncSender:
             futures[url].cancel()  # drop the request on our side; the engine finds out through its group timeout
             futures[url].add_done_callback(_consume)  # a late failure is already reported: keep it out of the logs
         raise WeightSyncError(f"{what} failed: " + "; ".join(parts), failed or pending, unanswered)
+
+
+class _Refused(RuntimeError):
+    """An engine answered an error while the broadcast of its bucket was running."""
+
+
+def _refusals(answers: dict[str, cf.Future]) -> dict[str, BaseException]:
+    return {u: f.exception() for u, f in answers.items() if f.done() and not f.cancelled() and f.exception()}
 
 
 def _consume(future: cf.Future) -> None:
