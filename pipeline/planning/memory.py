@@ -58,8 +58,9 @@ HEADROOM = 0.92  # proposals keep 8% of each GPU free: the model is an estimate
 # softmax for the entropy (saved) and its product: ~14 B in bf16. The float32 rows are measured on CPU
 # (tests/test_plan_calibration.py), where .float() of fp32 logits is no copy.
 LOGIT_BYTES_FULL = {("megatron", 2): 22.0, ("megatron", 4): 24.0, ("fsdp", 2): 14.0, ("fsdp", 4): 14.0}
-# The fused, token-chunked path: one chunk's logits (c), its fp32 copy, exp and the gradient (3 x 4).
-LOGIT_BYTES_CHUNK = 16.0
+# The fused, token-chunked path (pipeline/algorithm/logprobs.py, in-place chunk arithmetic): one chunk's fp32
+# logits and their gradient, 2 x 4 B; measured 6.7-7.9 B on CPU (tests/test_plan_calibration.py).
+LOGIT_BYTES_CHUNK = 8.0
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 
 
