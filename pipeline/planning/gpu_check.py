@@ -52,7 +52,10 @@ def _save_model(shape: dict[str, int]) -> str:
         tie_word_embeddings=True, rms_norm_eps=1e-6,
     )  # fmt: skip
     path = tempfile.mkdtemp()
-    AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
+    model = AutoModelForCausalLM.from_config(config)
+    if torch.cuda.is_available():
+        model = model.to(torch.bfloat16)  # half the bytes to write; the trainers load their own dtypes
+    model.save_pretrained(path, safe_serialization=True)
     return path
 
 
