@@ -62,7 +62,8 @@ class ModelConfig:
     warm_start_steps: int = 0
     """Supervised warm-start steps on the training set's reference solutions before RL (0: none). Cached."""
     dtype: str = "float32"
-    """Parameter dtype of the trainer: float32 or bfloat16."""
+    """Compute dtype of the trainer (float32 or bfloat16) and the dtype its weight syncs send. With bfloat16 the
+    master weights, gradients and AdamW state stay float32 (mixed precision, both backends)."""
 
 
 # --------------------------------------------------------------------------------------------------- data
