@@ -557,6 +557,15 @@ def validate(cfg: Config) -> Config:
                 f"colocated: each engine shares a trainer rank's devices, so at most trainer.world_size = "
                 f"{t.world_size} engines; got {cfg.engine.num_engines}",
             )
+        if cfg.engine.backend == "sglang" and cfg.engine.tp > 1:
+            # pipeline/orchestrator.placement_specs: engine i runs in trainer rank i's bundle, which holds that
+            # rank's GPU only, so a tp-GPU engine would see one GPU.
+            _fail(
+                "engine.tp",
+                f"colocated: engine i runs in trainer rank i's placement bundle (one rank's GPU), so an engine "
+                f"cannot span tp = {cfg.engine.tp} GPUs shared with several ranks yet; use tp = 1 per GPU or "
+                "weight_sync.mode=disaggregated",
+            )
     for path in ("weight_sync.bucket_mb", "weight_sync.timeout_s", "engine.health_timeout_s"):
         if _get(cfg, path) <= 0:
             _fail(path, f"must be > 0; got {_get(cfg, path)}")
