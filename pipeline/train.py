@@ -26,6 +26,7 @@ import ray
 from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
 from pipeline.config import Config, ConfigError, engine_api_key, releases_engine_memory, stream_parts, to_yaml
+from pipeline.hf_export import hf_due, save_run_hf
 from pipeline.live_eval import live_eval_or_none
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import prepare_model_dir
@@ -126,6 +127,8 @@ def train(cfg: Config) -> RunResult:
                 trained.append([g.prompt_id for g in groups])
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or stop.requested or step == t.total_steps:
                     _save(cfg, run_dir, step, version, trainers, rollout, buffer)
+                if hf_due(cfg, step, last=stop.requested or step == t.total_steps):  # hook: issue 18
+                    save_run_hf(cfg, run_dir, step, trainers, model_dir)
             if evaluator is not None:  # the evaluation still running, then the final weights' own (exact)
                 final = not stop.requested and cfg.eval.before_train
                 record_evals(*(evaluator.run(step, version) if final else [evaluator.poll(wait=True)]))
