@@ -109,8 +109,11 @@ def write_backend_shards(backend: Any, model_dir: str, out_dir: str, dtype: torc
 
 
 # ------------------------------------------------------------------------------------------------ one process
-def finalize(tmp: Path, final: Path, parts: list[dict[str, str]], model_dir: str, dtype: torch.dtype) -> Path:
-    """Merge the ranks' weight maps, name the shards, add config/tokenizer, write the index last, rename into place."""
+def finalize(
+    tmp: Path, final: Path, parts: list[dict[str, str]], model_dir: str, dtype: torch.dtype, tokenizer: str = ""
+) -> Path:
+    """Merge the ranks' weight maps, name the shards, add config/tokenizer, write the index last, rename into place.
+    `tokenizer` (model.tokenizer) is saved with the model when the start model's directory holds none."""
     weight_map: dict[str, str] = {}
     for part in parts:
         for name, fname in part.items():
@@ -125,6 +128,10 @@ def finalize(tmp: Path, final: Path, parts: list[dict[str, str]], model_dir: str
         os.replace(tmp / old, tmp / new)
     weight_map = {n: renamed[f] for n, f in sorted(weight_map.items())}
     _copy_model_files(Path(model_dir), tmp, dtype)
+    if tokenizer and not (tmp / "tokenizer_config.json").is_file():
+        from pipeline.tokenizer import load_tokenizer, save_tokenizer
+
+        save_tokenizer(load_tokenizer(tokenizer), tmp)
     total = sum(_tensor_bytes(tmp / f) for f in renamed.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))  # last: the directory is complete
@@ -207,7 +214,7 @@ def save_run_hf(cfg: Config, run_dir: str | os.PathLike, step: int, trainers: li
     tmp = fresh_tmp(final)
     try:
         parts = ray.get([a.write_hf_shards.remote(str(tmp)) for a in trainers])
-        finalize(tmp, final, parts, model_dir, export_dtype(cfg))
+        finalize(tmp, final, parts, model_dir, export_dtype(cfg), cfg.model.tokenizer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prune(run_dir, cfg.checkpoint.keep_last)
@@ -267,7 +274,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
             parts = _megatron_parts(cfg, cfg_path, model_dir, trainer_dir, tmp)
         else:
             parts = [_fsdp_part(model_dir, trainer_dir, tmp, dtype)]
-        finalize(tmp, final, parts, model_dir, dtype)
+        finalize(tmp, final, parts, model_dir, dtype, cfg.model.tokenizer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
