@@ -205,7 +205,7 @@ def resolve_hub_file(source: str) -> Path:
         names = " or ".join(local_names(source))
         raise DataError(
             f"{source}: cannot download the dataset {repo} ({filename}) from the Hugging Face hub: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Offline: fetch {url} on a machine with "
+            f"{type(e).__name__}: {str(e).splitlines()[0].rstrip('.') if str(e) else ''}. Offline: fetch {url} on a machine with "
             f"network, put it in a directory as {names} and set DAPO_DATA_DIR to that directory (now: {data_dir()}), "
             "or point data.train_path / data.eval_path at the local file"
         ) from None
