@@ -369,6 +369,10 @@ class WandbConfig:
     mode: str = "online"
     """online, offline (sync later with `wandb sync <run>/wandb/...`) or disabled. WANDB_MODE overrides it."""
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logging.wandb.mode: must be online, offline or disabled; got {self.mode!r}")
+
 
 @dataclass
 class LoggingConfig:
@@ -400,6 +404,12 @@ class CheckpointConfig:
     run (0: at the end only; -1: never). The newest `keep_last` are kept. `dapo export` writes one offline."""
     hf_dtype: str = ""
     """dtype of the Hugging Face checkpoint's weights: bfloat16, float16 or float32 (empty: model.dtype)."""
+
+    def __post_init__(self) -> None:
+        if self.hf_dtype not in ("", "bfloat16", "float16", "float32"):
+            raise ConfigError(
+                f"checkpoint.hf_dtype: must be bfloat16, float16, float32 or empty; got {self.hf_dtype!r}"
+            )
 
 
 @dataclass

@@ -161,3 +161,45 @@ def test_dapo_eval_runs_on_the_export(run_dir, tmp_path, capsys):
     assert main(argv) == 0
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert [(m["n_prompts"], m["k"]) for m in saved.values()] == [(4, 1)]
+
+
+def test_hf_every_schedule_and_config_errors():
+    from pipeline.config import ConfigError
+
+    def due(every: int, total: int = 5) -> list[int]:
+        cfg = load_config(TINY_CPU, [f"checkpoint.hf_every={every}"])
+        return [s for s in range(1, total + 1) if hf_export.hf_due(cfg, s, last=s == total)]
+
+    assert (due(0), due(2), due(-1)) == ([5], [2, 4, 5], [])
+    with pytest.raises(ConfigError, match="checkpoint.hf_dtype: must be bfloat16, float16, float32 or empty"):
+        load_config(TINY_CPU, ["checkpoint.hf_dtype=int8"])
+
+
+def test_stages_sharded_in_bf16_load_as_one_model(tmp_path):
+    """Two 'stages' (disjoint halves of the weights), small shards, bfloat16: one loadable model, index complete."""
+    from transformers import AutoModelForCausalLM
+
+    from engines.local.testing import tiny_config
+
+    torch.manual_seed(0)
+    src = AutoModelForCausalLM.from_config(tiny_config(tie=False)).eval()
+    src.save_pretrained(tmp_path / "start")
+    named = list(src.state_dict().items())
+    out = tmp_path / "tmp"
+    out.mkdir()
+    half = len(named) // 2
+    parts = [
+        hf_export.write_rank_shards(named[:half], out, "rank00000", torch.bfloat16, tied=False, shard_bytes=20_000),
+        hf_export.write_rank_shards(named[half:], out, "rank00002", torch.bfloat16, tied=False, shard_bytes=20_000),
+    ]
+    final = hf_export.finalize(out, tmp_path / "final", parts, str(tmp_path / "start"), torch.bfloat16)
+    index = json.loads((final / hf_export.INDEX).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    assert set(index["weight_map"]) == {n for n, _ in named}  # untied: lm_head.weight is written
+    assert index["metadata"]["total_size"] == 2 * sum(t.numel() for _, t in named)
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    for name, t in named:
+        assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], t.to(torch.bfloat16)), name
+    assert not out.exists()
