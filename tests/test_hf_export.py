@@ -203,3 +203,45 @@ def test_stages_sharded_in_bf16_load_as_one_model(tmp_path):
     for name, t in named:
         assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], t.to(torch.bfloat16)), name
     assert not out.exists()
+
+
+def _fsdp_rank(rank: int, world: int, port: int, tmp: str) -> None:
+    """Two fsdp ranks (FSDP2 over gloo): one step, the in-run shards, a DCP checkpoint."""
+    from engines.fsdp.backend import build_backend
+    from engines.megatron.testing import init_dist, random_micro_batches
+    from pipeline.algorithm.losses import make_loss_fn
+
+    init_dist(rank, world, port)
+    cfg = load_config(Path(tmp) / "run" / "config.yaml")
+    backend = build_backend(cfg, rank, world)
+    backend.setup(str(Path(tmp) / "init"))
+    mbs = random_micro_batches(2, 3, 128, seed=1)[rank::world]
+    backend.train_minibatch(mbs, make_loss_fn(cfg.algorithm))
+    part = hf_export.write_backend_shards(backend, str(Path(tmp) / "init"), str(Path(tmp) / "online"), torch.float32)
+    (Path(tmp) / f"part{rank}.json").write_text(json.dumps(part))
+    backend.save(str(Path(tmp) / "run" / "checkpoints" / "step_00000001" / "trainer"))
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_export_from_the_sharded_dcp(tmp_path):
+    """A DCP checkpoint written by 2 FSDP ranks (sharded parameters) exports, in one process, to exactly what the
+    in-run path (the weight sync's full state dict on the source rank) writes."""
+    from engines.local.testing import save_tiny_model
+    from engines.megatron.testing import spawn
+    from pipeline.config import to_yaml
+
+    save_tiny_model(tmp_path / "init", seed=2)
+    cfg = load_config(TINY_CPU, ["trainer.world_size=2", f"model.path={tmp_path / 'init'}", "model.warm_start_steps=0"])
+    (tmp_path / "run" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text(to_yaml(cfg))
+    (tmp_path / "run" / "checkpoints" / "step_00000001" / "state.json").write_text(json.dumps({"step": 1}))
+    (tmp_path / "online").mkdir()
+    spawn(_fsdp_rank, 2, str(tmp_path), timeout_s=120)
+    parts = [json.loads((tmp_path / f"part{r}.json").read_text()) for r in range(2)]
+    assert bool(parts[0]) and not parts[1]  # rank 0 is the source
+    online = hf_export.finalize(tmp_path / "online", tmp_path / "a", parts, str(tmp_path / "init"), torch.float32)
+    offline = hf_export.export_run(tmp_path / "run", tmp_path / "b")
+    a, b, init = _load_hf(online).state_dict(), _load_hf(offline).state_dict(), _load_hf(tmp_path / "init").state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert sum(not torch.equal(a[n], init[n]) for n in a) > 10
