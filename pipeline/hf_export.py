@@ -135,10 +135,17 @@ def finalize(
     total = sum(_tensor_bytes(tmp / f) for f in renamed.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))  # last: the directory is complete
+    check_replaceable(final)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def check_replaceable(final: Path) -> None:
+    """Only an earlier export (or an empty directory) is ever replaced: never a directory of other files."""
+    if final.exists() and not (final.is_dir() and ((final / INDEX).is_file() or not any(final.iterdir()))):
+        raise ExportError(f"{final}: exists and is not a Hugging Face export (no {INDEX}): choose another --out")
 
 
 def _tensor_bytes(path: Path) -> int:
@@ -267,6 +274,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     model_dir = run_model_dir(cfg, run_dir)
     step, trainer_dir = trainer_checkpoint(run_dir, step)
     final = Path(out) if out else hf_root(run_dir) / f"step_{step}"
+    check_replaceable(final)
     dtype = export_dtype(cfg)
     tmp = fresh_tmp(final)
     try:

@@ -123,6 +123,11 @@ def test_dapo_export_cli_and_errors(run_dir, tmp_path, capsys):
     assert "--step 7: no complete checkpoint" in capsys.readouterr().err
     assert main(["export", str(tmp_path)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "mine")]) == 2
+    assert "mine: exists and is not a Hugging Face export" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_interrupted_export_leaves_no_directory(run_dir, tmp_path, monkeypatch):
