@@ -7,6 +7,8 @@
     dapo bench [--quick] [--only NAME ...] [--trainer-shape tiny|0.5b|1.5b|7b]  run the benchmark suite
     dapo eval CONFIG [overrides]   evaluate a model on the configured eval set
     dapo ablate CONFIG [--seeds 0,1,2] [--steps N] [overrides]   DAPO's components one at a time (Table 1)
+    dapo export RUN_DIR [--step N] [--out DIR]   a run's trainer checkpoint as a Hugging Face model directory
+    dapo data   the named datasets: where each comes from, whether it is here
 
 Errors in the config print one line naming the key path and exit with status 2.
 """
@@ -18,7 +20,7 @@ import sys
 
 from pipeline.config import ConfigError, load_config, to_yaml
 
-_DELEGATED = ("plan", "report", "bench", "ablate")
+_DELEGATED = ("plan", "report", "bench", "ablate", "export", "data")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +85,14 @@ def _delegate(name: str, rest: list[str]) -> int:
         from pipeline.report import report_main
 
         return report_main(rest)
+    if name == "export":
+        from pipeline.hf_export import export_main
+
+        return export_main(rest)
+    if name == "data":
+        from pipeline.data import data_main
+
+        return data_main(rest)
     if name == "ablate":
         from pipeline.ablation import ablate_main
 

@@ -360,6 +360,21 @@ class ClusterConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = ""
+    """W&B project (empty: W&B off). Needs the `wandb` extra (pip install 'dapo-rl[wandb]'); the run's name is the
+    run directory's name; the API key comes from `wandb login` / WANDB_API_KEY, never from the config."""
+    entity: str = ""
+    """W&B team or user (empty: the account's default)."""
+    mode: str = "online"
+    """online, offline (sync later with `wandb sync <run>/wandb/...`) or disabled. WANDB_MODE overrides it."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logging.wandb.mode: must be online, offline or disabled; got {self.mode!r}")
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs"
     """Root of run directories (TensorBoard event files, logs, checkpoints)."""
@@ -371,6 +386,8 @@ class LoggingConfig:
     """One status line per step on the console."""
     level: str = "INFO"
     """Python log level."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases, beside TensorBoard (the same metric names and steps); off unless `project` is set."""
 
 
 @dataclass
@@ -381,6 +398,18 @@ class CheckpointConfig:
     """Checkpoints kept."""
     resume: str = ""
     """`auto` (latest in the run dir), a checkpoint path, or empty."""
+    hf_every: int = 0
+    """Write the policy as a Hugging Face checkpoint (`<run>/hf/step_N/`: config, generation config, tokenizer,
+    safetensors shards + index; what transformers, SGLang and vLLM load) every k trainer steps and at the end of the
+    run (0: at the end only; -1: never). The newest `keep_last` are kept. `dapo export` writes one offline."""
+    hf_dtype: str = ""
+    """dtype of the Hugging Face checkpoint's weights: bfloat16, float16 or float32 (empty: model.dtype)."""
+
+    def __post_init__(self) -> None:
+        if self.hf_dtype not in ("", "bfloat16", "float16", "float32"):
+            raise ConfigError(
+                f"checkpoint.hf_dtype: must be bfloat16, float16, float32 or empty; got {self.hf_dtype!r}"
+            )
 
 
 @dataclass
