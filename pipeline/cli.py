@@ -4,9 +4,11 @@
     dapo config show CONFIG [key.path=value ...]   print the resolved, validated config
     dapo plan ...    propose parallelism for a model and GPU count
     dapo report LOGDIR    render training curves to PNG
-    dapo bench [--quick]  run the benchmark suite
+    dapo bench [--quick] [--only NAME ...] [--trainer-shape tiny|0.5b|1.5b|7b]  run the benchmark suite
     dapo eval CONFIG [overrides]   evaluate a model on the configured eval set
     dapo ablate CONFIG [--seeds 0,1,2] [--steps N] [overrides]   DAPO's components one at a time (Table 1)
+    dapo export RUN_DIR [--step N] [--out DIR]   a run's trainer checkpoint as a Hugging Face model directory
+    dapo data   the named datasets: where each comes from, whether it is here
 
 Errors in the config (YAML syntax, encoding, values, missing local files) print one line naming the file or key
 path and exit with status 2, before anything starts; so do data and checkpoint errors found at start-up. Other
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 from pipeline.config import ConfigError, check_local_paths, load_config, to_yaml
 
-_DELEGATED = ("plan", "report", "bench", "ablate")
+_DELEGATED = ("plan", "report", "bench", "ablate", "export", "data")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -159,6 +161,14 @@ def _delegate(name: str, rest: list[str]) -> int:
         from pipeline.report import report_main
 
         return report_main(rest)
+    if name == "export":
+        from pipeline.hf_export import export_main
+
+        return export_main(rest)
+    if name == "data":
+        from pipeline.data import data_main
+
+        return data_main(rest)
     if name == "ablate":
         from pipeline.ablation import ablate_main
 

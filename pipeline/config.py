@@ -65,7 +65,8 @@ class ModelConfig:
     warm_start_steps: int = 0
     """Supervised warm-start steps on the training set's reference solutions before RL (0: none). Cached."""
     dtype: str = "float32"
-    """Parameter dtype of the trainer: float32 or bfloat16."""
+    """Compute dtype of the trainer (float32 or bfloat16) and the dtype its weight syncs send. With bfloat16 the
+    master weights, gradients and AdamW state stay float32 (mixed precision, both backends)."""
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -362,6 +363,21 @@ class ClusterConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = ""
+    """W&B project (empty: W&B off). Needs the `wandb` extra (pip install 'dapo-rl[wandb]'); the run's name is the
+    run directory's name; the API key comes from `wandb login` / WANDB_API_KEY, never from the config."""
+    entity: str = ""
+    """W&B team or user (empty: the account's default)."""
+    mode: str = "online"
+    """online, offline (sync later with `wandb sync <run>/wandb/...`) or disabled. WANDB_MODE overrides it."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logging.wandb.mode: must be online, offline or disabled; got {self.mode!r}")
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs"
     """Root of run directories (TensorBoard event files, logs, checkpoints)."""
@@ -373,6 +389,8 @@ class LoggingConfig:
     """One status line per step on the console."""
     level: str = "INFO"
     """Python log level."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases, beside TensorBoard (the same metric names and steps); off unless `project` is set."""
 
 
 @dataclass
@@ -383,6 +401,18 @@ class CheckpointConfig:
     """Checkpoints kept."""
     resume: str = ""
     """`auto` (latest in the run dir), a checkpoint path, or empty."""
+    hf_every: int = 0
+    """Write the policy as a Hugging Face checkpoint (`<run>/hf/step_N/`: config, generation config, tokenizer,
+    safetensors shards + index; what transformers, SGLang and vLLM load) every k trainer steps and at the end of the
+    run (0: at the end only; -1: never). The newest `keep_last` are kept. `dapo export` writes one offline."""
+    hf_dtype: str = ""
+    """dtype of the Hugging Face checkpoint's weights: bfloat16, float16 or float32 (empty: model.dtype)."""
+
+    def __post_init__(self) -> None:
+        if self.hf_dtype not in ("", "bfloat16", "float16", "float32"):
+            raise ConfigError(
+                f"checkpoint.hf_dtype: must be bfloat16, float16, float32 or empty; got {self.hf_dtype!r}"
+            )
 
 
 @dataclass
@@ -560,6 +590,15 @@ def validate(cfg: Config) -> Config:
                 "engine.num_engines",
                 f"colocated: each engine shares a trainer rank's devices, so at most trainer.world_size = "
                 f"{t.world_size} engines; got {cfg.engine.num_engines}",
+            )
+        if cfg.engine.backend == "sglang" and cfg.engine.tp > 1:
+            # pipeline/orchestrator.placement_specs: engine i runs in trainer rank i's bundle, which holds that
+            # rank's GPU only, so a tp-GPU engine would see one GPU.
+            _fail(
+                "engine.tp",
+                f"colocated: engine i runs in trainer rank i's placement bundle (one rank's GPU), so an engine "
+                f"cannot span tp = {cfg.engine.tp} GPUs shared with several ranks yet; use tp = 1 per GPU or "
+                "weight_sync.mode=disaggregated",
             )
     for path in ("weight_sync.bucket_mb", "weight_sync.timeout_s", "engine.health_timeout_s"):
         if _get(cfg, path) <= 0:

@@ -194,6 +194,11 @@ class TrainerActor:
     def load(self, path: str) -> None:
         self.worker.backend.load(path)
 
+    def write_hf_shards(self, out_dir: str) -> dict[str, str]:  # hook: pipeline/hf_export.py (issue 18)
+        from pipeline.hf_export import export_dtype, write_backend_shards
+
+        return write_backend_shards(self.worker.backend, self.model_dir, out_dir, export_dtype(self.cfg))
+
     def close(self) -> None:
         if self.sender is not None:
             self.sender.close()

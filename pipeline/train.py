@@ -26,8 +26,9 @@ import ray
 from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
 from pipeline.config import Config, check_local_paths, engine_api_key, releases_engine_memory, stream_parts, to_yaml
+from pipeline.hf_export import hf_due, save_run_hf
 from pipeline.live_eval import live_eval_or_none
-from pipeline.metrics import MetricsLogger
+from pipeline.metrics import MetricsLogger, make_sinks
 from pipeline.modeling import prepare_model_dir
 from pipeline.orchestrator import Cluster
 from pipeline.trainer import make_step_batches, merge_metrics
@@ -81,7 +82,10 @@ def train(cfg: Config) -> RunResult:
         if version > 0:  # engines start from the initial weights: bring them to the checkpoint's
             _broadcast(trainers, stages, version)
         rollout = cluster.launch_rollout(rollout_state, version)
-        logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
+        logger = MetricsLogger(
+            str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step,
+            sinks=make_sinks(cfg, run_dir),  # hook: W&B (issue 18)
+        )  # fmt: skip
         evaluator = live_eval_or_none(cfg, urls, model_dir)
         engines = _EngineWeights(cfg, cluster, rollout, trainers, stages, model_dir, version, evaluator)
         history: list[dict[str, float]] = []
@@ -127,6 +131,8 @@ def train(cfg: Config) -> RunResult:
                 trained.append([g.prompt_id for g in groups])
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or stop.requested or step == t.total_steps:
                     _save(cfg, run_dir, step, version, trainers, rollout, buffer)
+                if hf_due(cfg, step, last=stop.requested or step == t.total_steps):  # hook: issue 18
+                    save_run_hf(cfg, run_dir, step, trainers, model_dir)
             if evaluator is not None:  # the evaluation still running, then the final weights' own (exact)
                 final = not stop.requested and cfg.eval.before_train
                 record_evals(*(evaluator.run(step, version) if final else [evaluator.poll(wait=True)]))
