@@ -3,8 +3,13 @@
 Contract:
 - `load_config(path, overrides)` merges, in order, the dataclass defaults, the YAML preset (and any preset it
   names under `base:`, resolved relative to it), and dotted command-line overrides (`trainer.lr=2e-6`).
-- Unknown keys, wrong types and impossible combinations raise `ConfigError` whose message starts with the
-  offending key path (`trainer.parallel.tp: ...`).
+- Unknown keys, wrong types, out-of-range values (every numeric field with a range: `_RANGES`, `_POSITIVE`; every
+  float finite) and impossible combinations raise `ConfigError` whose message starts with the offending key path
+  (`trainer.parallel.tp: ...`). A YAML file that is not UTF-8, not valid YAML or not a mapping raises one that starts
+  with the file and line. The reward functions (`algorithm.reward_fn`, `eval.reward_fn`) are imported here, so a
+  missing module is found before any process starts.
+- `check_local_paths(cfg)` (the CLI and train() call it; presets carry placeholder paths, so validate() does not)
+  checks that the local data files, model directory and tokenizer path exist.
 - The result is a plain `Config` dataclass tree (no OmegaConf objects leak past this module).
 """
 
