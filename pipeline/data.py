@@ -96,8 +96,12 @@ def load_rows(path: str, cfg: DataConfig, seed: int, size: int | None = None) ->
 
 def _load_jsonl(p: Path) -> list[dict]:
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # named here: a bare UnicodeDecodeError says neither file nor line
+                raise DataError(f"{p}: line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
             if not line.strip():
                 continue
             try:

@@ -262,6 +262,7 @@ def trainer_checkpoint(run_dir: str | os.PathLike, step: int | None) -> tuple[in
         if not (path / "state.json").is_file():
             have = [p.name for p in sorted(checkpoint.checkpoint_root(run_dir).glob("step_*"))]
             raise ExportError(f"--step {step}: no complete checkpoint at {path} (have: {', '.join(have) or 'none'})")
+    checkpoint.verify(path)  # against its manifest: a corrupt or planted file is named before DCP unpickles anything
     state = json.loads((path / "state.json").read_text())
     return int(state["step"]), path / "trainer"
 
@@ -343,6 +344,7 @@ def export_main(argv: list[str]) -> int:
     import argparse
     import sys
 
+    from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
 
     p = argparse.ArgumentParser(prog="dapo export", description="a run's trainer checkpoint as a Hugging Face model")
@@ -352,7 +354,7 @@ def export_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         out = export_run(args.run_dir, args.out, args.step)
-    except (ExportError, ConfigError) as e:
+    except (ExportError, ConfigError, CheckpointError) as e:
         print(f"dapo export: {e}", file=sys.stderr)
         return 2
     print(out)

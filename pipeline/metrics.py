@@ -2,8 +2,10 @@
 
 Contract: keys are namespaced with units where they have one (`time/weight_sync(s)`, `perf/gen_tokens_per_s`);
 `log(step, metrics)` writes every numeric value as a scalar at that step and prints one status line (rank 0 /
-the driver only: nothing else holds a MetricsLogger). `log_eval(metrics)` writes an evaluation's scalars at the
-step it was taken at (`eval/step`, not the later step it finished at) and prints one line for it.
+the driver only: nothing else holds a MetricsLogger); the line shows the reward function's failures by reason
+(`rfail 12 (ValueError 10, timeout 2)`) once there are any. A logger opened with `first_step` (a resume from that
+step's checkpoint) purges only the events logged after that step. `log_eval(metrics)` writes an evaluation's
+scalars at the step it was taken at (`eval/step`, not the later step it finished at) and prints one line for it.
 
 Sinks: TensorBoard (`writer`) and any `ScalarSink` passed in `sinks` receive the same scalars, under the same names,
 at the same steps (`_scalars`). `WandbSink` is Weights & Biases (`logging.wandb.project`; `make_sinks` builds it):
@@ -39,6 +41,14 @@ _STATUS = (
     ("weight_version", "v", "{:.0f}"),
     ("time/step(s)", "step", "{:.1f}s"),
 )
+
+
+def reward_failures(metrics: Mapping[str, float]) -> str:
+    """`12 (ValueError 10, timeout 2)`: the reward function's failures so far, by reason (pipeline/rewards.py)."""
+    prefix = "reward/failed_"
+    reasons = sorted(((k[len(prefix) :], v) for k, v in metrics.items() if k.startswith(prefix)), key=lambda kv: -kv[1])
+    detail = ", ".join(f"{r} {v:.0f}" for r, v in reasons)
+    return f"{metrics['reward/failed']:.0f}" + (f" ({detail})" if detail else "")
 
 
 class ScalarSink(Protocol):
@@ -115,8 +125,9 @@ class MetricsLogger:
         if tensorboard and logdir:
             from torch.utils.tensorboard import SummaryWriter
 
-            # On resume, purge events past the checkpointed step so the curves continue without a jump.
-            self.writer = SummaryWriter(logdir, purge_step=first_step or None)
+            # On resume from the checkpoint of step `first_step`, purge what the earlier run logged after it (it is
+            # redone), keeping that completed step's own scalars: TensorBoard drops events with step >= purge_step.
+            self.writer = SummaryWriter(logdir, purge_step=first_step + 1 if first_step else None)
         self.t0 = time.perf_counter()
 
     def _scalars(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -139,6 +150,8 @@ class MetricsLogger:
         bar = ("#" * int(done * 20)).ljust(20, ".")
         parts = [f"step {step:>{width}}/{self.total_steps} [{bar}]"]
         parts += [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _STATUS if key in metrics]
+        if metrics.get("reward/failed", 0) > 0:
+            parts.append(f"rfail {reward_failures(metrics)}")
         parts.append(f"elapsed {time.perf_counter() - self.t0:.0f}s")
         return " | ".join(parts)
 

@@ -232,10 +232,12 @@ class RolloutActor:
         self.task = asyncio.get_running_loop().create_task(self.manager.run())
 
     async def error(self) -> str:
-        """The manager's crash, if it crashed (it must not; the driver checks)."""
+        """The manager's crash, if it crashed (it must not; the driver checks), or why the reward function's
+        failures must stop the run (pipeline/rewards.py `RewardRunner.fatal`)."""
         if self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception():
             return repr(self.task.exception())
-        return ""
+        fatal = getattr(self.manager.rewards, "fatal", None)
+        return fatal() if fatal is not None else ""
 
     async def set_version(self, version: int) -> None:
         self.manager.set_version(version)

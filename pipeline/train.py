@@ -25,7 +25,7 @@ import ray
 
 from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
-from pipeline.config import Config, ConfigError, engine_api_key, releases_engine_memory, stream_parts, to_yaml
+from pipeline.config import Config, check_local_paths, engine_api_key, releases_engine_memory, stream_parts, to_yaml
 from pipeline.hf_export import hf_due, save_run_hf
 from pipeline.live_eval import live_eval_or_none
 from pipeline.metrics import MetricsLogger, make_sinks
@@ -59,6 +59,7 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config) -> RunResult:
+    check_local_paths(cfg)  # missing files fail here, before Ray or any engine starts
     run_dir = make_run_dir(cfg)
     t, every = cfg.trainer, cfg.weight_sync.every
     stop = _StopFlag()
@@ -163,15 +164,10 @@ def _failure_message(cfg: Config, run_dir: Path, step: int, e: Exception) -> str
 
 def _resume(cfg: Config, run_dir: Path, trainers: list, buffer: RolloutBuffer) -> tuple[int, int, dict | None]:
     """(step, version, rollout state) of the checkpoint named by checkpoint.resume, or a fresh start."""
-    spec = cfg.checkpoint.resume
-    if not spec:
+    found = checkpoint.open_resume(run_dir, cfg.checkpoint.resume)  # verified; auto skips corrupt ones
+    if found is None:  # no resume, or auto and nothing saved yet
         return 0, 0, None
-    path = checkpoint.latest_checkpoint(run_dir) if spec == "auto" else Path(spec)
-    if path is None:  # auto, and nothing saved yet
-        return 0, 0, None
-    if not (path / "state.json").is_file():
-        raise ConfigError(f"checkpoint.resume: no checkpoint at {path}")
-    state, buffered = checkpoint.load(path)
+    path, state, buffered = found
     ray.get([a.load.remote(str(path / "trainer")) for a in trainers])
     buffer.restore(buffered)
     buffer.load_state_dict(state["buffer"])
@@ -395,6 +391,8 @@ def _next_batch(
             timeout_s = max(min(5.0, remaining), 0.01)
             return buffer.get_batch(trainer_version=engines.version, timeout_s=timeout_s, size=size), healed
         except TimeoutError:
+            if error := ray.get(engines.rollout.error.remote()):  # e.g. the reward function fails on every call
+                raise RuntimeError(error) from None
             if remaining <= 5.0:
                 raise
             healed.update(engines.update())

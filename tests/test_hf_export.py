@@ -130,6 +130,20 @@ def test_dapo_export_cli_and_errors(run_dir, tmp_path, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_export_refuses_a_corrupt_checkpoint_naming_the_file(run_dir, tmp_path, capsys):
+    import shutil
+
+    from pipeline import checkpoint
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shard = next((checkpoint.latest_checkpoint(copy) / "trainer").rglob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert hf_export.export_main([str(copy), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"dapo export: {shard}: ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_export_leaves_no_directory(run_dir, tmp_path, monkeypatch):
     target = tmp_path / "out"
     calls = []
