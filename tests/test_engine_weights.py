@@ -54,6 +54,9 @@ class Recorder:
         self._record("train", sorted({int(t) for mb in mbs for t in mb.input_ids[:, 0]}))  # token 0 names the group
         return {"pg_loss": float(len(self.calls)), "local_tokens": 10.0}
 
+    def error(self):  # the rollout can go on
+        return ""
+
     def fail_next_sync(self):
         self.fail_next = True
 

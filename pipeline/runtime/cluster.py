@@ -37,8 +37,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from engines.process import free_port
 from pipeline.config import Config, ConfigError, engine_api_key, layout
+from pipeline.runtime import wiring
 
 log = logging.getLogger("dapo")
 
@@ -59,13 +59,12 @@ class EngineActor:
         self.proc = None
 
     def start(self, model_dir: str) -> str:
-        from engines.process import launch_engine
         from pipeline.runtime.weight_sync.colocated import engine_args
 
         e = self.cfg.engine
-        port = e.base_port + self.index if e.base_port else free_port(e.host)
+        port = e.base_port + self.index if e.base_port else wiring.free_port(e.host)
         log_path = os.path.join(self.log_dir, f"engine{self.index}.log")
-        self.proc = launch_engine(e, model_dir, port, log_path, engine_args(self.cfg))
+        self.proc = wiring.launch_engine(e, model_dir, port, log_path, engine_args(self.cfg))
         if e.host not in ANY_HOST:
             return self.proc.url
         return f"http://{advertised(e.host, ray.util.get_node_ip_address())}:{port}"  # proc.url is the loopback
@@ -106,14 +105,10 @@ class TrainerActor:
             dist.init_process_group(
                 backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size
             )
-        if cfg.trainer.backend == "megatron":
-            from engines.megatron.backend import build_backend
-        else:
-            from engines.fsdp.backend import build_backend
         from pipeline.flow.trainer import TrainWorker
 
         self.cfg = cfg
-        self.worker = TrainWorker(cfg, build_backend(cfg, rank, world_size))
+        self.worker = TrainWorker(cfg, wiring.build_backend(cfg, rank, world_size))
         self.sender = None
         self.model_dir = ""
 
@@ -194,6 +189,11 @@ class TrainerActor:
     def load(self, path: str) -> None:
         self.worker.backend.load(path)
 
+    def write_hf_shards(self, out_dir: str) -> dict[str, str]:  # hook: pipeline/runtime/hf_export.py (issue 18)
+        from pipeline.runtime.hf_export import export_dtype, write_backend_shards
+
+        return write_backend_shards(self.worker.backend, self.model_dir, out_dir, export_dtype(self.cfg))
+
     def close(self) -> None:
         if self.sender is not None:
             self.sender.close()
@@ -204,7 +204,6 @@ class RolloutActor:
     def __init__(self, cfg: Config, urls: list[str], model_dir: str, push_address: str):
         import torch
 
-        from engines.client import EngineClient
         from pipeline.flow.data import load_prompts
         from pipeline.flow.rewards import RewardRunner
         from pipeline.flow.rollout import RolloutManager
@@ -214,7 +213,7 @@ class RolloutActor:
         tokenizer = load_tokenizer(cfg.model.tokenizer if not cfg.model.path else cfg.model.path, model_dir)
         prompts = load_prompts(cfg.data, tokenizer, seed=cfg.trainer.seed)
         e = cfg.engine
-        client = EngineClient(
+        client = wiring.engine_client(
             urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries,
             admin_api_key=e.admin_api_key,
         )  # fmt: skip
@@ -227,10 +226,12 @@ class RolloutActor:
         self.task = asyncio.get_running_loop().create_task(self.manager.run())
 
     async def error(self) -> str:
-        """The manager's crash, if it crashed (it must not; the driver checks)."""
+        """The manager's crash, if it crashed (it must not; the driver checks), or why the reward function's
+        failures must stop the run (pipeline/flow/rewards.py `RewardRunner.fatal`)."""
         if self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception():
             return repr(self.task.exception())
-        return ""
+        fatal = getattr(self.manager.rewards, "fatal", None)
+        return fatal() if fatal is not None else ""
 
     async def set_version(self, version: int) -> None:
         self.manager.set_version(version)
@@ -447,10 +448,9 @@ class Cluster:
 
     def engine_versions(self) -> list[str]:
         """The weight version each live engine reports (GET /weight_version)."""
-        from engines.client import EngineClient
 
         urls = self.live_urls
-        client = EngineClient(urls, api_key=engine_api_key(self.cfg))
+        client = wiring.engine_client(urls, api_key=engine_api_key(self.cfg))
         try:
             return [client.run_sync(client.get_weight_version(u), timeout=30) for u in urls]
         finally:
@@ -461,7 +461,7 @@ class Cluster:
         interface (cluster.bind_host=0.0.0.0, for ranks on several nodes), else cluster.bind_host on this node."""
         host = self.cfg.cluster.bind_host
         if host not in ANY_HOST:
-            return host, free_port(host)
+            return host, wiring.free_port(host)
         return ray.get(_free_endpoint.options(**self._in_bundle("trainer", 0)).remote())
 
     def launch_trainer(self, model_dir: str) -> list[Any]:
@@ -502,7 +502,7 @@ class Cluster:
 def _free_endpoint() -> tuple[str, int]:
     """This node's IP and a port free on it."""
     ip = ray.util.get_node_ip_address()
-    return ip, free_port(ip)
+    return ip, wiring.free_port(ip)
 
 
 def _quiet(fn: Any) -> None:

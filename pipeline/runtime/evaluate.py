@@ -338,16 +338,17 @@ def eval_main(cfg: Any) -> int:
 
 def engine_client(cfg: Any, urls: list[str]) -> Any:
     """The HTTP client of the engine API (`pipeline.contracts.engine_api.GenerateClient`) for `urls`."""
-    from engines.client import EngineClient
     from pipeline.config import engine_api_key
+    from pipeline.runtime import wiring
 
     e = cfg.engine
-    return EngineClient(urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries)
+    return wiring.engine_client(
+        urls, api_key=engine_api_key(cfg), timeout_s=e.request_timeout_s, max_retries=e.max_retries
+    )
 
 
 async def _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, api_key) -> dict[str, Any]:
-    from engines.client import EngineClient
-    from engines.process import free_port, launch_engine
+    from pipeline.runtime import wiring
 
     procs = []
     try:
@@ -355,11 +356,11 @@ async def _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, a
             urls = list(cfg.engine.urls)
         else:
             for i in range(cfg.engine.num_engines):
-                port = cfg.engine.base_port + i if cfg.engine.base_port else free_port(cfg.engine.host)
-                procs.append(launch_engine(cfg.engine, model_dir, port, run_dir / f"eval_engine{i}.log"))
+                port = cfg.engine.base_port + i if cfg.engine.base_port else wiring.free_port(cfg.engine.host)
+                procs.append(wiring.launch_engine(cfg.engine, model_dir, port, run_dir / f"eval_engine{i}.log"))
             urls = [p.url for p in procs]
         e = cfg.engine
-        client = EngineClient(urls, api_key=api_key, timeout_s=e.request_timeout_s, max_retries=e.max_retries)
+        client = wiring.engine_client(urls, api_key=api_key, timeout_s=e.request_timeout_s, max_retries=e.max_retries)
         try:
             concurrency = e.max_running_requests * len(urls)
             k = cfg.eval.n_samples

@@ -41,6 +41,10 @@ class RolloutHandle:
     def drop_engines(self, urls: list[str]) -> None:
         ray.get(self.actor.drop_engines.remote(urls))
 
+    def error(self) -> str:
+        """Why the rollout cannot go on ("" while it can): its manager crashed, or the reward function fails."""
+        return ray.get(self.actor.error.remote())
+
     def stats(self) -> dict[str, float]:
         return ray.get(self.actor.stats.remote())
 

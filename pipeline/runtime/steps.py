@@ -8,7 +8,7 @@ Contract:
   part is sent, a weight sync (an engine replaced while a later part is awaited; it runs after the queued
   mini-batches) sends weights the step has moved: a new version (the coordinator's `trainer_stepped`).
 - While waiting for a batch the engine group is health-checked every few seconds (a dead or hung engine stalls
-  generation); a step followed by a weight sync trains inside `weights.released` (colocated memory release).
+  generation) and the rollout asked whether it can go on (its error stops the run); a step followed by a weight sync trains inside `weights.released` (colocated memory release).
 - `step_metrics` names what a step reports (reward/*, response/*, staleness/*, time/*, perf/*, train/*).
 """
 
@@ -93,6 +93,8 @@ def next_batch(
             timeout_s = max(min(5.0, remaining), 0.01)
             return buffer.get_batch(trainer_version=weights.version, timeout_s=timeout_s, size=size), healed
         except TimeoutError:
+            if error := weights.rollout.error():  # e.g. the reward function fails on every call
+                raise RuntimeError(error) from None
             if remaining <= 5.0:
                 raise
             healed.update(weights.update())

@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import Config, layout, to_yaml
+from pipeline.config import Config, check_local_paths, layout, to_yaml
 from pipeline.flow.buffer import make_buffer
 from pipeline.flow.transport import GroupReceiver
 from pipeline.runtime import checkpoint
 from pipeline.runtime.cluster import Cluster
 from pipeline.runtime.groups import RolloutHandle, launch_groups
+from pipeline.runtime.hf_export import hf_due, save_run_hf
 from pipeline.runtime.live_eval import live_eval_or_none
 from pipeline.runtime.metrics import RunRecord
 from pipeline.runtime.signals import StopFlag
@@ -45,6 +46,7 @@ class RunResult:
 
 
 def train(cfg: Config) -> RunResult:
+    check_local_paths(cfg)  # missing files fail here, before Ray or any engine starts
     run_dir, lay = make_run_dir(cfg), layout(cfg)
     buffer = make_buffer(lay, GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"))
     with contextlib.closing(buffer), Cluster(cfg) as cluster, StopFlag() as stop:
@@ -69,6 +71,8 @@ def train(cfg: Config) -> RunResult:
                 record.step(step, weights.version, [g.prompt_id for g in groups], metrics, engines, t0)
                 if checkpoint.due(cfg, step, stop.requested):
                     checkpoint.save_run(cfg, run_dir, step, weights.version, trainers, rollout, buffer)
+                if hf_due(cfg, step, last=stop.requested or step == cfg.trainer.total_steps):
+                    save_run_hf(cfg, run_dir, step, trainers.actors, model_dir)
             record.finish(step, weights.version, stop.requested)
             accounting, engine_versions = buffer.accounting(), engines.versions()
         except Exception as e:

@@ -74,13 +74,13 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from engines.client import EngineClient, EngineError
-from engines.process import free_port
 from pipeline.config import ConfigError, WeightSyncConfig
+from pipeline.contracts.engine_api import EngineError
 from pipeline.contracts.weight_wire import (
     FLATTENED_BUCKET_FORMAT,
     SAFETENSORS_FORMAT,
@@ -91,6 +91,7 @@ from pipeline.contracts.weight_wire import (
 from pipeline.runtime.weight_sync.buckets import Bucket, BucketStream, BufferPool, Checksums, MiB, wire_device
 from pipeline.runtime.weight_sync.colocated import colocated_encoder
 from pipeline.runtime.weight_sync.disk import DiskStaging, StagedCheckpoint
+from pipeline.runtime.wiring import engine_client, free_port
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ class WeightSyncSender:
         if self.transport == "disk":
             self._disk_staging()  # checks weight_sync.disk_dir now rather than at the first sync
 
-    def _new_client(self) -> EngineClient:
-        return EngineClient(
+    def _new_client(self) -> Any:
+        return engine_client(
             self.urls, api_key=self._api_key, timeout_s=self.cfg.timeout_s, max_retries=2,
             admin_api_key=self._admin_api_key,
         )  # fmt: skip
