@@ -106,7 +106,10 @@ class EngineConfig:
     base_port: int = 0
     """First port; 0 picks free ports."""
     api_key: str = ""
-    """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged."""
+    """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged. Empty
+    (and no env) with engines the run launches (local, sglang): each run makes a random key (pipeline/run_security.py)
+    and hands it to the servers through the environment (CPU engine) or a 0600 config file (SGLang `--config`),
+    never on the command line."""
     mem_fraction: float = 0.7
     """SGLang `--mem-fraction-static`."""
     max_running_requests: int = 64
@@ -138,6 +141,19 @@ class EngineConfig:
     """SGLang `--skip-tokenizer-init` (token ids in and out; then SGLang stops only at the model's EOS ids)."""
     random_seed: int = -1
     """SGLang `--random-seed`; -1: SGLang's default (random)."""
+    max_n: int = 256
+    """CPU engine `--max-n`: largest `sampling_params.n` one request may ask for (400 above). SGLang has no such
+    limit."""
+    max_batch: int = 4096
+    """CPU engine `--max-batch`: most generation requests one body may create (prompts x n; 400 above)."""
+    max_request_mb: float = 32.0
+    """CPU engine `--max-request-mb`: largest request body in MiB (413 above, refused before it is read)."""
+    max_weights_request_mb: float = 1536.0
+    """CPU engine `--max-weights-request-mb`: largest /update_weights_from_tensor body in MiB (colocated tensor sync
+    sends one weight_sync.bucket_mb bucket per request, base64: ~1.34 x the bucket)."""
+    group_timeout_s: float = 120.0
+    """CPU engine `--group-timeout-s`: longest wait of /init_weights_update_group for the other ranks (a dead master
+    then fails the join instead of hanging the route)."""
     weight_version: str = ""
     """SGLang `--weight-version`: the version the engines report before the first sync; empty: SGLang's default."""
 
@@ -308,8 +324,11 @@ class WeightSyncConfig:
     engine only) | disk (a safetensors checkpoint staged in disk_dir, loaded by /update_weights_from_disk; works with
     SGLang on CUDA) | auto (disk where CUDA is available, else tensor). Neither puts a pickle on a socket."""
     disk_dir: str = "/dev/shm"
-    """colocated_transport=disk: where each sync stages its checkpoint (one directory per sync, removed after it);
-    use a memory filesystem (tmpfs). It must hold the model once in the wire dtype while a sync runs."""
+    """Base of the run's private staging directory: each run creates `<disk_dir>/dapo-run-<host>-<pid>-<random>/`
+    (mode 0700, removed at the end; pipeline/run_security.py), which is the CPU engines' only
+    /update_weights_from_disk root in every mode, and where colocated_transport=disk stages each sync's checkpoint
+    (one directory per sync, removed after it). Use a memory filesystem (tmpfs): it must hold the model once in the
+    wire dtype while a sync runs."""
     release_memory: list[str] = field(default_factory=list)
     """colocated: memory the engines give back while the trainer trains (SGLang's /release_memory_occupation tags:
     kv_cache, weights, cuda_graph); generation stops meanwhile. Empty (default): off, generation and training
@@ -442,6 +461,11 @@ _POSITIVE: tuple[str, ...] = (
     "engine.num_engines",
     "engine.tp",
     "engine.max_running_requests",
+    "engine.max_n",
+    "engine.max_batch",
+    "engine.max_request_mb",
+    "engine.max_weights_request_mb",
+    "engine.group_timeout_s",
     "trainer.world_size",
     "trainer.total_steps",
     "trainer.batch_size",
@@ -490,6 +514,12 @@ def validate(cfg: Config) -> Config:
     for path in _POSITIVE:
         if _get(cfg, path) < 1:
             _fail(path, f"must be >= 1; got {_get(cfg, path)}")
+    if cfg.engine.backend == "local" and cfg.rollout.n_samples_per_prompt > cfg.engine.max_n:
+        _fail(
+            "engine.max_n",
+            f"{cfg.engine.max_n} < rollout.n_samples_per_prompt {cfg.rollout.n_samples_per_prompt}: the CPU engine "
+            "would refuse every group request",
+        )
     if cfg.rollout.max_staleness < 0:
         _fail("rollout.max_staleness", f"must be >= 0; got {cfg.rollout.max_staleness}")
     if not 0 <= cfg.rollout.over_admission <= 8:
@@ -668,8 +698,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML, with secrets masked."""
     d = dataclasses.asdict(cfg)
-    if d["engine"]["api_key"]:
-        d["engine"]["api_key"] = "***"
+    for key in ("api_key", "admin_api_key"):
+        if d["engine"][key]:
+            d["engine"][key] = "***"
     return OmegaConf.to_yaml(OmegaConf.create(d))
 
 

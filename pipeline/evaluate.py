@@ -326,7 +326,10 @@ def eval_main(cfg: Any) -> int:
         runner = RewardRunner(cfg.eval.reward_fn or scorer or a.reward_fn, a.reward_timeout_s, a.reward_workers)
         work.append((name, prompts[: cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts, runner))
     sampling = eval_sampling(cfg, tokenizer.eos_token_id)
-    results = asyncio.run(_eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, engine_api_key(cfg)))
+    from pipeline.run_security import secure_run
+
+    with secure_run(cfg):  # a random API key for the engines launched here, a private staging root
+        results = asyncio.run(_eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, engine_api_key(cfg)))
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
     table = eval_table(results)
     (run_dir / "eval.md").write_text(table + "\n")

@@ -21,6 +21,12 @@ Contract:
   it is gone: at most one staged checkpoint per sender exists, and only during a sync and the moment after. It
   holds the model once in the wire dtype.
 - Writing fails with an OSError naming weight_sync.disk_dir and its free space (e.g. a container's 64 MB /dev/shm).
+- `private_run_root(base) -> Path` creates the run's private staging root `<base>/dapo-run-<host>-<pid>-<random>/`
+  (mode 0700, created fresh by mkdtemp: never an existing directory another user could have planted or can write),
+  `remove_run_root(path)` removes it. pipeline/run_security.py makes it weight_sync.disk_dir for the run, so
+  per-sync directories live inside it and CPU engines load only from it. `reap_orphans` also removes run roots of
+  dead processes. DiskStaging refuses a root that other users can write to (mode & 0o022) unless it is sticky
+  (like /dev/shm, /tmp), where mkdtemp's 0700 directories are still private.
 - Engines must see the directory: `check_engines_see(root, source_node, engine_nodes)` fails (ConfigError naming
   the engines) when an engine runs on another node than the sync source and `root` is not on a shared filesystem
   (NFS, Lustre, GPFS, CephFS, a FUSE mount, ...; judged from /proc/mounts).
@@ -46,6 +52,7 @@ from pipeline.config import ConfigError
 log = logging.getLogger(__name__)
 
 PREFIX = "dapo-wsync-"
+RUN_PREFIX = "dapo-run-"
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
@@ -93,6 +100,11 @@ class DiskStaging:
             raise ConfigError(f"weight_sync.disk_dir: {root!r} is not a directory")
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"weight_sync.disk_dir: {root!r} is not writable")
+        mode = os.stat(root).st_mode
+        if mode & 0o022 and not mode & 0o1000:  # others could swap our staged files (sticky dirs protect them)
+            raise ConfigError(
+                f"weight_sync.disk_dir: {root!r} is writable by other users and not sticky (mode {mode & 0o7777:o})"
+            )
         self.root, self.model_dir, self.stage = Path(root), model_dir, stage
         self._open: list[StagedCheckpoint] = []
         reap_orphans(self.root)
@@ -132,12 +144,34 @@ def _disk_error(where: Path, what: str) -> OSError:
     )
 
 
+def private_run_root(base: str | Path) -> Path:
+    """A fresh 0700 directory `<base>/dapo-run-<host>-<pid>-<random>/` (ConfigError naming weight_sync.disk_dir
+    when it cannot be made). Run roots that dead processes of this user left in `base` are removed first."""
+    base = Path(base)
+    if not base.is_dir():
+        raise ConfigError(f"weight_sync.disk_dir: {str(base)!r} is not a directory")
+    reap_orphans(base)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{_host()}-{os.getpid()}-", dir=base))
+    except OSError as e:
+        raise ConfigError(f"weight_sync.disk_dir: cannot create the run's staging directory in {base} ({e})") from e
+    os.chmod(path, 0o700)  # mkdtemp already does; explicit, as the guarantee is the point
+    return path
+
+
+def remove_run_root(path: str | Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def reap_orphans(root: Path) -> list[Path]:
-    """Remove staging directories under `root` whose process (on this host, of this user) is gone."""
+    """Remove staging directories (per sync and per run) under `root` whose process (on this host, of this user) is
+    gone."""
     removed = []
     host, uid = _host(), os.getuid()
-    for entry in root.glob(f"{PREFIX}{host}-*"):
-        pid = entry.name[len(PREFIX) + len(host) + 1 :].split("-", 1)[0]
+    entries = [(PREFIX, e) for e in root.glob(f"{PREFIX}{host}-*")]
+    entries += [(RUN_PREFIX, e) for e in root.glob(f"{RUN_PREFIX}{host}-*")]
+    for prefix, entry in entries:
+        pid = entry.name[len(prefix) + len(host) + 1 :].split("-", 1)[0]
         try:
             if not pid.isdigit() or int(pid) == os.getpid() or entry.lstat().st_uid != uid or _alive(int(pid)):
                 continue
