@@ -375,6 +375,9 @@ class ClusterConfig:
     SPREAD | STRICT_SPREAD. Engines get their own group, one bundle per engine (its GPUs on one node), PACK."""
     placement_timeout_s: float = 120.0
     """How long to wait for a placement group before failing with what it needs and what the cluster has."""
+    zmq_max_message_mb: float = 256.0
+    """Largest message the rollout buffer's ZMQ socket accepts (ZMQ_MAXMSGSIZE; a sender of a larger frame is cut
+    off). A group of G samples of T tokens is about G x T x 14 bytes."""
 
 
 @dataclass
@@ -466,6 +469,7 @@ _POSITIVE: tuple[str, ...] = (
     "engine.max_request_mb",
     "engine.max_weights_request_mb",
     "engine.group_timeout_s",
+    "cluster.zmq_max_message_mb",
     "trainer.world_size",
     "trainer.total_steps",
     "trainer.batch_size",

@@ -63,7 +63,10 @@ def train(cfg: Config) -> RunResult:
     t, every = cfg.trainer, cfg.weight_sync.every
     stop = _StopFlag()
     buffer = RolloutBuffer(
-        GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"),
+        GroupReceiver(
+            cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0",
+            max_message_bytes=int(cfg.cluster.zmq_max_message_mb * 2**20),
+        ),
         batch_size=t.batch_size,
         max_staleness=cfg.rollout.max_staleness,
         dynamic_sampling=cfg.algorithm.dynamic_sampling,

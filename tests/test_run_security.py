@@ -167,3 +167,18 @@ def test_sglang_reads_keys_from_its_config_file(tmp_path, version):
 def test_admin_key_masked_in_yaml():
     cfg = load_config(TINY, ["engine.admin_api_key=adm-secret"])
     assert "adm-secret" not in to_yaml(cfg)
+
+
+def test_engine_limits_come_from_config():
+    from engines.process import local_command
+
+    cfg = load_config(TINY, ["engine.max_n=8", "engine.max_batch=64", "engine.max_request_mb=4",
+                             "engine.group_timeout_s=30", "rollout.n_samples_per_prompt=8"])  # fmt: skip
+    cmd = local_command(cfg.engine, "/m", 1)
+    for flag, value in (("--max-n", "8"), ("--max-batch", "64"), ("--max-request-mb", "4.0"),
+                        ("--max-weights-request-mb", "1536.0"), ("--group-timeout-s", "30.0")):  # fmt: skip
+        assert cmd[cmd.index(flag) + 1] == value
+    with pytest.raises(ConfigError, match="engine.max_n: 4 < rollout.n_samples_per_prompt 8"):
+        load_config(TINY, ["engine.max_n=4", "rollout.n_samples_per_prompt=8"])
+    with pytest.raises(ConfigError, match="engine.group_timeout_s"):
+        load_config(TINY, ["engine.group_timeout_s=0"])
