@@ -153,7 +153,8 @@ class EngineConfig:
     sends one weight_sync.bucket_mb bucket per request, base64: ~1.34 x the bucket)."""
     group_timeout_s: float = 120.0
     """CPU engine `--group-timeout-s`: longest wait of /init_weights_update_group for the other ranks (a dead master
-    then fails the join instead of hanging the route)."""
+    then fails the join instead of hanging the route); it is also the group's timeout for each broadcast (one
+    bucket), so keep it above the time one bucket takes to prepare and send."""
     weight_version: str = ""
     """SGLang `--weight-version`: the version the engines report before the first sync; empty: SGLang's default."""
 

@@ -110,7 +110,7 @@ class Limits:
     max_weights_body_bytes: int = 1536 * 2**20
     """Bytes of an /update_weights_from_tensor body (a 512 MB bucket is ~683 MB in base64)."""
     group_timeout_s: float = 120.0
-    """Longest wait of /init_weights_update_group for the other ranks."""
+    """Longest wait of /init_weights_update_group for the other ranks (also the group's per-broadcast timeout)."""
 
 
 class ContractError(BadRequest):
