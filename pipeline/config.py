@@ -511,6 +511,29 @@ def stream_parts(cfg: Config) -> int:
     return t.num_minibatches if streamed else 1
 
 
+def _check_engine_limits(cfg: Config) -> None:
+    """The CPU engine's request limits must admit what the run itself sends (else every such request is a 400)."""
+    e, ws = cfg.engine, cfg.weight_sync
+    if e.backend != "local":
+        return
+    for path, n in (
+        ("rollout.n_samples_per_prompt", cfg.rollout.n_samples_per_prompt),
+        ("eval.n_samples", cfg.eval.n_samples),
+    ):
+        if n > e.max_n:
+            _fail("engine.max_n", f"{e.max_n} < {path} {n}: the CPU engine would refuse those requests")
+    if (
+        ws.mode == "colocated"
+        and ws.colocated_transport != "disk"
+        and ws.bucket_mb * 4 / 3 + 1 > e.max_weights_request_mb
+    ):
+        _fail(
+            "engine.max_weights_request_mb",
+            f"{e.max_weights_request_mb} is below one weight_sync.bucket_mb={ws.bucket_mb} bucket in base64 "
+            f"(~{ws.bucket_mb * 4 / 3:.0f} MiB): raise it or lower the bucket",
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field rules. Fills derived values (trainer.parallel.dp). Returns cfg."""
     for path, choices in _CHOICES.items():
@@ -519,12 +542,7 @@ def validate(cfg: Config) -> Config:
     for path in _POSITIVE:
         if _get(cfg, path) < 1:
             _fail(path, f"must be >= 1; got {_get(cfg, path)}")
-    if cfg.engine.backend == "local" and cfg.rollout.n_samples_per_prompt > cfg.engine.max_n:
-        _fail(
-            "engine.max_n",
-            f"{cfg.engine.max_n} < rollout.n_samples_per_prompt {cfg.rollout.n_samples_per_prompt}: the CPU engine "
-            "would refuse every group request",
-        )
+    _check_engine_limits(cfg)
     if cfg.rollout.max_staleness < 0:
         _fail("rollout.max_staleness", f"must be >= 0; got {cfg.rollout.max_staleness}")
     if not 0 <= cfg.rollout.over_admission <= 8:

@@ -178,6 +178,9 @@ def test_engine_limits_come_from_config():
     for flag, value in (("--max-n", "8"), ("--max-batch", "64"), ("--max-request-mb", "4.0"),
                         ("--max-weights-request-mb", "1536.0"), ("--group-timeout-s", "30.0")):  # fmt: skip
         assert cmd[cmd.index(flag) + 1] == value
+    with pytest.raises(ConfigError, match="engine.max_weights_request_mb: 100.0 is below one weight_sync.bucket_mb"):
+        load_config(TINY, ["weight_sync.mode=colocated", "weight_sync.colocated_transport=tensor",
+                           "engine.max_weights_request_mb=100", "weight_sync.bucket_mb=512"])  # fmt: skip
     with pytest.raises(ConfigError, match="engine.max_n: 4 < rollout.n_samples_per_prompt 8"):
         load_config(TINY, ["engine.max_n=4", "rollout.n_samples_per_prompt=8"])
     with pytest.raises(ConfigError, match="engine.group_timeout_s"):
