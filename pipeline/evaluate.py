@@ -342,6 +342,7 @@ def eval_main(cfg: Any) -> int:
 async def _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, api_key) -> dict[str, Any]:
     from engines.client import EngineClient
     from engines.process import free_port, launch_engine
+    from pipeline.weight_sync.colocated import engine_args
 
     procs = []
     try:
@@ -350,7 +351,8 @@ async def _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, a
         else:
             for i in range(cfg.engine.num_engines):
                 port = cfg.engine.base_port + i if cfg.engine.base_port else free_port(cfg.engine.host)
-                procs.append(launch_engine(cfg.engine, model_dir, port, run_dir / f"eval_engine{i}.log"))
+                log = run_dir / f"eval_engine{i}.log"  # engine_args: the private weight root (run_security.py)
+                procs.append(launch_engine(cfg.engine, model_dir, port, log, engine_args(cfg)))
             urls = [p.url for p in procs]
         e = cfg.engine
         client = EngineClient(urls, api_key=api_key, timeout_s=e.request_timeout_s, max_retries=e.max_retries)
