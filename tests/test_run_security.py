@@ -6,7 +6,6 @@ file (held against SGLang's own config-file merger).
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import stat
 import sys
@@ -136,7 +135,7 @@ def _sglang_config_merger(version: str):
             pytest.skip(f"sglang {version} has no server_args_config_parser.py")
         code = zf.read(names[0]).decode()
     ns: dict = {"__name__": "sglang_config_parser"}
-    exec(compile(ast.parse(code), names[0], "exec"), ns)  # noqa: S102 - SGLang's source, read for its facts
+    exec(compile(code, names[0], "exec"), ns)  # noqa: S102 - SGLang's source, read for its facts
     return ns["ConfigArgumentMerger"]
 
 
@@ -185,3 +184,21 @@ def test_engine_limits_come_from_config():
         load_config(TINY, ["engine.max_n=4", "rollout.n_samples_per_prompt=8"])
     with pytest.raises(ConfigError, match="engine.group_timeout_s"):
         load_config(TINY, ["engine.group_timeout_s=0"])
+
+
+def test_run_root_made_on_another_node_is_private_and_removed(tmp_path):
+    # the driver named the root on its node; on the trainer's node (here: a base where it does not exist yet) the
+    # staging makes it itself, 0700, and removes it when the sender is done
+    root = tmp_path / "dapo-run-otherhost-123-abc"
+    staging = DiskStaging(str(root))
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    staging.open(1)
+    staging.close()
+    assert root.exists()  # between syncs
+    staging.close(final=True)
+    assert not root.exists()
+    planted = tmp_path / "dapo-run-otherhost-456-def"
+    planted.mkdir()
+    planted.chmod(0o777)  # made first by someone who read the name off an engine's command line
+    with pytest.raises(ConfigError, match="not a private .0700. directory of ours"):
+        DiskStaging(str(planted))

@@ -24,7 +24,9 @@ Contract:
 - `private_run_root(base) -> Path` creates the run's private staging root `<base>/dapo-run-<host>-<pid>-<random>/`
   (mode 0700, created fresh by mkdtemp: never an existing directory another user could have planted or can write),
   `remove_run_root(path)` removes it. pipeline/run_security.py makes it weight_sync.disk_dir for the run, so
-  per-sync directories live inside it and CPU engines load only from it. `reap_orphans` also removes run roots of
+  per-sync directories live inside it and CPU engines load only from it. On another node (the trainer's, when the
+  driver runs elsewhere) `DiskStaging` makes the same-named root itself (0700; an existing one must be a private
+  directory of ours) and removes it at `close(final=True)`. `reap_orphans` also removes run roots of
   dead processes. DiskStaging refuses a root that other users can write to (mode & 0o022) unless it is sticky
   (like /dev/shm, /tmp), where mkdtemp's 0700 directories are still private.
 - Engines must see the directory: `check_engines_see(root, source_node, engine_nodes)` fails (ConfigError naming
@@ -40,6 +42,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -96,6 +99,7 @@ class StagedCheckpoint:
 
 class DiskStaging:
     def __init__(self, root: str, model_dir: str = "", stage: int = 0) -> None:
+        self._made_root = _ensure_run_root(root)
         if not os.path.isdir(root):
             raise ConfigError(f"weight_sync.disk_dir: {root!r} is not a directory")
         if not os.access(root, os.W_OK | os.X_OK):
@@ -123,10 +127,34 @@ class DiskStaging:
                     os.symlink(src.resolve(), staged.path / src.name)
         return staged
 
-    def close(self) -> None:
+    def close(self, final: bool = False) -> None:
+        """Remove the staged checkpoint; `final` (the sender is done) also removes a run root made here."""
         for staged in self._open:
             staged.remove()
         self._open = []
+        if final and self._made_root:
+            remove_run_root(self.root)
+            self._made_root = False
+
+
+def _ensure_run_root(root: str) -> bool:
+    """A run root (`dapo-run-...`, named by the driver) on a node other than the driver's does not exist yet: make
+    it here, 0700 (True). An existing one must be ours and private: one planted by another user (its name shows in
+    the engines' command lines) is refused."""
+    path = Path(root)
+    if not path.name.startswith(RUN_PREFIX):
+        return False
+    try:
+        os.mkdir(path, 0o700)
+        return True
+    except FileExistsError:
+        pass
+    except OSError:
+        return False  # no parent, not writable: the checks that follow name the problem
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(f"weight_sync.disk_dir: {root!r} exists but is not a private (0700) directory of ours")
+    return False
 
 
 def _is_weight_file(name: str) -> bool:
