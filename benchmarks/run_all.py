@@ -1,6 +1,7 @@
 """`dapo bench`: run the benchmark suite and write a JSON and a Markdown table of figures and ratios.
 
-Each benchmark module exposes `run(quick: bool) -> dict`; a result's keys ending in `ratio` are the headline
+Each benchmark module exposes `run(quick: bool, **options) -> dict` (options: `--trainer-shape` for the trainer
+benchmark); a result's keys ending in `ratio` are the headline
 ratios against a baseline measured in the same run. A benchmark that fails is reported as failed, the suite
 goes on. The machine (CPU model, cores, GPU if any, torch version) is recorded with the results.
 """
@@ -24,6 +25,7 @@ SUITE = (
     ("weight_sync", "benchmarks.bench_weight_sync", "bucketed pipelined broadcast vs one flat broadcast"),
     ("loss", "benchmarks.bench_loss", "vectorised DAPO loss+backward vs per-sample loop"),
     ("megatron", "benchmarks.bench_megatron", "trainer tokens/s (megatron backend)"),
+    ("trainer", "benchmarks.bench_trainer", "both trainer backends: tokens/s, MFU, peak memory, logprob forward"),
 )
 
 
@@ -48,14 +50,14 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
-def run_suite(names: list[str] | None, quick: bool) -> dict[str, Any]:
+def run_suite(names: list[str] | None, quick: bool, options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": describe_machine(), "quick": quick, "benchmarks": {}}
     for name, module, what in SUITE:
         if names and name not in names:
             continue
         t0 = time.perf_counter()
         try:
-            out = importlib.import_module(module).run(quick=quick)
+            out = importlib.import_module(module).run(quick=quick, **(options or {}).get(name, {}))
             entry = {"what": what, "status": "ok", "result": out}
         except ModuleNotFoundError as e:
             entry = {"what": what, "status": "missing", "error": str(e)}
@@ -98,8 +100,15 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (minutes on a 2-core CPU)")
     p.add_argument("--only", nargs="*", help=f"subset of: {' '.join(n for n, _, _ in SUITE)}")
     p.add_argument("--out", default="runs/bench", help="directory for bench.json and bench.md")
+    p.add_argument(
+        "--trainer-shape",
+        choices=("tiny", "0.5b", "1.5b", "7b"),
+        default=None,
+        help="model shape of the trainer benchmark (default: tiny with --quick or on CPU, else 1.5b)",
+    )
     args = p.parse_args(argv)
-    results = run_suite(args.only, args.quick)
+    options = {"trainer": {"shape": args.trainer_shape}} if args.trainer_shape else {}
+    results = run_suite(args.only, args.quick, options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))

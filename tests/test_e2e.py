@@ -121,6 +121,12 @@ def test_resume_continues_the_run(tmp_path):
     prompts = [p for step in first.trained_prompts + second.trained_prompts for p in step]
     assert len(prompts) == 2 * N * B and len(set(prompts)) == len(prompts)
     assert second.accounting["balanced"] == 1 and second.accounting["trained"] == 2 * N * B, second.accounting
+    # TensorBoard keeps every step, the checkpointed step N included (the resumed writer purges only steps > N)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "resume" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("reward/mean")) == list(range(1, 2 * N + 1))
 
 
 @pytest.mark.slow

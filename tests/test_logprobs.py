@@ -7,6 +7,7 @@ tokens it sampled."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import weakref
 
@@ -20,7 +21,6 @@ from pipeline.algorithm.logprobs import fused_logprobs, token_aligned
 from pipeline.algorithm.losses import logprobs_from_logits, token_entropy_from_logits
 from pipeline.backend import MicroBatch
 from pipeline.config import Config, validate
-from tests.test_fsdp_trainer import _free_port
 
 # --------------------------------------------------------------------------------------------------- references
 
@@ -139,6 +139,12 @@ def test_bad_arguments_and_config_key():
 
 
 # --------------------------------------------------------------------------------------------------- TP=2
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _tp_worker(rank, world, port, q):
     import torch.distributed as dist
 

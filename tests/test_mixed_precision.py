@@ -63,13 +63,32 @@ def _moved_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Tens
     return moved / sum(v.numel() for v in before.values())
 
 
-def _check_sent_weights(backend, master: dict[str, torch.Tensor]) -> None:
+def _check_sent_weights(backend, master: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What a weight sync sends (named_hf_weights) is the master rounded to bf16, every tensor."""
     sent = dict(backend.named_hf_weights())
     assert sent, "the sync source sends weights"
     for name, t in sent.items():
         assert t.dtype == torch.bfloat16, name
         assert torch.equal(t.cpu(), master[name].cpu().to(torch.bfloat16)), name
+    return sent
+
+
+def _check_engine_receives(model_dir: str, sent: dict[str, torch.Tensor], master: dict[str, torch.Tensor]) -> None:
+    """A bf16 CPU engine that loads the sent tensors holds the master rounded (its /weights_checksum hash)."""
+    from transformers import AutoModelForCausalLM
+
+    from engines.local.dist import weights_checksum
+    from engines.local.engine import Engine
+
+    engine = Engine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), max_running=1).start()
+    try:
+        names = sorted(sent)
+        before = engine.checksum(names)
+        engine.call(lambda: engine.load_tensors(list(sent.items()))).result(timeout=30)
+        want = weights_checksum([(n, master[n].to(torch.bfloat16)) for n in names])
+        assert engine.checksum(names) == want != before
+    finally:
+        engine.stop()
 
 
 def test_one_rank_bf16_moves_every_master_weight_and_resumes(tmp_path):
@@ -88,7 +107,7 @@ def test_one_rank_bf16_moves_every_master_weight_and_resumes(tmp_path):
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 2e-5
     states = [s for s in backend.optimizer.state.values() if "exp_avg" in s]
     assert states and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in states)
-    _check_sent_weights(backend, after)
+    _check_engine_receives(model_dir, _check_sent_weights(backend, after), after)
 
     # Checkpoint after the steps, one more step; a fresh backend resumed from the checkpoint makes the same step.
     backend.save(str(tmp_path / "ckpt"))
@@ -168,3 +187,52 @@ def test_fsdp2_bf16_matches_one_rank(tmp_path):
     a = torch.cat([torch.from_numpy(d1[k]).flatten() for k in sorted(d1)]).double()
     b = torch.cat([torch.from_numpy(d2[k]).flatten() for k in sorted(d2)]).double()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95
+
+
+def _megatron_worker(rank, world, port, tmp):
+    from engines.megatron.backend import build_backend
+    from engines.megatron.testing import init_dist, random_micro_batches, tiny_config
+    from pipeline.algorithm.losses import make_loss_fn
+
+    init_dist(rank, world, port)
+    preset = OmegaConf.load(os.path.join(ROOT, "configs/base/dapo.yaml"))
+    cfg = tiny_config(distributed_optimizer=False, lr=preset.trainer.lr, weight_decay=preset.trainer.weight_decay)
+    cfg.model.dtype = preset.model.dtype
+    backend = build_backend(cfg, rank, world)
+    backend.setup(os.path.join(tmp, "hf"))
+    (inner,) = getattr(backend.optimizer, "chained_optimizers", [backend.optimizer])
+    model_params = [p for g in inner.float16_groups for p in g]  # bf16 model weights ...
+    mains = [p for g in inner.fp32_from_float16_groups for p in g]  # ... and their fp32 master copies
+    before = [p.detach().clone() for p in mains]
+    mbs = random_micro_batches(2, 3, 200, seed=1)
+    for _ in range(STEPS):
+        backend.train_minibatch(mbs, make_loss_fn(cfg.algorithm))
+    states = [s for s in inner.optimizer.state.values() if "exp_avg" in s]
+    torch.save(
+        {
+            "model_dtypes": {p.dtype for p in model_params},
+            "main_dtypes": {p.dtype for p in mains},
+            "state_dtypes": {s[k].dtype for s in states for k in ("exp_avg", "exp_avg_sq")},
+            "moved": sum(int((p != q).sum()) for p, q in zip(mains, before, strict=True)),
+            "moved_or_zero": sum(int(((p != q) | (q == 0)).sum()) for p, q in zip(mains, before, strict=True)),
+            "total": sum(p.numel() for p in mains),
+            "rounded": all(torch.equal(m.to(torch.bfloat16), p) for m, p in zip(mains, model_params, strict=True)),
+        },
+        os.path.join(tmp, "megatron_mp.pt"),
+    )
+
+
+def test_megatron_bf16_keeps_fp32_master_weights(tmp_path):
+    """Megatron already does it (Float16OptimizerWithFloat16Params): the same preset settings move essentially every
+    master element but megatron's zero-initialised padded vocabulary rows, and the bf16 model weights (what
+    named_hf_weights reads) are the master rounded."""
+    from engines.megatron.testing import save_tiny_hf, spawn
+
+    save_tiny_hf(str(tmp_path / "hf"), "qwen2", vocab_size=200, tie=True, seed=2, layers=2)
+    spawn(_megatron_worker, 1, str(tmp_path), timeout_s=120)
+    r = torch.load(tmp_path / "megatron_mp.pt")
+    assert r["model_dtypes"] == {torch.bfloat16}
+    assert r["main_dtypes"] == r["state_dtypes"] == {torch.float32}
+    # Unmoved: the zero padding rows, and a few elements whose gradient is exactly 0 (decay alone is < half an ulp).
+    assert r["moved_or_zero"] > 0.9999 * r["total"] and r["moved"] > 0.95 * r["total"]
+    assert r["rounded"]

@@ -27,7 +27,6 @@ With `model.dtype = float32` there is no copy and no policy. `named_hf_weights` 
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator
 
@@ -105,32 +104,35 @@ class FSDPBackend:
 
     # ------------------------------------------------------------------ set-up
     def setup(self, hf_model_dir: str) -> None:
-        # Master weights in float32 whatever the compute dtype.
-        attn = register_hf_attention() if self.packing else "sdpa"
-        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32, attn_implementation=attn)
-        model.to(self.device)
-        model.config.use_cache = False
+        model = self._load(hf_model_dir, torch.float32)  # master weights in float32 whatever the compute dtype
         self.model = model  # the fp32 master: the optimizer's parameters, checkpoints and weight syncs read it
-        self.compute = self._compute_model(model)
+        self.compute = self._compute_model(model, hf_model_dir)
         t = self.cfg.trainer
         self.policy = PolicyHead(
             self.compute, self.cfg.rollout.temperature, t.logprob_chunk_tokens, self.cfg.algorithm.entropy_coef != 0
         )
         if self.world_size > 1:
             self._shard(self.policy)
+        self._refresh_compute()  # exactly the master rounded, whatever the loader did
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=1e-8
         )
         warmup = t.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: warmup_factor(step, warmup))
 
-    def _compute_model(self, master: torch.nn.Module) -> torch.nn.Module:
+    def _load(self, hf_model_dir: str, dtype: torch.dtype) -> torch.nn.Module:
+        attn = register_hf_attention() if self.packing else "sdpa"
+        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=dtype, attn_implementation=attn)
+        model.to(self.device)
+        model.config.use_cache = False
+        return model
+
+    def _compute_model(self, master: torch.nn.Module, hf_model_dir: str) -> torch.nn.Module:
         """The module that runs forward/backward: the master itself, or (one rank, bf16) its bf16 copy."""
         compute = master
         if self.world_size == 1 and self.compute_dtype != torch.float32:
-            compute = copy.deepcopy(master).to(self.compute_dtype)  # ties survive deepcopy and .to()
-            for p in compute.parameters():
-                p.grad = None
+            # Loaded again rather than deep-copied: no second fp32 model in memory, even transiently.
+            compute = self._load(hf_model_dir, self.compute_dtype)
         if self.cfg.trainer.recompute:
             # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns); older ones do not.
             enable = getattr(compute, "activation_checkpointing_enable", None)
@@ -152,8 +154,10 @@ class FSDPBackend:
         fully_shard(policy, **kw)  # the root: embeddings, final norm and head
 
     def _pairs(self) -> Iterator[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
-        """(master, compute copy) parameter pairs (one rank, bf16 only)."""
-        return zip(self.model.parameters(), self.compute.parameters(), strict=True)
+        """(master, compute copy) parameter pairs (one rank, bf16 only), matched by name."""
+        compute = dict(self.compute.named_parameters())
+        for name, master in self.model.named_parameters():
+            yield master, compute[name]
 
     def _accumulate_master_grads(self) -> None:
         """One rank, bf16: add the copy's gradients (bf16) into the master's (fp32), then free them."""
@@ -265,7 +269,7 @@ class FSDPBackend:
         dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self._refresh_compute()
-        extra = torch.load(os.path.join(path, f"extra_rank{self.rank}.pt"), weights_only=False)
+        extra = torch.load(os.path.join(path, f"extra_rank{self.rank}.pt"), weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         self.optimizer_steps = extra["optimizer_steps"]

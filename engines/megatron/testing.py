@@ -5,9 +5,11 @@ Contract:
   LM (safetensors + config.json; `config` overrides HF config fields) with non-trivial biases and norm weights, and
   returns the model (float32, eval).
 - `tiny_config(tp, pp, dp, vpp=1, cp=1, **trainer)` returns a `Config` for the megatron backend (dropout is always 0).
-- `spawn(fn, world_size, *args, timeout_s)` runs `fn(rank, world_size, port, *args)` in `world_size` fresh
-  processes (start method forkserver with megatron preloaded; a free 127.0.0.1 port for the rendezvous), and raises
-  if one fails or the run exceeds the timeout. `init_dist(rank, world_size, port)` is what `fn` calls first (gloo unless told, 1 thread).
+- `spawn(fn, world_size, *args, timeout_s, start_method=None)` runs `fn(rank, world_size, port, *args)` in
+  `world_size` fresh processes (a free 127.0.0.1 port for the rendezvous), and raises if one fails or the run exceeds
+  the timeout. Start method: forkserver with megatron preloaded on a machine without CUDA (fast workers); `spawn`
+  where CUDA is available, since the preloaded modules may initialise CUDA in the forkserver and a forked child
+  then cannot use it ("Cannot re-initialize CUDA in forked subprocess"). `init_dist(rank, world_size, port)` is what `fn` calls first (gloo unless told, 1 thread).
 - `assert_same_update(before, after, ref_before, ref_after, lr)` asserts that one Adam step moved every HF tensor
   as in the reference run.
 - `random_micro_batches(...)` builds right-padded MicroBatches with variable lengths, advantages and behaviour
@@ -61,14 +63,23 @@ PRELOAD = [
 ]
 
 
-def spawn(fn: Any, world_size: int, *args: Any, timeout_s: float = 120.0) -> None:
+def default_start_method() -> str:
+    """`spawn` where CUDA is usable (no CUDA state inherited from a forkserver), else the fast preloaded forkserver.
+
+    `torch.cuda.is_available()` does not initialise CUDA in this process (no context, so no bad fork later)."""
+    return "spawn" if torch.cuda.is_available() else "forkserver"
+
+
+def spawn(fn: Any, world_size: int, *args: Any, timeout_s: float = 120.0, start_method: str | None = None) -> None:
     import multiprocessing
 
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(PRELOAD)
+    method = start_method or default_start_method()
+    if method == "forkserver":
+        multiprocessing.set_forkserver_preload(PRELOAD)
     ctx = mp.start_processes(
-        fn, args=(world_size, free_port(), *args), nprocs=world_size, join=False, start_method="forkserver"
+        fn, args=(world_size, free_port(), *args), nprocs=world_size, join=False, start_method=method
     )
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
