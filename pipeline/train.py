@@ -31,6 +31,7 @@ from pipeline.live_eval import live_eval_or_none
 from pipeline.metrics import MetricsLogger, make_sinks
 from pipeline.modeling import prepare_model_dir
 from pipeline.orchestrator import Cluster
+from pipeline.run_security import secure_run
 from pipeline.trainer import make_step_batches, merge_metrics
 from pipeline.transport import GroupReceiver
 from pipeline.types import Group
@@ -64,13 +65,17 @@ def train(cfg: Config) -> RunResult:
     t, every = cfg.trainer, cfg.weight_sync.every
     stop = _StopFlag()
     buffer = RolloutBuffer(
-        GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"),
+        GroupReceiver(
+            cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0",
+            max_message_bytes=int(cfg.cluster.zmq_max_message_mb * 2**20),
+        ),
         batch_size=t.batch_size,
         max_staleness=cfg.rollout.max_staleness,
         dynamic_sampling=cfg.algorithm.dynamic_sampling,
         capacity=cfg.rollout.buffer_capacity or (cfg.rollout.max_staleness + 2) * t.batch_size,
     )
-    with contextlib.closing(buffer), Cluster(cfg) as cluster, stop:
+    # secure_run: a random engine API key and a private 0700 staging root, set in cfg before any process starts
+    with contextlib.closing(buffer), secure_run(cfg), Cluster(cfg) as cluster, stop:
         model_dir = prepare_model_dir(cfg, str(run_dir))
         cluster.start_rollout(model_dir, buffer.address)  # loads tokenizer and prompts while the rest starts
         urls, trainers = cluster.launch(model_dir, str(run_dir))
