@@ -115,7 +115,10 @@ class EngineConfig:
     base_port: int = 0
     """First port; 0 picks free ports."""
     api_key: str = ""
-    """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged."""
+    """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged. Empty
+    (and no env) with engines the run launches (local, sglang): each run makes a random key (pipeline/runtime/run_security.py)
+    and hands it to the servers through the environment (CPU engine) or a 0600 config file (SGLang `--config`),
+    never on the command line."""
     mem_fraction: float = 0.7
     """SGLang `--mem-fraction-static`."""
     max_running_requests: int = 64
@@ -147,6 +150,20 @@ class EngineConfig:
     """SGLang `--skip-tokenizer-init` (token ids in and out; then SGLang stops only at the model's EOS ids)."""
     random_seed: int = -1
     """SGLang `--random-seed`; -1: SGLang's default (random)."""
+    max_n: int = 256
+    """CPU engine `--max-n`: largest `sampling_params.n` one request may ask for (400 above). SGLang has no such
+    limit."""
+    max_batch: int = 4096
+    """CPU engine `--max-batch`: most generation requests one body may create (prompts x n; 400 above)."""
+    max_request_mb: float = 32.0
+    """CPU engine `--max-request-mb`: largest request body in MiB (413 above, refused before it is read)."""
+    max_weights_request_mb: float = 1536.0
+    """CPU engine `--max-weights-request-mb`: largest /update_weights_from_tensor body in MiB (colocated tensor sync
+    sends one weight_sync.bucket_mb bucket per request, base64: ~1.34 x the bucket)."""
+    group_timeout_s: float = 120.0
+    """CPU engine `--group-timeout-s`: longest wait of /init_weights_update_group for the other ranks (a dead master
+    then fails the join instead of hanging the route); it is also the group's timeout for each broadcast (one
+    bucket), so keep it above the time one bucket takes to prepare and send."""
     weight_version: str = ""
     """SGLang `--weight-version`: the version the engines report before the first sync; empty: SGLang's default."""
 
@@ -318,8 +335,11 @@ class WeightSyncConfig:
     engine only) | disk (a safetensors checkpoint staged in disk_dir, loaded by /update_weights_from_disk; works with
     SGLang on CUDA) | auto (disk where CUDA is available, else tensor). Neither puts a pickle on a socket."""
     disk_dir: str = "/dev/shm"
-    """colocated_transport=disk: where each sync stages its checkpoint (one directory per sync, removed after it);
-    use a memory filesystem (tmpfs). It must hold the model once in the wire dtype while a sync runs."""
+    """Base of the run's private staging directory: each run creates `<disk_dir>/dapo-run-<host>-<pid>-<random>/`
+    (mode 0700, removed at the end; pipeline/runtime/run_security.py), which is the CPU engines' only
+    /update_weights_from_disk root in every mode, and where colocated_transport=disk stages each sync's checkpoint
+    (one directory per sync, removed after it). Use a memory filesystem (tmpfs): it must hold the model once in the
+    wire dtype while a sync runs."""
     release_memory: list[str] = field(default_factory=list)
     """colocated: memory the engines give back while the trainer trains (SGLang's /release_memory_occupation tags:
     kv_cache, weights, cuda_graph); generation stops meanwhile. Empty (default): off, generation and training
@@ -371,6 +391,9 @@ class ClusterConfig:
     SPREAD | STRICT_SPREAD. Engines get their own group, one bundle per engine (its GPUs on one node), PACK."""
     placement_timeout_s: float = 120.0
     """How long to wait for a placement group before failing with what it needs and what the cluster has."""
+    zmq_max_message_mb: float = 256.0
+    """Largest message the rollout buffer's ZMQ socket accepts (ZMQ_MAXMSGSIZE; a sender of a larger frame is cut
+    off). A group of G samples of T tokens is about G x T x 14 bytes."""
 
 
 @dataclass
@@ -486,6 +509,12 @@ _POSITIVE: tuple[str, ...] = (
     "engine.num_engines",
     "engine.tp",
     "engine.max_running_requests",
+    "engine.max_n",
+    "engine.max_batch",
+    "engine.max_request_mb",
+    "engine.max_weights_request_mb",
+    "engine.group_timeout_s",
+    "cluster.zmq_max_message_mb",
     "trainer.world_size",
     "trainer.total_steps",
     "trainer.batch_size",
@@ -557,6 +586,29 @@ def layout(cfg: Config) -> Layout:
     )
 
 
+def _check_engine_limits(cfg: Config) -> None:
+    """The CPU engine's request limits must admit what the run itself sends (else every such request is a 400)."""
+    e, ws = cfg.engine, cfg.weight_sync
+    if e.backend != "local":
+        return
+    for path, n in (
+        ("rollout.n_samples_per_prompt", cfg.rollout.n_samples_per_prompt),
+        ("eval.n_samples", cfg.eval.n_samples),
+    ):
+        if n > e.max_n:
+            _fail("engine.max_n", f"{e.max_n} < {path} {n}: the CPU engine would refuse those requests")
+    if (
+        ws.mode == "colocated"
+        and ws.colocated_transport != "disk"
+        and ws.bucket_mb * 4 / 3 + 1 > e.max_weights_request_mb
+    ):
+        _fail(
+            "engine.max_weights_request_mb",
+            f"{e.max_weights_request_mb} is below one weight_sync.bucket_mb={ws.bucket_mb} bucket in base64 "
+            f"(~{ws.bucket_mb * 4 / 3:.0f} MiB): raise it or lower the bucket",
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field rules. Fills derived values (trainer.parallel.dp). Returns cfg."""
     _validate_finite(cfg)
@@ -567,6 +619,7 @@ def validate(cfg: Config) -> Config:
     for path in _POSITIVE:
         if _get(cfg, path) < 1:
             _fail(path, f"must be >= 1; got {_get(cfg, path)}")
+    _check_engine_limits(cfg)
     if cfg.rollout.max_staleness < 0:
         _fail("rollout.max_staleness", f"must be >= 0; got {cfg.rollout.max_staleness}")
     if not 0 <= cfg.rollout.over_admission <= 8:
@@ -741,7 +794,7 @@ def _validate_finite(node: Any, prefix: str = "") -> None:
 
 # Configs saved before the package layout (a run directory being resumed) name the module by its old path
 # (written as two literals so that a rename of the path never rewrites this key).
-_MOVED = {"pipeline.rewards": "pipeline.flow.rewards"}
+_MOVED = {"pipeline.flow.rewards": "pipeline.flow.rewards"}
 
 
 def load_reward_fn(fn_path: str, key: str = "algorithm.reward_fn") -> Any:
@@ -922,8 +975,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML, with secrets masked."""
     d = dataclasses.asdict(cfg)
-    if d["engine"]["api_key"]:
-        d["engine"]["api_key"] = "***"
+    for key in ("api_key", "admin_api_key"):
+        if d["engine"][key]:
+            d["engine"][key] = "***"
     return OmegaConf.to_yaml(OmegaConf.create(d))
 
 

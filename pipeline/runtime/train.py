@@ -27,6 +27,7 @@ from pipeline.runtime.groups import RolloutHandle, launch_groups
 from pipeline.runtime.hf_export import hf_due, save_run_hf
 from pipeline.runtime.live_eval import live_eval_or_none
 from pipeline.runtime.metrics import RunRecord
+from pipeline.runtime.run_security import secure_run
 from pipeline.runtime.signals import StopFlag
 from pipeline.runtime.steps import train_step
 from pipeline.runtime.weight_sync.coordinator import WeightSyncCoordinator
@@ -48,8 +49,13 @@ class RunResult:
 def train(cfg: Config) -> RunResult:
     check_local_paths(cfg)  # missing files fail here, before Ray or any engine starts
     run_dir, lay = make_run_dir(cfg), layout(cfg)
-    buffer = make_buffer(lay, GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"))
-    with contextlib.closing(buffer), Cluster(cfg) as cluster, StopFlag() as stop:
+    receiver = GroupReceiver(
+        cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0",
+        max_message_bytes=int(cfg.cluster.zmq_max_message_mb * 2**20),
+    )
+    buffer = make_buffer(lay, receiver)
+    # secure_run: a random engine API key and a private 0700 staging root, set in cfg before any process starts
+    with contextlib.closing(buffer), secure_run(cfg), Cluster(cfg) as cluster, StopFlag() as stop:
         model_dir = prepare_model_dir(cfg, str(run_dir))
         cluster.start_rollout(model_dir, buffer.address)  # loads tokenizer and prompts while the rest starts
         engines, trainers = launch_groups(cfg, cluster, model_dir, str(run_dir))
