@@ -43,7 +43,7 @@ def raw_pusher(address: str) -> zmq.Socket:
 
 @pytest.fixture
 def buf():
-    b = RolloutBuffer(GroupReceiver(), batch_size=1, max_staleness=4, dynamic_sampling=True, capacity=16)
+    b = RolloutBuffer(GroupReceiver(), batch_size=1, max_staleness=4, capacity=16)
     yield b
     b.close()
 
