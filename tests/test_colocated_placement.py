@@ -64,14 +64,9 @@ def test_engine_devices_by_hand():
 
 
 @ray.remote(num_cpus=0)
-class _Rank:
-    """Stands in for a trainer rank: what Ray gives an actor with trainer.gpus_per_rank in a trainer bundle."""
-
-    def gpus(self) -> list[str]:
-        return [str(g) for g in ray.get_gpu_ids()]
-
-    def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+def _rank_gpus() -> list[str]:
+    """Stands in for a trainer rank: the GPUs Ray gives trainer.gpus_per_rank in a trainer bundle."""
+    return [str(g) for g in ray.get_gpu_ids()]
 
 
 def test_engines_get_their_ranks_gpus_and_node(tmp_path):
@@ -86,11 +81,10 @@ def test_engines_get_their_ranks_gpus_and_node(tmp_path):
             devices = [d.split(",") for _, d in placed]
             assert sorted(g for d in devices for g in d) == [str(i) for i in range(8)]  # 2 engines x 4 distinct GPUs
             # the ranks that later run in those bundles get the same GPUs the engines were given
-            ranks = [
-                _Rank.options(num_gpus=cfg.trainer.gpus_per_rank, **cluster._in_bundle("trainer", r)).remote()
+            rank_gpus = ray.get([
+                _rank_gpus.options(num_gpus=cfg.trainer.gpus_per_rank, **cluster._in_bundle("trainer", r)).remote()
                 for r in range(8)
-            ]
-            rank_gpus = ray.get([a.gpus.remote() for a in ranks])
+            ])  # fmt: skip
             assert [",".join(g for r in range(4 * j, 4 * j + 4) for g in rank_gpus[r]) for j in range(2)] == [
                 d for _, d in placed
             ]
