@@ -111,6 +111,8 @@ class Plan:
     """Why this layout, what it needs, what the config cannot express yet."""
     config_error: str = ""
     """Non-empty: the layout cannot be written as a config that validates (and why)."""
+    gpus_per_node: int = 0
+    """The request's GPUs per node (written as cluster.gpus_per_node; 0: not known)."""
 
     @property
     def useful_gen_tokens_per_s(self) -> float:
@@ -276,6 +278,7 @@ def propose(
 
 
 def _finish(r: Request, plan: Plan) -> Plan:
+    plan.gpus_per_node = r.gpus_per_node
     plan.demand = generation_demand(r.keep_rate, r.over_admission)
     plan.gen_tokens_per_s *= decode_tail_efficiency(r.staleness)
     plan.step_tokens = r.samples * r.resp
