@@ -212,6 +212,14 @@ class AlgorithmConfig:
     """Importance weights behaviour->proximal in decoupled mode: none | tis (truncated) | mis (masked)."""
     is_cap: float = 2.0
     """Truncation (tis) or mask (mis) threshold of the importance weights."""
+    routing_replay: str = "off"
+    """MoE rollout routing replay (R3): off | rollout. With rollout the engines return the experts every token was
+    routed to (SGLang's return_routed_experts; its servers need --enable-return-routed-experts) and the megatron
+    trainer sends each token to those experts (training forward and the decoupled-PPO proximal pass), the gate
+    weights still coming from its own router logits. Dense models ignore it."""
+    routing_mismatch_probe: bool = True
+    """With recorded routing: one extra no-grad forward per mini-batch in the other routing mode, so that the
+    train-inference logprob mismatch is reported with and without replay (rollout/*_replay, rollout/*_noreplay)."""
     log_ratio_clamp: float = 20.0
     """|log ratio| is clamped to this before exp for stability."""
     kl_coef: float = 0.0
@@ -423,6 +431,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.policy_loss": ("ppo", "gspo", "cispo"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "algorithm.off_policy": ("behaviour", "decoupled"),
+    "algorithm.routing_replay": ("off", "rollout"),
     "algorithm.is_correction": ("none", "tis", "mis"),
     "data.template": ("none", "dapo", "chat"),
     "model.dtype": ("float32", "bfloat16"),

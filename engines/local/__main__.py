@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="/update_weights_from_disk loads only directories under this one (default: any directory)",
     )
+    p.add_argument(
+        "--enable-return-routed-experts",
+        action="store_true",
+        help="SGLang's flag: MoE models return the routed experts of requests with return_routed_experts",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--parent-pid", type=int, default=0, help="shut down when this process (our launcher) is gone")
     return p.parse_args(argv)
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer,
         api_key=api_key,
         weights_root=args.update_weights_root,
+        enable_return_routed_experts=args.enable_return_routed_experts,
         host=args.host,
         port=args.port,
         threads=args.threads,

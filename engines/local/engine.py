@@ -21,6 +21,9 @@ Contract:
   tags are only recorded (nothing to free on CPU; weights are kept, where SGLang without a CPU backup loses them).
   While any tag is released nothing is scheduled: requests wait, as they do while paused, until every tag is
   resumed.
+- Routed experts (SGLang's return_routed_experts): on a MoE model (HFRunner) a request with
+  `return_routed_experts` collects the top-k experts of every token the engine feeds (prompt and generated tokens,
+  `Request.routing()`); a retracted request re-prefilled keeps its first record of each position.
 - Lanes: with `lanes` > 1 the running batch is split into that many independent row groups (own KV cache and
   sampler), stepped concurrently on a thread pool with one torch thread each. On a few CPU cores this uses every
   core without OpenMP barriers on the many small ops of a decode step. Control semantics are unchanged: lanes
@@ -56,6 +59,8 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     return_logprob: bool = True
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
     on_done: Callable[[Request], None] = lambda r: None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -63,6 +68,23 @@ class Request:
     error: str | None = None
     weight_version: str = ""
     created: float = field(default_factory=time.monotonic)
+    # MoE, with return_routed_experts on an engine that records routing: (n, L, k) int32 chunks of the experts of
+    # the fed tokens in position order (positions [0, routed_len)); a retracted request keeps its first record.
+    routed: list[torch.Tensor] = field(default_factory=list)
+    routed_len: int = 0
+
+    def add_routing(self, first: int, routes: torch.Tensor) -> None:
+        """Records of positions [first, first + len(routes)); only positions not recorded yet are kept."""
+        skip = self.routed_len - first
+        if skip < 0:
+            raise RuntimeError(f"request {self.rid}: routing of positions [{self.routed_len}, {first}) was lost")
+        if skip < routes.shape[0]:
+            self.routed.append(routes[skip:])
+            self.routed_len = first + routes.shape[0]
+
+    def routing(self) -> torch.Tensor | None:
+        """(fed tokens, L, k) int32, or None when nothing was recorded."""
+        return torch.cat(self.routed) if self.routed else None
 
 
 class _Lane:
@@ -79,14 +101,26 @@ class _Lane:
         logits = []
         if self.running:
             logits.append(self.runner.decode([r.output_ids[-1] for r in self.running]))
+            self._record(self.running)
         if new:
             logits.append(self.runner.prefill([r.prompt + r.output_ids for r in new]))
+            self._record(new)
             self.running.extend(new)
             self.admitted += len(new)
         if not logits:
             return []
         tokens, logprobs = sample(torch.cat(logits), [r.params for r in self.running], self.generator, original_logprob)
         return list(zip(self.running, tokens.tolist(), logprobs.tolist(), strict=True))
+
+    def _record(self, reqs: list[Request]) -> None:
+        """The routed experts of the tokens the runner's last call fed (MoE runners only)."""
+        routes = getattr(self.runner, "last_routing", None)
+        if routes is None:
+            return
+        for req, (first, r) in zip(reqs, routes, strict=True):
+            if req.return_routed_experts:
+                req.add_routing(first, r)
+        self.runner.last_routing = None
 
     def remove(self, row: int) -> Request:
         req = self.running[row]

@@ -66,6 +66,7 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -85,6 +86,7 @@ from engines.megatron.convert import (
     megatron_to_hf_named_tensors,
 )
 from engines.megatron.cpu_compat import enable_cpu_compat
+from engines.megatron.routing import RoutingReplay
 from engines.packing import PackedMicroBatch, pack_micro_batch, packed_length, padded_micro_batch  # noqa: F401
 from pipeline.algorithm.logprobs import fused_logprobs, tp_vocab_start
 from pipeline.algorithm.schedule import warmup_lr
@@ -154,6 +156,31 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     return MicroBatch(**fields)
 
 
+def _mismatch_sums(lp: torch.Tensor, mb: MicroBatch) -> dict[str, torch.Tensor]:
+    """Sums over the loss tokens of |trainer - engine logprob| and of the k3 estimate of KL(engine || trainer)
+    (r - 1 - log r with r = p_trainer / p_engine on tokens sampled from the engine), and the token count."""
+    m = mb.loss_mask.to(lp.dtype)
+    d = (lp - mb.old_logprobs.to(lp.dtype)) * m  # log r
+    k3 = (torch.exp(d) - 1 - d) * m
+    return {"_mm_abs": d.abs().sum().detach(), "_mm_k3": k3.sum().detach(), "_mm_n": m.sum().detach()}
+
+
+def _mismatch_metrics(sums: dict[str, float], suffix: str) -> dict[str, float]:
+    n = max(sums.get("_mm_n", 0.0), 1.0)
+    return {f"rollout/logprob_abs_diff{suffix}": sums.get("_mm_abs", 0.0) / n,
+            f"rollout/kl_k3{suffix}": sums.get("_mm_k3", 0.0) / n}  # fmt: skip
+
+
+def _routing_metrics(metrics: dict[str, float], suffix: str) -> dict[str, float]:
+    """Pops the raw sums out of `metrics`; the training forward's mismatch under its own name and suffixed."""
+    raw = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("_")]}
+    out = _mismatch_metrics(raw, "")
+    out.update({k + suffix: v for k, v in out.items()})
+    out["moe/routing_mismatch"] = raw.get("_routes_flipped", 0.0) / max(raw.get("_routes", 0.0), 1.0)
+    out["moe/routing_mismatch_tokens"] = raw.get("_route_tokens_flipped", 0.0) / max(raw.get("_route_tokens", 0.0), 1.0)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- backend
 class MegatronBackend:
     def __init__(self, cfg: Config, rank: int, world_size: int, packing: bool = True):
@@ -178,6 +205,7 @@ class MegatronBackend:
         self.cp_rank = (rank // p.tp) % p.cp
         self.is_sync_source = self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
         self.optimizer_steps = 0
+        self._counting = False  # the training forward counts routing mismatches, other forwards do not
         self.device = torch.device("cpu")
         if torch.cuda.is_available():  # torchrun: one GPU per local rank; a Ray actor sees only its own GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -237,6 +265,12 @@ class MegatronBackend:
                 bypass_output_layer(chunk)
         self.chunks = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer()
+        # MoE: routers hooked for rollout routing replay and the routing-mismatch statistics (engines/megatron/
+        # routing.py); used only when a micro-batch carries records.
+        self.replay = RoutingReplay(self.chunks, self.tconfig) if self.arch.num_experts else None
+        self.replay_on = self.cfg.algorithm.routing_replay == "rollout"
+        if self.replay is not None:
+            self.replay.apply = self.replay_on
 
     def _load_hf(self, chunks: list[torch.nn.Module], weights: HFWeights) -> None:
         from megatron.core import parallel_state as ps
@@ -343,9 +377,13 @@ class MegatronBackend:
     def _forward_step(self, loss_fn: LossFn | None, data_iterator: Iterator[PackedMicroBatch], model: Any):
         packed = next(data_iterator)
         psp = _packed_seq_params(packed) if packed.cu_seqlens is not None else None
+        if self.replay is not None:
+            self.replay.set_current(packed.routed_experts, stats=self._counting)
         hidden = model(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, packed_seq_params=psp
         )  # last stage: (b, s, h) hidden states (the output layer is bypassed); other stages: activations
+        if self.replay is not None:
+            self.replay.end_forward()
         return hidden, partial(self._loss, loss_fn, packed, model)
 
     def _loss(self, loss_fn: LossFn | None, packed: PackedMicroBatch, model: Any, hidden: torch.Tensor):
@@ -356,8 +394,12 @@ class MegatronBackend:
             lp, _ = self._logprobs(packed, hidden, weight, with_entropy=False)
             return hidden.new_zeros(()), no_tokens, {"logprobs": lp.detach()}
         lp, ent = self._logprobs(packed, hidden, weight, with_entropy=True)
-        loss, metrics = loss_fn(lp, ent, _to_device(packed.mb, hidden.device))
-        return loss, no_tokens, {k: v.detach().float() for k, v in metrics.items()}
+        mb = _to_device(packed.mb, hidden.device)
+        loss, metrics = loss_fn(lp, ent, mb)
+        out = {k: v.detach().float() for k, v in metrics.items()}
+        if mb.routed_experts is not None:
+            out.update(_mismatch_sums(lp.detach(), mb))
+        return loss, no_tokens, out
 
     def _run(
         self, micro_batches: list[MicroBatch], loss_fn: LossFn | None
@@ -384,15 +426,17 @@ class MegatronBackend:
         if self.arch.num_experts and loss_fn is not None:
             self.tconfig.moe_aux_loss_coeff = self._aux_coeff / self._router_tokens(packed)
         iters: Any = [iter(packed) for _ in self.chunks] if len(self.chunks) > 1 else iter(packed)
-        out = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, loss_fn),
-            data_iterator=iters,
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(packed),
-            seq_length=max(pk.total_len // pk.input_ids.shape[0] for pk in packed),  # megatron divides it by cp
-            micro_batch_size=packed[0].input_ids.shape[0],
-            forward_only=loss_fn is None,
-        )
+        recompute = self.cfg.trainer.recompute and loss_fn is not None
+        with self.replay.installed(fifo=recompute) if self.replay is not None else contextlib.nullcontext():
+            out = get_forward_backward_func()(
+                forward_step_func=partial(self._forward_step, loss_fn),
+                data_iterator=iters,
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=len(packed),
+                seq_length=max(pk.total_len // pk.input_ids.shape[0] for pk in packed),  # megatron divides it by cp
+                micro_batch_size=packed[0].input_ids.shape[0],
+                forward_only=loss_fn is None,
+            )
         return out, packed[: len(micro_batches)]
 
     def _max_count_over_ep(self, n: int) -> int:
@@ -431,14 +475,47 @@ class MegatronBackend:
             result.append(self._from_last_stage(lp.float().contiguous(), ps).cpu())
         return result
 
+    def _forward_routing(self, micro_batches: list[MicroBatch], replay: bool) -> list[torch.Tensor]:
+        """forward_logprobs with the records replayed or not (`algorithm.routing_replay` is the default)."""
+        saved = self.replay_on
+        self.replay_on = replay
+        self.replay.apply = replay
+        try:
+            return self.forward_logprobs(micro_batches)
+        finally:
+            self.replay_on = saved
+            self.replay.apply = saved
+
+    def _mismatch_probe(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """Logprob mismatch of the other routing mode than the training forward's (one no-grad forward)."""
+        replay = not self.replay_on
+        lps = self._forward_routing(micro_batches, replay)
+        sums: dict[str, float] = {}
+        for lp, mb in zip(lps, micro_batches, strict=True):
+            for k, v in _mismatch_sums(lp.to(self.device), _to_device(mb, self.device)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        sums = self._reduce_metrics(sums)
+        return _mismatch_metrics(sums, "_replay" if replay else "_noreplay")
+
     def train_minibatch(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
         enable_cpu_compat()
+        recorded = self.replay is not None and any(mb.routed_experts is not None for mb in micro_batches)
+        probe: dict[str, float] = {}
+        if recorded and self.cfg.algorithm.routing_mismatch_probe:
+            probe = self._mismatch_probe(micro_batches)
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self._apply_schedule()
-        out, packed = self._run(micro_batches, loss_fn)
+        if self.replay is not None:
+            self.replay.apply = self.replay_on
+            self.replay.take_stats()
+        self._counting = True
+        try:
+            out, packed = self._run(micro_batches, loss_fn)
+        finally:
+            self._counting = False
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise RuntimeError("megatron optimizer step failed (non-finite gradients)")
@@ -447,7 +524,13 @@ class MegatronBackend:
         for d in out[: len(micro_batches)]:
             for k, v in d.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        if recorded:
+            sums.update(zip(("_routes", "_routes_flipped", "_route_tokens", "_route_tokens_flipped"),
+                            self.replay.take_stats(), strict=True))  # fmt: skip
         metrics = self._reduce_metrics(sums)
+        if recorded:
+            metrics.update(_routing_metrics(metrics, "_replay" if self.replay_on else "_noreplay"))
+            metrics.update(probe)
         real = sum(pk.real_tokens for pk in packed)
         padded = sum(pk.mb.input_ids.numel() for pk in packed)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0

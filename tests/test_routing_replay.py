@@ -1,0 +1,227 @@
+"""MoE rollout routing replay (R3) on CPU with a tiny Qwen3-MoE (4 experts, top-2, 2 layers).
+
+The CPU engine (engines/local, in-process) generates from the "engine" checkpoint, whose routers have a tie between
+experts 0 and 1 (the same gate row), and records the experts of every fed token. The megatron trainer loads a
+copy whose expert-1 gate row is perturbed by ~1e-6: the perturbation decides the tie, so the trainer's own top-k
+flips for many tokens while its router logits move by ~1e-5 only. With replay its logprobs of the sampled tokens
+equal the engine's to fp32 precision (the gate weights still come from its own logits); without replay they do not.
+Also: the old-logprob pass (forward_logprobs) replays; full recomputation replays the first forward's routing;
+EP=2 equals EP=1 with replay; the metrics; the routing survives packing (and CP splitting)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from engines.megatron.testing import init_dist, save_tiny_hf, spawn, tiny_config
+from engines.packing import pack_micro_batch, padded_micro_batch
+from pipeline.backend import MicroBatch
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24, 25, 26, 27], [31, 32, 33, 34]]
+NEW_TOKENS = 10
+PERTURB = 1e-6
+
+
+def _tie_routers(model: torch.nn.Module, perturb: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w[1] = w[0] + perturb * torch.randn(w.shape[1], generator=g)
+
+
+def _rollout(model: torch.nn.Module) -> list[dict]:
+    """Generate with the CPU engine, recording the routed experts (what SGLang returns for the sample)."""
+    from engines.local.engine import Engine, Request
+    from engines.local.sampling import SamplingParams
+
+    engine = Engine(model, max_running=2, seed=0).start()  # 2 rows: requests join a running batch
+    done, out = threading.Semaphore(0), []
+    params = SamplingParams.from_json({"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "ignore_eos": True})
+    for i, p in enumerate(PROMPTS):
+        engine.submit(Request(rid=str(i), prompt=p, params=params, return_routed_experts=True,
+                              on_done=lambda r: (out.append(r), done.release())))  # fmt: skip
+    for _ in PROMPTS:
+        assert done.acquire(timeout=60)
+    engine.stop()
+    out.sort(key=lambda r: int(r.rid))
+    return [{"prompt": r.prompt, "output": r.output_ids, "logprobs": r.logprobs, "routing": r.routing()} for r in out]
+
+
+def micro_batch(samples: list[dict], routing: bool = True) -> MicroBatch:
+    """Right-padded (B, T) MicroBatch of the rollouts; routed_experts -1 where nothing was recorded."""
+    B, T = len(samples), max(len(s["prompt"]) + len(s["output"]) for s in samples)
+    L, k = samples[0]["routing"].shape[1:]
+    ids = torch.zeros(B, T, dtype=torch.long)
+    att, mask, old = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T), torch.zeros(B, T)
+    routes = torch.full((B, T, L, k), -1, dtype=torch.int16)
+    for b, s in enumerate(samples):
+        P, n = len(s["prompt"]), len(s["prompt"]) + len(s["output"])
+        ids[b, :n] = torch.tensor(s["prompt"] + s["output"])
+        att[b, :n] = 1
+        mask[b, P:n] = 1.0
+        old[b, P:n] = torch.tensor(s["logprobs"])
+        routes[b, : n - 1] = s["routing"]  # the fed tokens: all but the last
+    total = float(mask.sum())
+    adv = torch.linspace(-1, 1, B).unsqueeze(1).expand(B, T) * mask
+    return MicroBatch(
+        input_ids=ids, attention_mask=att, position_ids=torch.arange(T).expand(B, T).contiguous(), loss_mask=mask,
+        old_logprobs=old, advantages=adv.contiguous(), global_tokens=total, global_seqs=float(B),
+        max_new_tokens=NEW_TOKENS, routed_experts=routes if routing else None,
+    )  # fmt: skip
+
+
+def _backend(tmp: str, rank: int, world: int, ep: int = 1, replay: str = "rollout", **trainer):
+    from engines.megatron.backend import build_backend
+
+    cfg = tiny_config(1, 1, world, **trainer)
+    cfg.trainer.parallel.ep = ep
+    cfg.algorithm.routing_replay = replay
+    backend = build_backend(cfg, rank, world)
+    backend.setup(os.path.join(tmp, "trainer"))
+    return backend, cfg
+
+
+def _step(backend, cfg, mbs: list[MicroBatch]) -> dict:
+    from pipeline.algorithm.losses import make_loss_fn
+
+    metrics = backend.train_minibatch(mbs, make_loss_fn(cfg.algorithm))
+    return {"metrics": metrics, "after": {k: v.clone() for k, v in backend.named_hf_weights()}}
+
+
+def _single_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
+    init_dist(rank, world_size, port)
+    samples = torch.load(os.path.join(tmp, "samples.pt"))
+    mb = micro_batch(samples)
+    out: dict = {}
+    backend, cfg = _backend(tmp, rank, 1)
+    out["lp_replay"] = backend.forward_logprobs([mb])[0]
+    backend.replay_on = backend.replay.apply = False
+    out["lp_own"] = backend.forward_logprobs([mb])[0]
+    backend.replay_on = backend.replay.apply = True
+    out["step"] = _step(backend, cfg, [mb])
+    backend, cfg = _backend(tmp, rank, 1, recompute=True)
+    out["step_recompute"] = _step(backend, cfg, [mb])
+    backend, cfg = _backend(tmp, rank, 1, replay="off")
+    out["step_off"] = _step(backend, cfg, [mb])
+    torch.save(out, os.path.join(tmp, "single.pt"))
+
+
+def _ep_worker(rank: int, world_size: int, port: int, tmp: str, ep: int) -> None:
+    init_dist(rank, world_size, port)
+    samples = torch.load(os.path.join(tmp, "samples.pt"))
+    mbs = [micro_batch(samples[:2]), micro_batch(samples[2:])]
+    backend, cfg = _backend(tmp, rank, world_size, ep=ep)
+    mine = mbs[backend.dp_rank :: backend.dp_size]
+    out = {"lp": backend.forward_logprobs(mine), **_step(backend, cfg, mine)}
+    torch.save(out, os.path.join(tmp, f"ep{ep}_{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("r3"))
+    engine_model = save_tiny_hf(os.path.join(tmp, "engine"), "qwen3_moe", tie=False, seed=1, router_aux_loss_coef=0.01)
+    _tie_routers(engine_model, 0.0, 0)
+    engine_model.save_pretrained(os.path.join(tmp, "engine"))
+    trainer_model = save_tiny_hf(os.path.join(tmp, "trainer"), "qwen3_moe", tie=False, seed=1,
+                                 router_aux_loss_coef=0.01)  # fmt: skip
+    _tie_routers(trainer_model, PERTURB, 0)
+    trainer_model.save_pretrained(os.path.join(tmp, "trainer"))
+    samples = _rollout(engine_model)
+    torch.save(samples, os.path.join(tmp, "samples.pt"))
+    spawn(_single_worker, 1, tmp, timeout_s=120)
+    spawn(_ep_worker, 1, tmp, 1, timeout_s=60)
+    spawn(_ep_worker, 2, tmp, 2, timeout_s=60)
+    results = {"single": torch.load(os.path.join(tmp, "single.pt"))}
+    for name in ("ep1_0", "ep2_0", "ep2_1"):
+        results[name] = torch.load(os.path.join(tmp, f"{name}.pt"))
+    return samples, results
+
+
+def test_engine_records_every_fed_token(runs):
+    samples, _ = runs
+    for s in samples:
+        r = s["routing"]
+        assert r.dtype == torch.int32 and tuple(r.shape) == (len(s["prompt"]) + NEW_TOKENS - 1, 2, 2)
+        assert ((r >= 0) & (r < 4)).all() and (r[..., 0] != r[..., 1]).all()  # top-2 distinct experts
+
+
+def test_replay_matches_engine_logprobs_and_without_it_they_do_not(runs):
+    samples, results = runs
+    mb = micro_batch(samples)
+    m = mb.loss_mask.bool()
+    replay = (results["single"]["lp_replay"] - mb.old_logprobs)[m].abs()
+    own = (results["single"]["lp_own"] - mb.old_logprobs)[m].abs()
+    assert replay.max() < 2e-5, replay.max()
+    assert own.max() > 1e-2, own.max()  # top-k flips changed experts on some tokens
+    metrics = results["single"]["step"]["metrics"]
+    assert metrics["moe/routing_mismatch"] > 0.05  # the perturbation flipped many (token, layer) routes
+    assert 0 < metrics["moe/routing_mismatch"] <= metrics["moe/routing_mismatch_tokens"] <= 1
+    assert metrics["rollout/logprob_abs_diff"] == pytest.approx(float(replay.mean()), abs=1e-6)
+    assert metrics["rollout/logprob_abs_diff_replay"] == metrics["rollout/logprob_abs_diff"]
+    assert metrics["rollout/logprob_abs_diff_noreplay"] == pytest.approx(float(own.mean()), rel=1e-4)
+    assert metrics["rollout/kl_k3_noreplay"] > 100 * metrics["rollout/kl_k3_replay"] >= 0
+    off = results["single"]["step_off"]["metrics"]  # replay off: the training forward is the trainer's own routing
+    assert off["rollout/logprob_abs_diff"] == pytest.approx(float(own.mean()), rel=1e-4)
+    # Without replay a flip also changes the next layers' inputs: the share differs from replay's (where each layer
+    # is compared on the engine's upstream routing) but is of the same kind.
+    assert off["moe/routing_mismatch"] > 0.05
+
+
+def test_replay_under_full_recomputation(runs):
+    """The checkpointed layers' recomputation replays the first forward's routing: same step as without it."""
+    _, results = runs
+    a, b = results["single"]["step"], results["single"]["step_recompute"]
+    assert len(a["after"]) > 10 and set(a["after"]) == set(b["after"])
+    assert a["metrics"]["grad_norm"] == pytest.approx(b["metrics"]["grad_norm"], rel=1e-5)
+    for name, w in a["after"].items():
+        assert torch.allclose(w, b["after"][name], atol=1e-6), name
+    off = results["single"]["step_off"]
+    assert abs(off["metrics"]["grad_norm"] - a["metrics"]["grad_norm"]) > 1e-4  # replay changed the gradient
+
+
+def test_ep2_equals_ep1_with_replay(runs):
+    _, results = runs
+    ref = results["ep1_0"]
+    for rank in (0, 1):
+        got = results[f"ep2_{rank}"]
+        assert torch.allclose(got["lp"][0], ref["lp"][rank], atol=1e-5)
+    for key in ("grad_norm", "moe/routing_mismatch", "rollout/logprob_abs_diff", "rollout/logprob_abs_diff_noreplay"):
+        assert results["ep2_0"]["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-4, abs=1e-7), key
+    for name, w in ref["after"].items():
+        assert torch.allclose(w, results["ep2_0"]["after"][name], atol=1e-5), name
+
+
+def test_routing_survives_packing():
+    g = torch.Generator().manual_seed(0)
+    B, T, L, k = 3, 9, 2, 2
+    lengths = [9, 4, 6]
+    ids = torch.randint(1, 50, (B, T), generator=g)
+    att = (torch.arange(T) < torch.tensor(lengths).unsqueeze(1)).long()
+    routes = torch.randint(0, 4, (B, T, L, k), generator=g, dtype=torch.int16) * att[..., None, None] - (1 - att)[
+        ..., None, None
+    ].to(torch.int16)
+    z = torch.zeros(B, T)
+    mb = MicroBatch(ids * att, att, torch.arange(T).expand(B, T), z, z, z, routed_experts=routes)
+    packed = pack_micro_batch(mb, torch.device("cpu"), pad_to=30)
+    assert packed.routed_experts.shape == (30, L, k)
+    rows = torch.cat([routes[b, :n] for b, n in enumerate(lengths)])
+    assert torch.equal(packed.routed_experts[: sum(lengths)], rows.long())
+    assert (packed.routed_experts[sum(lengths) :] == -1).all()  # the pipeline pad segment routes itself
+    # Context parallelism: each rank's share is the routing of the tokens it holds.
+    for r in range(2):
+        part = pack_micro_batch(mb, torch.device("cpu"), cp=2, cp_rank=r)
+        full = pack_micro_batch(mb, torch.device("cpu"), cp=2, cp_rank=r)
+        idx = part.cp_indices[r]
+        assert part.routed_experts.shape[0] == part.input_ids.shape[1] == idx.numel()
+        whole = torch.full((full.total_len, L, k), -1, dtype=torch.long)
+        bounds = full.cu_seqlens_padded.tolist()
+        for b, n in enumerate(lengths):
+            whole[bounds[b] : bounds[b] + n] = routes[b, :n].long()
+        assert torch.equal(part.routed_experts, whole[idx])
+    # The padded layout: megatron's [s, b] order.
+    padded = padded_micro_batch(mb, torch.device("cpu"))
+    assert torch.equal(padded.routed_experts.view(T, B, L, k), routes.long().transpose(0, 1))
