@@ -4,6 +4,10 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23; see tests/t
 - `generate` POSTs /generate {input_ids, sampling_params, return_logprob, rid?} and normalises SGLang's answer
   into `GenerateOutput`: meta_info.finish_reason {"type": ...} -> "stop" | "length" | "abort", and
   meta_info.output_token_logprobs [[logprob, token_id, text], ...] -> [logprob, ...].
+- MoE routing (SGLang's R3 capture): `generate(..., return_routed_experts=True, routed_experts_start_len=s)` adds
+  those request fields; `routed_experts(out, num_layers, top_k)` decodes meta_info["routed_experts"] (base64 of int32
+  (tokens, num_hidden_layers, top_k), the fed tokens [s, prompt + completion - 1)) into a compact np.int16 array
+  (None when the answer has none: a server without --enable-return-routed-experts, or a dense model).
 - Routing: an explicit `url`; else the engine a `rid` was last sent to (sticky); else the live engine with the
   fewest outstanding requests (ties rotate). With `router_url` (an sglang-router in front of the engines), unrouted
   generate calls go to the router instead, and control calls still go to every engine.
@@ -26,6 +30,7 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23; see tests/t
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import itertools
 import logging
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 from engines.sglang.protocol import Protocol, protocol_for
 
@@ -103,8 +109,35 @@ def parse_generate_output(obj: dict, url: str) -> GenerateOutput:
     )
 
 
+def routed_experts(out: GenerateOutput, num_layers: int, top_k: int, start_len: int = 0) -> np.ndarray | None:
+    """(prompt + completion - 1 - start_len, num_layers, top_k) np.int16 expert ids of the fed tokens, or None."""
+    raw = out.meta_info.get("routed_experts")
+    if raw is None:
+        return None
+    try:
+        flat = np.frombuffer(base64.b64decode(raw, validate=True), dtype=np.int32)
+    except (ValueError, TypeError) as e:
+        raise EngineError(f"{out.url}/generate: meta_info.routed_experts is not base64 int32 ({e})", out.url) from e
+    rows = out.prompt_tokens + len(out.output_ids) - 1 - start_len
+    if flat.size != max(rows, 0) * num_layers * top_k:
+        raise EngineError(
+            f"{out.url}/generate: meta_info.routed_experts has {flat.size} ids, expected {rows} tokens x "
+            f"{num_layers} layers x top-{top_k}", out.url,
+        )  # fmt: skip
+    if flat.size and (flat.max() > np.iinfo(np.int16).max or flat.min() < -1):
+        raise EngineError(f"{out.url}/generate: meta_info.routed_experts holds ids outside [-1, 32767]", out.url)
+    return flat.astype(np.int16).reshape(max(rows, 0), num_layers, top_k)
+
+
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _routing_fields(on: bool, start_len: int) -> dict[str, Any]:
+    """SGLang's GenerateReqInput routing fields (sent only when asked: older servers need not know them)."""
+    if not on:
+        return {}
+    return {"return_routed_experts": True, "routed_experts_start_len": int(start_len)}
 
 
 class EngineClient:
@@ -277,10 +310,13 @@ class EngineClient:
         return_logprob: bool = True,
         url: str | None = None,
         timeout_s: float | None = None,
+        return_routed_experts: bool = False,
+        routed_experts_start_len: int = 0,
     ) -> GenerateOutput:
         if int(sampling_params.get("n", 1) or 1) != 1:
             raise ValueError("generate: sampling_params.n > 1 returns several outputs; use generate_n")
-        out = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s)
+        routing = _routing_fields(return_routed_experts, routed_experts_start_len)
+        out = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s, routing)
         return parse_generate_output(out[1], out[0])
 
     async def generate_n(
@@ -291,13 +327,18 @@ class EngineClient:
         return_logprob: bool = True,
         url: str | None = None,
         timeout_s: float | None = None,
+        return_routed_experts: bool = False,
+        routed_experts_start_len: int = 0,
     ) -> list[GenerateOutput]:
         """n = sampling_params["n"] samples of one prompt in one request (SGLang answers a list)."""
-        target, obj = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s)
+        routing = _routing_fields(return_routed_experts, routed_experts_start_len)
+        target, obj = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s, routing)
         objs = obj if isinstance(obj, list) else [obj]
         return [parse_generate_output(o, target) for o in objs]
 
-    async def _generate(self, input_ids, sampling_params, rid, return_logprob, url, timeout_s) -> tuple[str, Any]:
+    async def _generate(
+        self, input_ids, sampling_params, rid, return_logprob, url, timeout_s, extra: dict | None = None
+    ) -> tuple[str, Any]:
         if url is not None:
             target = url.rstrip("/")
         elif self.router_url is not None:
@@ -308,6 +349,7 @@ class EngineClient:
             "input_ids": list(input_ids),
             "sampling_params": sampling_params,
             "return_logprob": return_logprob,
+            **(extra or {}),
         }
         if rid is not None:
             body["rid"] = rid
