@@ -214,7 +214,8 @@ class AlgorithmConfig:
     """Truncation (tis) or mask (mis) threshold of the importance weights."""
     routing_replay: str = "off"
     """MoE rollout routing replay (R3): off | rollout. With rollout the engines return the experts every token was
-    routed to (SGLang's return_routed_experts; its servers need --enable-return-routed-experts) and the megatron
+    routed to (SGLang's return_routed_experts; validation adds --enable-return-routed-experts to engine.extra_args)
+    and the megatron
     trainer sends each token to those experts (training forward and the decoupled-PPO proximal pass), the gate
     weights still coming from its own router logits. Dense models ignore it."""
     routing_mismatch_probe: bool = True
@@ -492,6 +493,9 @@ def stream_parts(cfg: Config) -> int:
     return t.num_minibatches if streamed else 1
 
 
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"  # SGLang's server flag (engines/local mirrors it)
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field rules. Fills derived values (trainer.parallel.dp). Returns cfg."""
     for path, choices in _CHOICES.items():
@@ -519,6 +523,10 @@ def validate(cfg: Config) -> Config:
             "algorithm.overlong.cache_len",
             f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}); got {a.overlong.cache_len}",
         )
+
+    if a.routing_replay == "rollout" and ROUTED_EXPERTS_FLAG not in cfg.engine.extra_args:
+        # derived: the engines (SGLang and the CPU engine) return routed experts only when started with it
+        cfg.engine.extra_args = [*cfg.engine.extra_args, ROUTED_EXPERTS_FLAG]
 
     t, p = cfg.trainer, cfg.trainer.parallel
     model_parallel = p.tp * p.pp * p.cp

@@ -225,3 +225,21 @@ def test_routing_survives_packing():
     # The padded layout: megatron's [s, b] order.
     padded = padded_micro_batch(mb, torch.device("cpu"))
     assert torch.equal(padded.routed_experts.view(T, B, L, k), routes.long().transpose(0, 1))
+
+
+def test_config_field_and_preset():
+    from pathlib import Path
+
+    from pipeline.config import ROUTED_EXPERTS_FLAG, Config, ConfigError, load_config, validate
+
+    assert Config().algorithm.routing_replay == "off"
+    preset = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3-30b-a3b-moe.yaml")
+    moe = load_config(preset)
+    assert moe.algorithm.routing_replay == "rollout"
+    assert moe.engine.extra_args.count(ROUTED_EXPERTS_FLAG) == 1  # derived: the engines must return routes
+    assert validate(moe).engine.extra_args.count(ROUTED_EXPERTS_FLAG) == 1
+    off = load_config(preset, ["algorithm.routing_replay=off"])
+    assert ROUTED_EXPERTS_FLAG not in off.engine.extra_args
+    moe.algorithm.routing_replay = "on"
+    with pytest.raises(ConfigError, match="algorithm.routing_replay"):
+        validate(moe)
