@@ -498,6 +498,8 @@ ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"  # SGLang's server flag (
 
 def validate(cfg: Config) -> Config:
     """Cross-field rules. Fills derived values (trainer.parallel.dp). Returns cfg."""
+    if str(cfg.algorithm.routing_replay) in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+        cfg.algorithm.routing_replay = "off"
     for path, choices in _CHOICES.items():
         if _get(cfg, path) not in choices:
             _fail(path, f"must be one of {', '.join(choices)}; got {_get(cfg, path)!r}")
