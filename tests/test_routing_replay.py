@@ -243,3 +243,22 @@ def test_config_field_and_preset():
     moe.algorithm.routing_replay = "on"
     with pytest.raises(ConfigError, match="algorithm.routing_replay"):
         validate(moe)
+
+
+def test_cpu_engine_takes_per_expert_checkpoint_names():
+    """Weight sync sends HF checkpoint names (experts.{e}.gate_proj.weight, ...); transformers keeps the experts fused:
+    the CPU engine writes them into the fused tensors in place."""
+    from engines.local.engine import Engine
+    from engines.local.testing import build_tiny_model
+
+    model = build_tiny_model(seed=0, model_type="qwen3_moe")
+    engine = Engine(model)
+    fused = model.model.layers[1].mlp.experts
+    inter = fused.gate_up_proj.shape[1] // 2
+    g, u, d = (
+        torch.randn_like(t) for t in (fused.gate_up_proj[2, :inter], fused.gate_up_proj[2, inter:], fused.down_proj[2])
+    )
+    names = [f"model.layers.1.mlp.experts.2.{k}_proj.weight" for k in ("gate", "up", "down")]
+    assert engine.check_tensors([(n, t.shape) for n, t in zip(names, (g, u, d), strict=True)]) == []
+    engine.load_tensors(list(zip(names, (g, u, d), strict=True)))
+    assert torch.equal(fused.gate_up_proj[2], torch.cat([g, u])) and torch.equal(fused.down_proj[2], d)

@@ -14,7 +14,8 @@ Contract:
 - `pause(mode)`: "abort" ends every queued and running request with abort; "in_place" freezes running requests
   with their KV; "retract" frees their KV and re-queues them first, to be recomputed from prompt + output on
   continue. Requests submitted while paused wait. `resume()` continues.
-- Weight updates (`load_tensors`) run between iterations, so no forward ever sees half-updated weights.
+- Weight updates (`load_tensors`) run between iterations, so no forward ever sees half-updated weights. Fused MoE
+  expert tensors also take their per-expert checkpoint names (`experts.{e}.gate_proj.weight`, ...), as views.
 - `release_memory(tags)` / `resume_memory(tags)` (SGLang's /release_memory_occupation and
   /resume_memory_occupation; tags kv_cache, weights, cuda_graph, none = all): release is refused unless the engine
   is idle, or paused with only waiting requests (SGLang's rule); "kv_cache" frees every lane's KV cache, the other
@@ -166,6 +167,7 @@ class Engine:
         self.eos_ids = _eos_ids(model)
         self.weight_version = weight_version
         self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.params.update(_expert_views(model))
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._ops: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -438,6 +440,25 @@ class Engine:
         if missing:
             raise ValueError(f"{missing[0]}: no such parameter in the model")
         return weights_checksum([(n, self.params[n]) for n in names], dtype)
+
+
+def _expert_views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint names of fused MoE expert weights (transformers 5 keeps a layer's experts as 3D `gate_up_proj`
+    (E, 2I, H) and `down_proj` (E, H, I)): `experts.{e}.{gate,up,down}_proj.weight`, as views of the fused tensors,
+    so weight updates under the names HF checkpoints, SGLang and the trainers use are written in place."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if not (
+            isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3
+        ):
+            continue
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            out[f"{prefix}.{e}.gate_proj.weight"] = gate_up.data[e, :inter]
+            out[f"{prefix}.{e}.up_proj.weight"] = gate_up.data[e, inter:]
+            out[f"{prefix}.{e}.down_proj.weight"] = down.data[e]
+    return out
 
 
 def _run_op(fn: Callable[[], Any], fut: Future) -> None:
