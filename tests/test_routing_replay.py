@@ -74,10 +74,10 @@ def micro_batch(samples: list[dict], routing: bool = True) -> MicroBatch:
     )  # fmt: skip
 
 
-def _backend(tmp: str, rank: int, world: int, ep: int = 1, replay: str = "rollout", **trainer):
+def _backend(tmp: str, rank: int, world: int, ep: int = 1, replay: str = "rollout", pp: int = 1, **trainer):
     from engines.megatron.backend import build_backend
 
-    cfg = tiny_config(1, 1, world, **trainer)
+    cfg = tiny_config(1, pp, world // pp, **trainer)
     cfg.trainer.parallel.ep = ep
     cfg.algorithm.routing_replay = replay
     backend = build_backend(cfg, rank, world)
@@ -110,14 +110,14 @@ def _single_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
     torch.save(out, os.path.join(tmp, "single.pt"))
 
 
-def _ep_worker(rank: int, world_size: int, port: int, tmp: str, ep: int) -> None:
+def _ep_worker(rank: int, world_size: int, port: int, tmp: str, ep: int, pp: int = 1) -> None:
     init_dist(rank, world_size, port)
     samples = torch.load(os.path.join(tmp, "samples.pt"))
     mbs = [micro_batch(samples[:2]), micro_batch(samples[2:])]
-    backend, cfg = _backend(tmp, rank, world_size, ep=ep)
+    backend, cfg = _backend(tmp, rank, world_size, ep=ep, pp=pp)
     mine = mbs[backend.dp_rank :: backend.dp_size]
     out = {"lp": backend.forward_logprobs(mine), **_step(backend, cfg, mine)}
-    torch.save(out, os.path.join(tmp, f"ep{ep}_{rank}.pt"))
+    torch.save(out, os.path.join(tmp, f"ep{ep}_pp{pp}_{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,9 @@ def runs(tmp_path_factory):
     spawn(_single_worker, 1, tmp, timeout_s=120)
     spawn(_ep_worker, 1, tmp, 1, timeout_s=60)
     spawn(_ep_worker, 2, tmp, 2, timeout_s=60)
+    spawn(_ep_worker, 2, tmp, 1, 2, timeout_s=60)
     results = {"single": torch.load(os.path.join(tmp, "single.pt"))}
-    for name in ("ep1_0", "ep2_0", "ep2_1"):
+    for name in ("ep1_pp1_0", "ep2_pp1_0", "ep2_pp1_1", "ep1_pp2_0", "ep1_pp2_1"):
         results[name] = torch.load(os.path.join(tmp, f"{name}.pt"))
     return samples, results
 
@@ -185,14 +186,29 @@ def test_replay_under_full_recomputation(runs):
 
 def test_ep2_equals_ep1_with_replay(runs):
     _, results = runs
-    ref = results["ep1_0"]
+    ref = results["ep1_pp1_0"]
     for rank in (0, 1):
-        got = results[f"ep2_{rank}"]
+        got = results[f"ep2_pp1_{rank}"]
         assert torch.allclose(got["lp"][0], ref["lp"][rank], atol=1e-5)
     for key in ("grad_norm", "moe/routing_mismatch", "rollout/logprob_abs_diff", "rollout/logprob_abs_diff_noreplay"):
-        assert results["ep2_0"]["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-4, abs=1e-7), key
+        assert results["ep2_pp1_0"]["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-4, abs=1e-7), key
     for name, w in ref["after"].items():
-        assert torch.allclose(w, results["ep2_0"]["after"][name], atol=1e-5), name
+        assert torch.allclose(w, results["ep2_pp1_0"]["after"][name], atol=1e-5), name
+
+
+def test_pp2_equals_pp1_with_replay(runs):
+    """Two pipeline stages (one MoE layer each): the same logprobs and step; the mismatch counts of both stages'
+    layers are summed (the per-token share is the largest stage's, a lower bound)."""
+    _, results = runs
+    ref = results["ep1_pp1_0"]
+    for rank in (0, 1):
+        got = results[f"ep1_pp2_{rank}"]
+        for lp, want in zip(got["lp"], ref["lp"], strict=True):
+            assert torch.allclose(lp, want, atol=1e-5)
+        m = got["metrics"]
+        for key in ("grad_norm", "moe/routing_mismatch", "rollout/logprob_abs_diff", "rollout/kl_k3_noreplay"):
+            assert m[key] == pytest.approx(ref["metrics"][key], rel=1e-4, abs=1e-7), key
+        assert 0 < m["moe/routing_mismatch_tokens"] <= ref["metrics"]["moe/routing_mismatch_tokens"]
 
 
 def test_routing_survives_packing():

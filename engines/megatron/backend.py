@@ -175,9 +175,11 @@ def _routing_metrics(metrics: dict[str, float], suffix: str) -> dict[str, float]
     """Pops the raw sums out of `metrics`; the training forward's mismatch under its own name and suffixed."""
     raw = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("_")]}
     out = _mismatch_metrics(raw, "")
-    out.update({k + suffix: v for k, v in out.items()})
-    out["moe/routing_mismatch"] = raw.get("_routes_flipped", 0.0) / max(raw.get("_routes", 0.0), 1.0)
-    out["moe/routing_mismatch_tokens"] = raw.get("_route_tokens_flipped", 0.0) / max(raw.get("_route_tokens", 0.0), 1.0)
+    if suffix:
+        out.update({k + suffix: v for k, v in out.items()})
+    if "_routes" in raw:  # with routing records
+        out["moe/routing_mismatch"] = raw["_routes_flipped"] / max(raw["_routes"], 1.0)
+        out["moe/routing_mismatch_tokens"] = raw["_route_tokens_flipped"] / max(raw["_route_tokens"], 1.0)
     return out
 
 
@@ -397,7 +399,7 @@ class MegatronBackend:
         mb = _to_device(packed.mb, hidden.device)
         loss, metrics = loss_fn(lp, ent, mb)
         out = {k: v.detach().float() for k, v in metrics.items()}
-        if mb.routed_experts is not None:
+        if self.replay is not None:  # MoE: the train-inference logprob mismatch (engine_logprobs = old_logprobs)
             out.update(_mismatch_sums(lp.detach(), mb))
         return loss, no_tokens, out
 
@@ -486,11 +488,42 @@ class MegatronBackend:
             self.replay_on = saved
             self.replay.apply = saved
 
+    def _any_recorded(self, micro_batches: list[MicroBatch]) -> bool:
+        """Whether any rank's micro-batches carry routing records (one answer for all ranks: the metrics and the
+        probe's forward are collective)."""
+        if self.replay is None:
+            return False
+        flag = torch.tensor([float(any(mb.routed_experts is not None for mb in micro_batches))], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _routing_stats(self) -> dict[str, float]:
+        """This DP replica's routing-mismatch counts: (token, layer) pairs summed over the ranks that route different
+        tokens (CP ranks; TP ranks under sequence parallelism) and over pipeline stages (different layers); tokens
+        summed over the token-splitting ranks, their flipped count the largest over stages (a lower bound of the
+        any-layer count, which would need the per-token sets of every stage)."""
+        from megatron.core import parallel_state as ps
+
+        stats = torch.tensor(self.replay.take_stats(), dtype=torch.float64, device=self.device)
+        if self.cfg.trainer.parallel.cp > 1:
+            dist.all_reduce(stats, group=ps.get_context_parallel_group())
+        if self.tconfig.sequence_parallel:
+            dist.all_reduce(stats, group=ps.get_tensor_model_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            group = ps.get_pipeline_model_parallel_group()
+            pairs, tokens = stats[:2].clone(), stats[2:].clone()
+            dist.all_reduce(pairs, group=group)
+            dist.all_reduce(tokens, op=dist.ReduceOp.MAX, group=group)
+            stats = torch.cat([pairs, tokens])
+        keys = ("_routes", "_routes_flipped", "_route_tokens", "_route_tokens_flipped")
+        return dict(zip(keys, stats.tolist(), strict=True))
+
     def _mismatch_probe(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
         """Logprob mismatch of the other routing mode than the training forward's (one no-grad forward)."""
         replay = not self.replay_on
         lps = self._forward_routing(micro_batches, replay)
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = dict.fromkeys(("_mm_abs", "_mm_k3", "_mm_n"), 0.0)
         for lp, mb in zip(lps, micro_batches, strict=True):
             for k, v in _mismatch_sums(lp.to(self.device), _to_device(mb, self.device)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -499,7 +532,7 @@ class MegatronBackend:
 
     def train_minibatch(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
         enable_cpu_compat()
-        recorded = self.replay is not None and any(mb.routed_experts is not None for mb in micro_batches)
+        recorded = self._any_recorded(micro_batches)
         probe: dict[str, float] = {}
         if recorded and self.cfg.algorithm.routing_mismatch_probe:
             probe = self._mismatch_probe(micro_batches)
@@ -520,16 +553,18 @@ class MegatronBackend:
         if not ok:
             raise RuntimeError("megatron optimizer step failed (non-finite gradients)")
         self.optimizer_steps += 1
-        sums: dict[str, float] = {}
+        # every rank reports the same keys (the DP reduction sums one vector), whatever its micro-batches carried
+        moe = self.replay is not None
+        sums: dict[str, float] = dict.fromkeys(("_mm_abs", "_mm_k3", "_mm_n"), 0.0) if moe else {}
         for d in out[: len(micro_batches)]:
             for k, v in d.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         if recorded:
-            sums.update(zip(("_routes", "_routes_flipped", "_route_tokens", "_route_tokens_flipped"),
-                            self.replay.take_stats(), strict=True))  # fmt: skip
+            sums.update(self._routing_stats())
         metrics = self._reduce_metrics(sums)
-        if recorded:
-            metrics.update(_routing_metrics(metrics, "_replay" if self.replay_on else "_noreplay"))
+        if moe:
+            suffix = ("_replay" if self.replay_on else "_noreplay") if recorded else ""
+            metrics.update(_routing_metrics(metrics, suffix))
             metrics.update(probe)
         real = sum(pk.real_tokens for pk in packed)
         padded = sum(pk.mb.input_ids.numel() for pk in packed)
