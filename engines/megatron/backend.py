@@ -54,6 +54,16 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   the gradient as `router_aux_loss_coef` x the token-weighted mean of megatron's per-micro-batch aux losses over the
   whole mini-batch (all DP ranks; see `_router_tokens`); padding (the pipeline pad segment, empty micro-batches)
   goes through the router and counts as tokens.
+- MoE rollout routing replay (`algorithm.routing_replay = rollout`, engines/megatron/routing.py): a micro-batch's
+  `routed_experts` (the engine's top-k per token and layer) replace the routers' top-k in every forward (training,
+  `forward_logprobs`, recomputation), gate weights from the trainer's own logits; the load-balancing loss stays on
+  the trainer's own top-k. MoE metrics of `train_minibatch`: `rollout/logprob_abs_diff` and `rollout/kl_k3` (mean
+  |logprob - old_logprobs| and the k3 KL estimate over the loss tokens: the train-inference mismatch, plus the policy
+  change for stale samples) of the training forward; with records also `moe/routing_mismatch` (share of (token, layer)
+  pairs whose own top-k set differs from the record; summed over CP/SP ranks and pipeline stages),
+  `moe/routing_mismatch_tokens` (tokens with a differing layer; the largest stage's count with pp > 1), and both
+  routing modes as `*_replay` / `*_noreplay` (the other mode from one extra no-grad forward per mini-batch,
+  `algorithm.routing_mismatch_probe`).
 - Context parallelism (cp > 1): each sequence of a pack takes a slot that is a multiple of 2*cp
   (`cu_seqlens_padded`), each CP rank runs its load-balanced share of the row (chunks r and 2*cp-1-r of every slot,
   megatron/TE's THD convention) and the per-token logprobs/entropies are all-gathered over the CP group before the
