@@ -12,16 +12,21 @@ Contract:
   but no 200: frozen, deadlocked, or its engine thread died).
 - `launch_engine(cfg, model_dir, port, log_path, extra_args)` builds the command for `cfg.backend` (local | sglang),
   with `extra_args` (flags the run's mode needs) appended, starts it and waits for health (`cfg.startup_timeout_s`).
-  API keys never appear in logs or reprs.
+  API keys never appear in logs, reprs or command lines: the CPU engine gets its key in env DAPO_ENGINE_API_KEY,
+  SGLang in a 0600 `--config` file in a fresh 0700 directory, removed once the server is up (it reads the file at
+  start-up). The CPU engine's request limits come from EngineConfig (max_n, max_batch, max_request_mb,
+  max_weights_request_mb, group_timeout_s).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -186,6 +191,11 @@ def local_command(cfg: EngineConfig, model_dir: str, port: int) -> list[str]:
         "--max-running-requests", str(cfg.max_running_requests),
         "--threads", str(cfg.threads),
         "--parent-pid", str(os.getpid()),
+        "--max-n", str(cfg.max_n),
+        "--max-batch", str(cfg.max_batch),
+        "--max-request-mb", str(cfg.max_request_mb),
+        "--max-weights-request-mb", str(cfg.max_weights_request_mb),
+        "--group-timeout-s", str(cfg.group_timeout_s),
         *(["--context-length", str(cfg.context_length)] if cfg.context_length > 0 else []),
         *cfg.extra_args,
     ]  # fmt: skip
@@ -199,6 +209,7 @@ def launch_engine(
     url = f"http://{host}:{port}"
     key = engine_api_key(cfg)
     env = dict(os.environ)
+    secrets_dir, secrets_file = "", None
     if cfg.backend == "local":
         cmd = local_command(cfg, model_dir, port)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -207,16 +218,25 @@ def launch_engine(
         else:
             env.pop(API_KEY_ENV, None)
     elif cfg.backend == "sglang":
-        from engines.sglang.launcher import installed_release, sglang_command
+        from engines.sglang.launcher import installed_release, sglang_command, write_secrets_file
 
-        cmd = sglang_command(cfg, model_dir, port, key, cfg.admin_api_key, installed_release())
+        if key or cfg.admin_api_key:
+            secrets_dir = tempfile.mkdtemp(prefix="dapo-sglang-")  # 0700, ours alone
+            secrets_file = write_secrets_file(secrets_dir, key, cfg.admin_api_key)
+        cmd = sglang_command(
+            cfg, model_dir, port, key, cfg.admin_api_key, installed_release(), secrets_file=secrets_file or ""
+        )
     else:
         raise ValueError(f"engine.backend: cannot launch {cfg.backend!r} servers (external servers are given by URL)")
     cmd += list(extra_args)
-    proc = EngineProcess(cmd, url, log_path, env=env, secret=(key, cfg.admin_api_key)).start()
     try:
-        proc.wait_healthy(cfg.startup_timeout_s)
-    except BaseException:
-        proc.stop(grace_s=5)
-        raise
+        proc = EngineProcess(cmd, url, log_path, env=env, secret=(key, cfg.admin_api_key)).start()
+        try:
+            proc.wait_healthy(cfg.startup_timeout_s)
+        except BaseException:
+            proc.stop(grace_s=5)
+            raise
+    finally:
+        if secrets_dir:  # read by the server at start-up; gone before anything else can find it
+            shutil.rmtree(secrets_dir, ignore_errors=True)
     return proc

@@ -117,8 +117,8 @@ class RolloutBuffer:
 
     @property
     def address(self) -> str:
-        """The endpoint senders connect to."""
-        return self.receiver.address
+        """The endpoint senders connect to (`<address>#<sender token>`, see pipeline/transport.py)."""
+        return self.receiver.sender_endpoint  # with the sender token: a credential, never logged
 
     # ------------------------------------------------------------------ ingestion (background thread)
     def _pull_loop(self) -> None:

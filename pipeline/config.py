@@ -3,8 +3,13 @@
 Contract:
 - `load_config(path, overrides)` merges, in order, the dataclass defaults, the YAML preset (and any preset it
   names under `base:`, resolved relative to it), and dotted command-line overrides (`trainer.lr=2e-6`).
-- Unknown keys, wrong types and impossible combinations raise `ConfigError` whose message starts with the
-  offending key path (`trainer.parallel.tp: ...`).
+- Unknown keys, wrong types, out-of-range values (every numeric field with a range: `_RANGES`, `_POSITIVE`; every
+  float finite) and impossible combinations raise `ConfigError` whose message starts with the offending key path
+  (`trainer.parallel.tp: ...`). A YAML file that is not UTF-8, not valid YAML or not a mapping raises one that starts
+  with the file and line. The reward functions (`algorithm.reward_fn`, `eval.reward_fn`) are imported here, so a
+  missing module is found before any process starts.
+- `check_local_paths(cfg)` (the CLI and train() call it; presets carry placeholder paths, so validate() does not)
+  checks that the local data files, model directory and tokenizer path exist.
 - The result is a plain `Config` dataclass tree (no OmegaConf objects leak past this module).
 """
 
@@ -12,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -107,7 +115,10 @@ class EngineConfig:
     base_port: int = 0
     """First port; 0 picks free ports."""
     api_key: str = ""
-    """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged."""
+    """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged. Empty
+    (and no env) with engines the run launches (local, sglang): each run makes a random key (pipeline/run_security.py)
+    and hands it to the servers through the environment (CPU engine) or a 0600 config file (SGLang `--config`),
+    never on the command line."""
     mem_fraction: float = 0.7
     """SGLang `--mem-fraction-static`."""
     max_running_requests: int = 64
@@ -139,6 +150,20 @@ class EngineConfig:
     """SGLang `--skip-tokenizer-init` (token ids in and out; then SGLang stops only at the model's EOS ids)."""
     random_seed: int = -1
     """SGLang `--random-seed`; -1: SGLang's default (random)."""
+    max_n: int = 256
+    """CPU engine `--max-n`: largest `sampling_params.n` one request may ask for (400 above). SGLang has no such
+    limit."""
+    max_batch: int = 4096
+    """CPU engine `--max-batch`: most generation requests one body may create (prompts x n; 400 above)."""
+    max_request_mb: float = 32.0
+    """CPU engine `--max-request-mb`: largest request body in MiB (413 above, refused before it is read)."""
+    max_weights_request_mb: float = 1536.0
+    """CPU engine `--max-weights-request-mb`: largest /update_weights_from_tensor body in MiB (colocated tensor sync
+    sends one weight_sync.bucket_mb bucket per request, base64: ~1.34 x the bucket)."""
+    group_timeout_s: float = 120.0
+    """CPU engine `--group-timeout-s`: longest wait of /init_weights_update_group for the other ranks (a dead master
+    then fails the join instead of hanging the route); it is also the group's timeout for each broadcast (one
+    bucket), so keep it above the time one bucket takes to prepare and send."""
     weight_version: str = ""
     """SGLang `--weight-version`: the version the engines report before the first sync; empty: SGLang's default."""
 
@@ -318,8 +343,11 @@ class WeightSyncConfig:
     engine only) | disk (a safetensors checkpoint staged in disk_dir, loaded by /update_weights_from_disk; works with
     SGLang on CUDA) | auto (disk where CUDA is available, else tensor). Neither puts a pickle on a socket."""
     disk_dir: str = "/dev/shm"
-    """colocated_transport=disk: where each sync stages its checkpoint (one directory per sync, removed after it);
-    use a memory filesystem (tmpfs). It must hold the model once in the wire dtype while a sync runs."""
+    """Base of the run's private staging directory: each run creates `<disk_dir>/dapo-run-<host>-<pid>-<random>/`
+    (mode 0700, removed at the end; pipeline/run_security.py), which is the CPU engines' only
+    /update_weights_from_disk root in every mode, and where colocated_transport=disk stages each sync's checkpoint
+    (one directory per sync, removed after it). Use a memory filesystem (tmpfs): it must hold the model once in the
+    wire dtype while a sync runs."""
     release_memory: list[str] = field(default_factory=list)
     """colocated: memory the engines give back while the trainer trains (SGLang's /release_memory_occupation tags:
     kv_cache, weights, cuda_graph); generation stops meanwhile. Empty (default): off, generation and training
@@ -366,6 +394,24 @@ class ClusterConfig:
     SPREAD | STRICT_SPREAD. Engines get their own group, one bundle per engine (its GPUs on one node), PACK."""
     placement_timeout_s: float = 120.0
     """How long to wait for a placement group before failing with what it needs and what the cluster has."""
+    zmq_max_message_mb: float = 256.0
+    """Largest message the rollout buffer's ZMQ socket accepts (ZMQ_MAXMSGSIZE; a sender of a larger frame is cut
+    off). A group of G samples of T tokens is about G x T x 14 bytes."""
+
+
+@dataclass
+class WandbConfig:
+    project: str = ""
+    """W&B project (empty: W&B off). Needs the `wandb` extra (pip install 'dapo-rl[wandb]'); the run's name is the
+    run directory's name; the API key comes from `wandb login` / WANDB_API_KEY, never from the config."""
+    entity: str = ""
+    """W&B team or user (empty: the account's default)."""
+    mode: str = "online"
+    """online, offline (sync later with `wandb sync <run>/wandb/...`) or disabled. WANDB_MODE overrides it."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logging.wandb.mode: must be online, offline or disabled; got {self.mode!r}")
 
 
 @dataclass
@@ -380,6 +426,8 @@ class LoggingConfig:
     """One status line per step on the console."""
     level: str = "INFO"
     """Python log level."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases, beside TensorBoard (the same metric names and steps); off unless `project` is set."""
 
 
 @dataclass
@@ -390,6 +438,18 @@ class CheckpointConfig:
     """Checkpoints kept."""
     resume: str = ""
     """`auto` (latest in the run dir), a checkpoint path, or empty."""
+    hf_every: int = 0
+    """Write the policy as a Hugging Face checkpoint (`<run>/hf/step_N/`: config, generation config, tokenizer,
+    safetensors shards + index; what transformers, SGLang and vLLM load) every k trainer steps and at the end of the
+    run (0: at the end only; -1: never). The newest `keep_last` are kept. `dapo export` writes one offline."""
+    hf_dtype: str = ""
+    """dtype of the Hugging Face checkpoint's weights: bfloat16, float16 or float32 (empty: model.dtype)."""
+
+    def __post_init__(self) -> None:
+        if self.hf_dtype not in ("", "bfloat16", "float16", "float32"):
+            raise ConfigError(
+                f"checkpoint.hf_dtype: must be bfloat16, float16, float32 or empty; got {self.hf_dtype!r}"
+            )
 
 
 @dataclass
@@ -453,6 +513,12 @@ _POSITIVE: tuple[str, ...] = (
     "engine.num_engines",
     "engine.tp",
     "engine.max_running_requests",
+    "engine.max_n",
+    "engine.max_batch",
+    "engine.max_request_mb",
+    "engine.max_weights_request_mb",
+    "engine.group_timeout_s",
+    "cluster.zmq_max_message_mb",
     "trainer.world_size",
     "trainer.total_steps",
     "trainer.batch_size",
@@ -496,16 +562,42 @@ def stream_parts(cfg: Config) -> int:
 ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"  # SGLang's server flag (engines/local mirrors it)
 
 
+def _check_engine_limits(cfg: Config) -> None:
+    """The CPU engine's request limits must admit what the run itself sends (else every such request is a 400)."""
+    e, ws = cfg.engine, cfg.weight_sync
+    if e.backend != "local":
+        return
+    for path, n in (
+        ("rollout.n_samples_per_prompt", cfg.rollout.n_samples_per_prompt),
+        ("eval.n_samples", cfg.eval.n_samples),
+    ):
+        if n > e.max_n:
+            _fail("engine.max_n", f"{e.max_n} < {path} {n}: the CPU engine would refuse those requests")
+    if (
+        ws.mode == "colocated"
+        and ws.colocated_transport != "disk"
+        and ws.bucket_mb * 4 / 3 + 1 > e.max_weights_request_mb
+    ):
+        _fail(
+            "engine.max_weights_request_mb",
+            f"{e.max_weights_request_mb} is below one weight_sync.bucket_mb={ws.bucket_mb} bucket in base64 "
+            f"(~{ws.bucket_mb * 4 / 3:.0f} MiB): raise it or lower the bucket",
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field rules. Fills derived values (trainer.parallel.dp). Returns cfg."""
     if str(cfg.algorithm.routing_replay) in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
         cfg.algorithm.routing_replay = "off"
+    _validate_finite(cfg)
+    _validate_ranges(cfg)
     for path, choices in _CHOICES.items():
         if _get(cfg, path) not in choices:
             _fail(path, f"must be one of {', '.join(choices)}; got {_get(cfg, path)!r}")
     for path in _POSITIVE:
         if _get(cfg, path) < 1:
             _fail(path, f"must be >= 1; got {_get(cfg, path)}")
+    _check_engine_limits(cfg)
     if cfg.rollout.max_staleness < 0:
         _fail("rollout.max_staleness", f"must be >= 0; got {cfg.rollout.max_staleness}")
     if not 0 <= cfg.rollout.over_admission <= 8:
@@ -594,7 +686,105 @@ def validate(cfg: Config) -> Config:
         _fail("engine.urls", "the external backend needs at least one URL")
     if not cfg.model.path and not cfg.model.tokenizer.startswith("builtin:"):
         _fail("model.tokenizer", "a model built from config (empty model.path) needs a builtin: tokenizer")
+    _validate_reward_fns(cfg)
     return cfg
+
+
+# Per-field ranges: key path -> (check, what it must be). Floats are also checked finite (_validate_finite).
+_RANGES: dict[str, tuple[Any, str]] = {
+    "model.tiny.hidden_size": (lambda v: v >= 1, ">= 1"),
+    "model.tiny.intermediate_size": (lambda v: v >= 1, ">= 1"),
+    "model.tiny.num_hidden_layers": (lambda v: v >= 1, ">= 1"),
+    "model.tiny.num_attention_heads": (lambda v: v >= 1, ">= 1"),
+    "model.tiny.num_key_value_heads": (lambda v: v >= 1, ">= 1"),
+    "model.tiny.max_position_embeddings": (lambda v: v >= 1, ">= 1"),
+    "model.tiny.rope_theta": (lambda v: v > 0, "> 0"),
+    "model.warm_start_steps": (lambda v: v >= 0, ">= 0"),
+    "data.synthetic_size": (lambda v: v >= 1, ">= 1"),
+    "engine.gpus_per_engine": (lambda v: v >= 0, ">= 0"),
+    "engine.base_port": (lambda v: 0 <= v <= 65535, "in [0, 65535]"),
+    "engine.mem_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "engine.startup_timeout_s": (lambda v: v > 0, "> 0"),
+    "engine.request_timeout_s": (lambda v: v > 0, "> 0"),
+    "engine.max_retries": (lambda v: v >= 0, ">= 0"),
+    "engine.threads": (lambda v: v >= 1, ">= 1"),
+    "engine.max_restarts": (lambda v: v >= 0, ">= 0"),
+    "engine.random_seed": (lambda v: v >= -1, ">= -1 (-1: random)"),
+    "rollout.temperature": (lambda v: v > 0, "> 0 (logprobs are taken at this temperature)"),
+    "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rollout.top_k": (lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
+    "rollout.buffer_capacity": (lambda v: v >= 0, ">= 0 (0: derived)"),
+    "algorithm.eps_high": (lambda v: v >= 0, ">= 0"),
+    "algorithm.is_cap": (lambda v: v > 0, "> 0"),
+    "algorithm.log_ratio_clamp": (lambda v: v > 0, "> 0"),
+    "algorithm.kl_coef": (lambda v: v >= 0, ">= 0"),
+    "algorithm.entropy_coef": (lambda v: v >= 0, ">= 0"),
+    "algorithm.overlong.factor": (lambda v: v >= 0, ">= 0"),
+    "algorithm.reward_timeout_s": (lambda v: v > 0, "> 0"),
+    "algorithm.reward_workers": (lambda v: v >= 1, ">= 1"),
+    "trainer.gpus_per_rank": (lambda v: v >= 0, ">= 0"),
+    "trainer.max_tokens_per_micro_batch": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "trainer.lr": (lambda v: v > 0, "> 0"),
+    "trainer.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "trainer.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "trainer.grad_clip": (lambda v: v > 0, "> 0"),
+    "trainer.threads": (lambda v: v >= 1, ">= 1"),
+    "trainer.parallel.dp": (lambda v: v >= 0, ">= 0 (0: derived)"),
+    "weight_sync.prefetch": (lambda v: v >= 0, ">= 0"),
+    "weight_sync.master_port": (lambda v: 0 <= v <= 65535, "in [0, 65535]"),
+    "weight_sync.dtype": (lambda v: v in ("", "bfloat16", "float16", "float32"), "empty, bfloat16, float16 or float32"),
+    "cluster.num_cpus": (lambda v: v >= 0, ">= 0 (0: all)"),
+    "cluster.num_gpus": (lambda v: v >= 0, ">= 0"),
+    "logging.level": (
+        lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        "DEBUG, INFO, WARNING, ERROR or CRITICAL",
+    ),
+    "checkpoint.every": (lambda v: v >= 0, ">= 0 (0: only at the end and on signals)"),
+    "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),
+    "eval.every": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "eval.n_samples": (lambda v: v >= 1, ">= 1"),
+    "eval.max_prompts": (lambda v: v >= 0, ">= 0 (0: all)"),
+    "eval.temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
+}
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for path, (ok, what) in _RANGES.items():
+        value = _get(cfg, path)
+        if not ok(value):
+            _fail(path, f"must be {what}; got {value!r}")
+    betas = cfg.trainer.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        _fail("trainer.betas", f"must be a pair [beta1, beta2], each in [0, 1); got {list(betas)}")
+    tiny = cfg.model.tiny
+    if not cfg.model.path and tiny.num_attention_heads % tiny.num_key_value_heads:
+        _fail(
+            "model.tiny.num_key_value_heads", f"must divide model.tiny.num_attention_heads = {tiny.num_attention_heads}"
+        )
+
+
+def _validate_finite(node: Any, prefix: str = "") -> None:
+    """Every float in the tree is finite: NaN passes every `<` check, so the range checks alone would let it in."""
+    for f in dataclasses.fields(node):
+        value, path = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _validate_finite(value, f"{path}.")
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            _fail(path, f"must be a finite number; got {value!r}")
+
+
+def _validate_reward_fns(cfg: Config) -> None:
+    """Import the reward functions now, so that a missing module is found before any process starts."""
+    from pipeline.rewards import load_reward_fn
+
+    for key in ("algorithm.reward_fn", "eval.reward_fn"):
+        spec = _get(cfg, key)
+        if spec:
+            try:
+                load_reward_fn(spec, key)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 def model_context_length(cfg: Config) -> tuple[int, str]:
@@ -663,12 +853,63 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         raise ConfigError(f"config file not found: {path}")
     if path in seen:
         raise ConfigError(f"{path}: base: cycle through {' -> '.join(map(str, seen))}")
-    node = OmegaConf.load(path)
+    node = _parse_yaml(path)
     base = node.pop("base", None) if OmegaConf.is_dict(node) else None
     if base:
         parent = _load_yaml((path.parent / base).resolve(), (*seen, path))
         return OmegaConf.merge(parent, node)
     return node
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The file as an OmegaConf mapping; ConfigError naming the file (and line) for bad bytes, bad YAML, or a top
+    level that is not a mapping."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    try:
+        node = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: {where}invalid YAML ({problem})") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...); got a list")
+    return node
+
+
+def check_local_paths(cfg: Config, train: bool = True) -> None:
+    """The local files a run reads exist: data.train_path and data.eval_path (each source that is a file, not
+    `synthetic:`, `hf://` or `bench:`), model.path (a Hugging Face model directory) and model.tokenizer when it
+    is a local path. Separate from validate() because presets carry placeholder paths (`dapo config show` works on
+    them); the CLI and train() call it before anything starts. `train=False` (`dapo eval`): not data.train_path."""
+    for key in ("data.train_path", "data.eval_path") if train else ("data.eval_path",):
+        for source in filter(None, (s.strip() for s in _get(cfg, key).split(","))):
+            if source.startswith(("synthetic:", "hf://", "bench:")):
+                continue
+            file = Path(source.partition("?")[0]).expanduser()
+            if not file.is_file():
+                _fail(key, f"dataset file not found: {file}" + ("" if file.is_absolute() else f" (from {os.getcwd()})"))
+    if cfg.model.path:
+        model = Path(cfg.model.path).expanduser()
+        if not model.is_dir():
+            _fail("model.path", f"{cfg.model.path!r} is not a directory")
+        if not (model / "config.json").is_file():
+            _fail("model.path", f"{cfg.model.path!r} has no config.json (expected a Hugging Face model directory)")
+    tok = cfg.model.tokenizer
+    if not tok.startswith("builtin:") and _looks_local(tok) and not Path(tok).expanduser().exists():
+        _fail("model.tokenizer", f"{tok!r}: no such file or directory")
+
+
+def _looks_local(spec: str) -> bool:
+    """A path rather than a hub id (`name` or `org/name`): absolute, ~ or ./-relative, or deeper than org/name."""
+    return spec.startswith(("/", "~", "./", "../")) or spec.count("/") > 1
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -697,8 +938,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML, with secrets masked."""
     d = dataclasses.asdict(cfg)
-    if d["engine"]["api_key"]:
-        d["engine"]["api_key"] = "***"
+    for key in ("api_key", "admin_api_key"):
+        if d["engine"][key]:
+            d["engine"][key] = "***"
     return OmegaConf.to_yaml(OmegaConf.create(d))
 
 

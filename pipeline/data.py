@@ -1,8 +1,14 @@
 """Datasets: read rows from files, a hub or a synthetic task; template and tokenise them into `Prompt`s.
 
 Contract:
-- A source is a `.jsonl` / `.parquet` path, `hf://org/name[:split]` (needs the `datasets` package and a
-  reachable hub; imported only when such a source is used), or `synthetic:<task>[?params]` (pipeline/tasks.py).
+- A source is a `.jsonl` / `.parquet` path, `hf://org/name/path/file.parquet` (one file of a Hugging Face dataset
+  repository), `hf://org/name[:split]` (needs the `datasets` package and a reachable hub; imported only when such a
+  source is used), or `synthetic:<task>[?params]` (pipeline/tasks.py).
+- A hub file is first looked for in the data directory ($DAPO_DATA_DIR, default ../shared/data next to the
+  repository) under its file name (or, for a named set, its local names: NAMED_SETS), then in the Hugging Face
+  cache, then downloaded (huggingface_hub; HF_ENDPOINT is honoured). Without network it fails with a DataError
+  naming the dataset, the URL and the offline way (download it elsewhere and set DAPO_DATA_DIR, or a local path).
+  `dapo data` lists the named sets, where each comes from and whether it is present.
 - A file or hub source may end in `?key=value&...` to override, for that source only, the DataConfig fields
   `prompt_key`, `answer_key`, `id_key`, `template` (so a train and an eval set of different formats share one
   config), e.g. `aime-2024.parquet?answer_key=reward_model.ground_truth&template=chat`.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +80,9 @@ def load_rows(path: str, cfg: DataConfig, seed: int, size: int | None = None) ->
             return synthetic_rows(base, size or cfg.synthetic_size, seed)
         except TaskError as e:
             raise DataError(str(e)) from None
-    if base.startswith("hf://"):
+    if base.startswith("hf://") and hub_file(base) is None:
         return _load_hf(base)
-    p = Path(base)
+    p = resolve_hub_file(base) if base.startswith("hf://") else Path(base)
     if not p.is_file():
         raise DataError(f"{base}: dataset file not found")
     if p.suffix == ".jsonl":
@@ -89,8 +96,12 @@ def load_rows(path: str, cfg: DataConfig, seed: int, size: int | None = None) ->
 
 def _load_jsonl(p: Path) -> list[dict]:
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # named here: a bare UnicodeDecodeError says neither file nor line
+                raise DataError(f"{p}: line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
             if not line.strip():
                 continue
             try:
@@ -117,6 +128,114 @@ def _load_hf(source: str) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - any hub/offline failure, re-raised with the source named
         raise DataError(f"{source}: cannot load from the hub: {type(e).__name__}: {e}") from e
     return [dict(r) for r in ds]
+
+
+# ------------------------------------------------------------------------------------------------ named sets, hub files
+@dataclasses.dataclass(frozen=True)
+class NamedSet:
+    source: str  # hf://org/name/path/file
+    local_names: tuple[str, ...]  # file names accepted in the data directory, first = the hub file's own
+    about: str
+
+
+NAMED_SETS: dict[str, NamedSet] = {
+    "dapo-math-17k": NamedSet(
+        "hf://BytedTsinghua-SIA/DAPO-Math-17k/data/dapo-math-17k.parquet",
+        ("dapo-math-17k.parquet", "dapo_math_17k_dedup_raw.parquet"),
+        "DAPO's training set (the recipe's file; the shipped dedup_raw copy has each problem once)",
+    ),
+    "aime-2024": NamedSet(
+        "hf://BytedTsinghua-SIA/AIME-2024/data/aime-2024.parquet",
+        ("aime-2024.parquet",),
+        "AIME 2024, 30 problems x 32 copies (avg@1 over it is avg@32), DAPO's template applied",
+    ),
+}
+"""The data sets the presets name (configs/base/dapo.yaml), as the DAPO recipe downloads them."""
+
+_HUB_SUFFIXES = (".parquet", ".jsonl")
+
+
+def hub_file(source: str) -> tuple[str, str] | None:
+    """`hf://org/name/dir/file.parquet` -> ("org/name", "dir/file.parquet"); None for a whole-dataset id."""
+    parts = source[len("hf://") :].split("/")
+    if len(parts) < 3 or not parts[-1].endswith(_HUB_SUFFIXES):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def data_dir() -> Path:
+    """$DAPO_DATA_DIR, default ../shared/data next to the repository (the offline copies)."""
+    env = os.environ.get("DAPO_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def local_names(source: str) -> tuple[str, ...]:
+    for s in NAMED_SETS.values():
+        if s.source == source:
+            return s.local_names
+    repo_file = hub_file(source)
+    return (Path(repo_file[1]).name,) if repo_file else ()
+
+
+def local_copy(source: str) -> Path | None:
+    """The copy of a hub file in the data directory, if there is one."""
+    for name in local_names(source):
+        if (data_dir() / name).is_file():
+            return data_dir() / name
+    return None
+
+
+def hub_cached(source: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, filename = hub_file(source) or ("", "")
+    hit = try_to_load_from_cache(repo, filename, repo_type="dataset") if repo else None
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def resolve_hub_file(source: str) -> Path:
+    """A local path for `hf://org/name/file`: the data directory's copy, else the hub's (cached or downloaded)."""
+    found = local_copy(source)
+    if found is not None:
+        return found
+    repo, filename = hub_file(source)  # type: ignore[misc]
+    from huggingface_hub import hf_hub_download
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    try:
+        return Path(hf_hub_download(repo, filename, repo_type="dataset", endpoint=endpoint, etag_timeout=10))
+    except Exception as e:  # noqa: BLE001 - no network, no such file, hub refusal: one clear message
+        url = f"{endpoint or 'https://huggingface.co'}/datasets/{repo}/resolve/main/{filename}"
+        names = " or ".join(local_names(source))
+        raise DataError(
+            f"{source}: cannot download the dataset {repo} ({filename}) from the Hugging Face hub: "
+            f"{type(e).__name__}: {str(e).splitlines()[0].rstrip('.') if str(e) else ''}. Offline: fetch {url} on a machine with "
+            f"network, put it in a directory as {names} and set DAPO_DATA_DIR to that directory (now: {data_dir()}), "
+            "or point data.train_path / data.eval_path at the local file"
+        ) from None
+
+
+def data_main(argv: list[str]) -> int:
+    """`dapo data`: the named sets (presets' hub files and `dapo eval`'s bench: sets), where from, and if present."""
+    import argparse
+
+    from pipeline.evaluate import EVAL_SETS
+
+    argparse.ArgumentParser(prog="dapo data", description=data_main.__doc__).parse_args(argv)
+    print(f"data directory (DAPO_DATA_DIR): {data_dir()}")
+    rows = [("name", "source", "present")]
+    for name, s in NAMED_SETS.items():
+        here = local_copy(s.source) or hub_cached(s.source)
+        rows.append(
+            (name, s.source, str(here) if here else f"no (download, or put {s.local_names[0]} in the data dir)")
+        )
+    for name, (file, _, _) in EVAL_SETS.items():
+        path = data_dir() / file
+        rows.append((f"bench:{name}", file, str(path) if path.is_file() else "no (put it in the data directory)"))
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    for r in rows:
+        print(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ fields

@@ -326,7 +326,10 @@ def eval_main(cfg: Any) -> int:
         runner = RewardRunner(cfg.eval.reward_fn or scorer or a.reward_fn, a.reward_timeout_s, a.reward_workers)
         work.append((name, prompts[: cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts, runner))
     sampling = eval_sampling(cfg, tokenizer.eos_token_id)
-    results = asyncio.run(_eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, engine_api_key(cfg)))
+    from pipeline.run_security import secure_run
+
+    with secure_run(cfg):  # a random API key for the engines launched here, a private staging root
+        results = asyncio.run(_eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, engine_api_key(cfg)))
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
     table = eval_table(results)
     (run_dir / "eval.md").write_text(table + "\n")
@@ -339,6 +342,7 @@ def eval_main(cfg: Any) -> int:
 async def _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, api_key) -> dict[str, Any]:
     from engines.client import EngineClient
     from engines.process import free_port, launch_engine
+    from pipeline.weight_sync.colocated import engine_args
 
     procs = []
     try:
@@ -347,7 +351,8 @@ async def _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, a
         else:
             for i in range(cfg.engine.num_engines):
                 port = cfg.engine.base_port + i if cfg.engine.base_port else free_port(cfg.engine.host)
-                procs.append(launch_engine(cfg.engine, model_dir, port, run_dir / f"eval_engine{i}.log"))
+                log = run_dir / f"eval_engine{i}.log"  # engine_args: the private weight root (run_security.py)
+                procs.append(launch_engine(cfg.engine, model_dir, port, log, engine_args(cfg)))
             urls = [p.url for p in procs]
         e = cfg.engine
         client = EngineClient(urls, api_key=api_key, timeout_s=e.request_timeout_s, max_retries=e.max_retries)

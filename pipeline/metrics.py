@@ -2,17 +2,30 @@
 
 Contract: keys are namespaced with units where they have one (`time/weight_sync(s)`, `perf/gen_tokens_per_s`);
 `log(step, metrics)` writes every numeric value as a scalar at that step and prints one status line (rank 0 /
-the driver only: nothing else holds a MetricsLogger). `log_eval(metrics)` writes an evaluation's scalars at the
-step it was taken at (`eval/step`, not the later step it finished at) and prints one line for it.
+the driver only: nothing else holds a MetricsLogger); the line shows the reward function's failures by reason
+(`rfail 12 (ValueError 10, timeout 2)`) once there are any. A logger opened with `first_step` (a resume from that
+step's checkpoint) purges only the events logged after that step. `log_eval(metrics)` writes an evaluation's
+scalars at the step it was taken at (`eval/step`, not the later step it finished at) and prints one line for it.
+
+Sinks: TensorBoard (`writer`) and any `ScalarSink` passed in `sinks` receive the same scalars, under the same names,
+at the same steps (`_scalars`). `WandbSink` is Weights & Biases (`logging.wandb.project`; `make_sinks` builds it):
+the run is named after the run directory, the resolved config (secrets masked) is its config; a resumed run
+continues the same W&B run (its id derives from the run directory). W&B's own step axis only grows, so an
+evaluation, logged when it finishes, is written at the latest step with `eval/step` as its x-axis
+(`define_metric("eval/*", step_metric="eval/step")`): the plot has TensorBoard's steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 log = logging.getLogger("dapo")
 
@@ -30,18 +43,91 @@ _STATUS = (
 )
 
 
+def reward_failures(metrics: Mapping[str, float]) -> str:
+    """`12 (ValueError 10, timeout 2)`: the reward function's failures so far, by reason (pipeline/rewards.py)."""
+    prefix = "reward/failed_"
+    reasons = sorted(((k[len(prefix) :], v) for k, v in metrics.items() if k.startswith(prefix)), key=lambda kv: -kv[1])
+    detail = ", ".join(f"{r} {v:.0f}" for r, v in reasons)
+    return f"{metrics['reward/failed']:.0f}" + (f" ({detail})" if detail else "")
+
+
+class ScalarSink(Protocol):
+    """A destination of the logger's scalars besides TensorBoard."""
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def finite_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+class WandbSink:
+    """Weights & Biases run of one run directory (see the module docstring)."""
+
+    def __init__(
+        self, project: str, run_dir: str | os.PathLike, entity: str = "", mode: str = "online",
+        config: Mapping[str, Any] | None = None,
+    ):  # fmt: skip
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(
+                "logging.wandb.project is set but the `wandb` package is not installed: pip install 'dapo-rl[wandb]' "
+                "(or unset logging.wandb.project)"
+            ) from None
+        run_dir = Path(run_dir).resolve()
+        digest = hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]
+        self.run = wandb.init(
+            project=project,
+            entity=entity or None,
+            name=run_dir.name,
+            id=f"{run_dir.name}-{digest}",
+            resume="allow",
+            mode=os.environ.get("WANDB_MODE") or mode,
+            dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
+            config=dict(config or {}),
+            reinit="create_new",
+        )
+        self.run.define_metric("eval/*", step_metric="eval/step")
+        self.step = 0
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.step = max(self.step, step)  # an evaluation's eval/step may lie behind: W&B's axis never goes back
+        self.run.log(finite_scalars(metrics), step=self.step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_sinks(cfg: Any, run_dir: str | os.PathLike) -> list[ScalarSink]:
+    """The configured sinks besides TensorBoard: W&B when `logging.wandb.project` is set."""
+    w = cfg.logging.wandb
+    if not w.project or w.mode == "disabled":
+        return []
+    import yaml
+
+    from pipeline.config import to_yaml
+
+    return [WandbSink(w.project, run_dir, w.entity, w.mode, yaml.safe_load(to_yaml(cfg)))]
+
+
 class MetricsLogger:
     def __init__(
-        self, logdir: str | None, total_steps: int, tensorboard: bool = True, console: bool = True, first_step: int = 0
-    ):
+        self, logdir: str | None, total_steps: int, tensorboard: bool = True, console: bool = True, first_step: int = 0,
+        sinks: Sequence[ScalarSink] = (),
+    ):  # fmt: skip
+        self.sinks = list(sinks)
         self.total_steps = total_steps
         self.console = console
         self.writer = None
         if tensorboard and logdir:
             from torch.utils.tensorboard import SummaryWriter
 
-            # On resume, purge events past the checkpointed step so the curves continue without a jump.
-            self.writer = SummaryWriter(logdir, purge_step=first_step or None)
+            # On resume from the checkpoint of step `first_step`, purge what the earlier run logged after it (it is
+            # redone), keeping that completed step's own scalars: TensorBoard drops events with step >= purge_step.
+            self.writer = SummaryWriter(logdir, purge_step=first_step + 1 if first_step else None)
         self.t0 = time.perf_counter()
 
     def _scalars(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -50,6 +136,8 @@ class MetricsLogger:
                 if isinstance(v, int | float) and math.isfinite(v):
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        for sink in self.sinks:
+            sink.scalars(step, metrics)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self._scalars(step, metrics)
@@ -62,6 +150,8 @@ class MetricsLogger:
         bar = ("#" * int(done * 20)).ljust(20, ".")
         parts = [f"step {step:>{width}}/{self.total_steps} [{bar}]"]
         parts += [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _STATUS if key in metrics]
+        if metrics.get("reward/failed", 0) > 0:
+            parts.append(f"rfail {reward_failures(metrics)}")
         parts.append(f"elapsed {time.perf_counter() - self.t0:.0f}s")
         return " | ".join(parts)
 
@@ -82,3 +172,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for sink in self.sinks:
+            sink.close()

@@ -194,6 +194,11 @@ class TrainerActor:
     def load(self, path: str) -> None:
         self.worker.backend.load(path)
 
+    def write_hf_shards(self, out_dir: str) -> dict[str, str]:  # hook: pipeline/hf_export.py (issue 18)
+        from pipeline.hf_export import export_dtype, write_backend_shards
+
+        return write_backend_shards(self.worker.backend, self.model_dir, out_dir, export_dtype(self.cfg))
+
     def close(self) -> None:
         if self.sender is not None:
             self.sender.close()
@@ -227,10 +232,12 @@ class RolloutActor:
         self.task = asyncio.get_running_loop().create_task(self.manager.run())
 
     async def error(self) -> str:
-        """The manager's crash, if it crashed (it must not; the driver checks)."""
+        """The manager's crash, if it crashed (it must not; the driver checks), or why the reward function's
+        failures must stop the run (pipeline/rewards.py `RewardRunner.fatal`)."""
         if self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception():
             return repr(self.task.exception())
-        return ""
+        fatal = getattr(self.manager.rewards, "fatal", None)
+        return fatal() if fatal is not None else ""
 
     async def set_version(self, version: int) -> None:
         self.manager.set_version(version)

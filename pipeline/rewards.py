@@ -21,12 +21,20 @@ Contract:
   `timeout_s` (measured from when it starts, not from when it was queued) gives reward -1.0 (the wrong-answer
   value), acc False and `failed` = "timeout", "bad_return" or the exception's class name; failures are counted by
   reason in `metrics()`. A hung call is abandoned: its thread is replaced and, being a daemon, never blocks
-  interpreter exit.
+  interpreter exit. Abandoned threads are bounded (`DaemonPool(max_hung=...)`): past the bound no replacement is
+  started, and once every worker is stuck a call fails at once as "timeout", so a hanging function cannot grow
+  the process's threads without limit.
+- Failures are logged at WARNING with the exception's text: the first of each reason at once, then at most one
+  summary line per `LOG_EVERY_S`. `fatal()` is the run-stopping verdict ("" while healthy): the first
+  `fail_first` calls all failed, or more than `fail_ratio` of the last `fail_window` did; its text names the
+  function, the counts by reason and the last failure's exception. The rollout actor reports it and the training
+  loop stops with it (pipeline/orchestrator.py `RolloutActor.error`, pipeline/train.py `_next_batch`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import importlib
 import itertools
@@ -191,13 +199,16 @@ class DaemonPool:
 
     _ids = itertools.count()
 
-    def __init__(self, workers: int, name: str):
+    def __init__(self, workers: int, name: str, max_hung: int | None = None):
         self.name = name
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running: dict[_Task, threading.Thread] = {}
         self._abandoned: set[threading.Thread] = set()
         self._workers = max(1, int(workers))
+        # Threads stuck in abandoned tasks are replaced up to this many; then the pool shrinks instead of growing.
+        self.max_hung = max(0, int(max_hung)) if max_hung is not None else 4 * self._workers
+        self._live = 0  # serving (not abandoned) workers
         for _ in range(self._workers):
             self._spawn()
 
@@ -208,6 +219,7 @@ class DaemonPool:
             return len(self._abandoned)
 
     def _spawn(self) -> None:
+        self._live += 1
         threading.Thread(target=self._loop, name=f"{self.name}-{next(self._ids)}", daemon=True).start()
 
     def _loop(self) -> None:
@@ -227,21 +239,42 @@ class DaemonPool:
                 self._running.pop(task, None)
                 if me in self._abandoned:
                     self._abandoned.discard(me)
-                    return  # a replacement already took this thread's place
+                    if self._live >= self._workers:
+                        return  # a replacement already took this thread's place
+                    self._live += 1  # the pool had shrunk (max_hung): this thread serves again
 
     def submit(self, fn: Callable, *args: Any) -> _Task:
         task = _Task(fn, args)
-        self._queue.put(task)
+        with self._lock:
+            if self._live == 0:  # every worker is stuck and max_hung is spent: fail now rather than queue forever
+                self._refuse(task)
+                return task
+            self._queue.put(task)
         return task
 
+    def _refuse(self, task: _Task) -> None:
+        _resolve(task.started, time.monotonic())
+        hung = len(self._abandoned)
+        _resolve(task.done, (False, TimeoutError(f"{self.name}: no free worker ({hung} calls hung, the most kept)")))
+
     def abandon(self, task: _Task) -> None:
-        """Give up on a running task: its thread is written off and a fresh worker replaces it."""
+        """Give up on a running task: its thread is written off and, up to max_hung, a fresh worker replaces it."""
         with self._lock:
             thread = self._running.get(task)
             if thread is None or thread in self._abandoned:
                 return
             self._abandoned.add(thread)
-        self._spawn()
+            self._live -= 1
+            if len(self._abandoned) <= self.max_hung:
+                self._spawn()
+            elif self._live == 0:  # nobody left to run what is queued: fail it
+                while True:
+                    try:
+                        queued = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if queued is not None:
+                        self._refuse(queued)
 
     def wait(self, task: _Task, timeout_s: float) -> tuple[bool, Any]:
         """Block until the task finishes: (True, result) | (False, exception); TimeoutError after timeout_s of running."""
@@ -267,6 +300,8 @@ class DaemonPool:
         """Ask the idle workers to exit (hung ones are daemons and are simply left behind)."""
         for _ in range(self._workers):
             self._queue.put(None)
+        with self._lock:
+            self._live = 0
 
 
 def _resolve(fut: cf.Future, value: Any) -> None:
@@ -282,6 +317,11 @@ class RewardResult:
     reward: float
     acc: bool
     failed: str = ""  # "", "timeout", "bad_return", or the exception's class name
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_reward_fn(fn_path: str, key: str = "algorithm.reward_fn") -> Callable[[str, str], Any]:
@@ -302,14 +342,32 @@ def load_reward_fn(fn_path: str, key: str = "algorithm.reward_fn") -> Callable[[
 class RewardRunner:
     """Scores responses with a configured reward function on daemon threads, with a timeout; never raises."""
 
-    def __init__(self, fn_path: str, timeout_s: float, workers: int):
+    LOG_EVERY_S = 30.0
+
+    def __init__(
+        self,
+        fn_path: str,
+        timeout_s: float,
+        workers: int,
+        fail_first: int = 32,
+        fail_window: int = 256,
+        fail_ratio: float = 0.95,
+        max_hung: int | None = None,
+    ):
         self.fn = load_reward_fn(fn_path)
         self.fn_path = fn_path
         self.timeout_s = float(timeout_s)
-        self._pool = DaemonPool(workers, "reward")
+        self._pool = DaemonPool(workers, "reward", max_hung)
         self._lock = threading.Lock()
         self.calls = 0
         self.failures: dict[str, int] = {}
+        self.fail_first, self.fail_ratio = fail_first, fail_ratio
+        self._recent: collections.deque[bool] = collections.deque(maxlen=fail_window)  # True: the call failed
+        self._fatal = ""
+        self._last_error = ""
+        self._logged_reasons: set[str] = set()
+        self._unlogged = 0  # failures since the last warning
+        self._next_log = 0.0
 
     def score(self, response: str, answer: str) -> RewardResult:
         task = self._pool.submit(self.fn, response, answer)
@@ -320,10 +378,10 @@ class RewardRunner:
         return self._result(*await self._pool.wait_async(task, self.timeout_s))
 
     def _result(self, ok: bool, value: Any) -> RewardResult:
-        with self._lock:
-            self.calls += 1
         if not ok:
-            return self._fail("timeout" if isinstance(value, TimeoutError) else type(value).__name__)
+            if isinstance(value, TimeoutError):
+                return self._fail("timeout", f"no result within algorithm.reward_timeout_s={self.timeout_s:g} s")
+            return self._fail(type(value).__name__, f"{type(value).__name__}: {value}")
         try:
             if isinstance(value, dict):
                 reward = float(value["score"])
@@ -332,16 +390,58 @@ class RewardRunner:
                 reward = float(value)
                 acc = reward > 0
         except (KeyError, TypeError, ValueError):
-            return self._fail("bad_return")
+            return self._fail("bad_return", f"returned {_short(value)} (expected a float or a dict with 'score')")
         if not math.isfinite(reward):
-            return self._fail("bad_return")
+            return self._fail("bad_return", f"returned a non-finite score {reward}")
+        self._count(failed=False)
         return RewardResult(reward, acc)
 
-    def _fail(self, reason: str) -> RewardResult:
+    def _count(self, failed: bool) -> None:
+        with self._lock:
+            self.calls += 1
+            self._recent.append(failed)
+            if failed and not self._fatal:
+                self._fatal = self._verdict()
+                if self._fatal:
+                    log.error("%s", self._fatal)
+
+    def _verdict(self) -> str:
+        """The fatal message when (almost) every call fails, else "" (called with the lock held)."""
+        failed = sum(self._recent)
+        window = len(self._recent)
+        first = self.calls == sum(self.failures.values()) and self.calls >= self.fail_first
+        mostly = window == self._recent.maxlen and failed > self.fail_ratio * window
+        if not (first or mostly):
+            return ""
+        scope = f"all of the first {self.calls}" if first else f"{failed} of the last {window}"
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items(), key=lambda kv: -kv[1]))
+        return (
+            f"reward function {self.fn_path} failed on {scope} calls ({reasons}); last failure: {self._last_error}. "
+            "Fix the function (or algorithm.reward_timeout_s); every sample scored so would get the wrong-answer reward"
+        )
+
+    def _fail(self, reason: str, detail: str) -> RewardResult:
         with self._lock:
             self.failures[reason] = self.failures.get(reason, 0) + 1
-        log.debug("reward function %s failed: %s", self.fn_path, reason)
+            self._last_error = detail
+            self._unlogged += 1
+            now = time.monotonic()
+            first_of_reason = reason not in self._logged_reasons
+            if first_of_reason or now >= self._next_log:
+                self._logged_reasons.add(reason)
+                n, self._unlogged, self._next_log = self._unlogged, 0, now + self.LOG_EVERY_S
+                counts = ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items()))
+                log.warning(
+                    "reward function %s failed (%s): %s [%d failure(s) since the last such line; %d of %d calls "
+                    "so far: %s]", self.fn_path, reason, detail, n, sum(self.failures.values()), self.calls + 1, counts,
+                )  # fmt: skip
+        self._count(failed=True)
         return RewardResult(WRONG_REWARD, False, reason)
+
+    def fatal(self) -> str:
+        """Why the run must stop ("" while the function mostly works): see the module docstring."""
+        with self._lock:
+            return self._fatal
 
     def metrics(self) -> dict[str, float]:
         """reward/calls, reward/failed (total), reward/failed_<reason>, reward/hung_threads."""

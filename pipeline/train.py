@@ -25,11 +25,13 @@ import ray
 
 from pipeline import checkpoint
 from pipeline.buffer import RolloutBuffer
-from pipeline.config import Config, ConfigError, engine_api_key, releases_engine_memory, stream_parts, to_yaml
+from pipeline.config import Config, check_local_paths, engine_api_key, releases_engine_memory, stream_parts, to_yaml
+from pipeline.hf_export import hf_due, save_run_hf
 from pipeline.live_eval import live_eval_or_none
-from pipeline.metrics import MetricsLogger
+from pipeline.metrics import MetricsLogger, make_sinks
 from pipeline.modeling import prepare_model_dir
 from pipeline.orchestrator import Cluster
+from pipeline.run_security import secure_run
 from pipeline.trainer import make_step_batches, merge_metrics
 from pipeline.transport import GroupReceiver
 from pipeline.types import Group
@@ -58,17 +60,22 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config) -> RunResult:
+    check_local_paths(cfg)  # missing files fail here, before Ray or any engine starts
     run_dir = make_run_dir(cfg)
     t, every = cfg.trainer, cfg.weight_sync.every
     stop = _StopFlag()
     buffer = RolloutBuffer(
-        GroupReceiver(cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0"),
+        GroupReceiver(
+            cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0",
+            max_message_bytes=int(cfg.cluster.zmq_max_message_mb * 2**20),
+        ),
         batch_size=t.batch_size,
         max_staleness=cfg.rollout.max_staleness,
         dynamic_sampling=cfg.algorithm.dynamic_sampling,
         capacity=cfg.rollout.buffer_capacity or (cfg.rollout.max_staleness + 2) * t.batch_size,
     )
-    with contextlib.closing(buffer), Cluster(cfg) as cluster, stop:
+    # secure_run: a random engine API key and a private 0700 staging root, set in cfg before any process starts
+    with contextlib.closing(buffer), secure_run(cfg), Cluster(cfg) as cluster, stop:
         model_dir = prepare_model_dir(cfg, str(run_dir))
         cluster.start_rollout(model_dir, buffer.address)  # loads tokenizer and prompts while the rest starts
         urls, trainers = cluster.launch(model_dir, str(run_dir))
@@ -80,7 +87,10 @@ def train(cfg: Config) -> RunResult:
         if version > 0:  # engines start from the initial weights: bring them to the checkpoint's
             _broadcast(trainers, stages, version)
         rollout = cluster.launch_rollout(rollout_state, version)
-        logger = MetricsLogger(str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step)
+        logger = MetricsLogger(
+            str(run_dir / "tb"), t.total_steps, cfg.logging.tensorboard, cfg.logging.console, step,
+            sinks=make_sinks(cfg, run_dir),  # hook: W&B (issue 18)
+        )  # fmt: skip
         evaluator = live_eval_or_none(cfg, urls, model_dir)
         engines = _EngineWeights(cfg, cluster, rollout, trainers, stages, model_dir, version, evaluator)
         history: list[dict[str, float]] = []
@@ -126,6 +136,8 @@ def train(cfg: Config) -> RunResult:
                 trained.append([g.prompt_id for g in groups])
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or stop.requested or step == t.total_steps:
                     _save(cfg, run_dir, step, version, trainers, rollout, buffer)
+                if hf_due(cfg, step, last=stop.requested or step == t.total_steps):  # hook: issue 18
+                    save_run_hf(cfg, run_dir, step, trainers, model_dir)
             if evaluator is not None:  # the evaluation still running, then the final weights' own (exact)
                 final = not stop.requested and cfg.eval.before_train
                 record_evals(*(evaluator.run(step, version) if final else [evaluator.poll(wait=True)]))
@@ -157,15 +169,10 @@ def _failure_message(cfg: Config, run_dir: Path, step: int, e: Exception) -> str
 
 def _resume(cfg: Config, run_dir: Path, trainers: list, buffer: RolloutBuffer) -> tuple[int, int, dict | None]:
     """(step, version, rollout state) of the checkpoint named by checkpoint.resume, or a fresh start."""
-    spec = cfg.checkpoint.resume
-    if not spec:
+    found = checkpoint.open_resume(run_dir, cfg.checkpoint.resume)  # verified; auto skips corrupt ones
+    if found is None:  # no resume, or auto and nothing saved yet
         return 0, 0, None
-    path = checkpoint.latest_checkpoint(run_dir) if spec == "auto" else Path(spec)
-    if path is None:  # auto, and nothing saved yet
-        return 0, 0, None
-    if not (path / "state.json").is_file():
-        raise ConfigError(f"checkpoint.resume: no checkpoint at {path}")
-    state, buffered = checkpoint.load(path)
+    path, state, buffered = found
     ray.get([a.load.remote(str(path / "trainer")) for a in trainers])
     buffer.restore(buffered)
     buffer.load_state_dict(state["buffer"])
@@ -389,6 +396,8 @@ def _next_batch(
             timeout_s = max(min(5.0, remaining), 0.01)
             return buffer.get_batch(trainer_version=engines.version, timeout_s=timeout_s, size=size), healed
         except TimeoutError:
+            if error := ray.get(engines.rollout.error.remote()):  # e.g. the reward function fails on every call
+                raise RuntimeError(error) from None
             if remaining <= 5.0:
                 raise
             healed.update(engines.update())

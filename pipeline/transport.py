@@ -12,6 +12,23 @@ Contract:
   rejected: counted (`transport/rejected_schema`, `transport/rejected_malformed`), logged with the reason once
   per kind, never raised. A payload is checked again (`Group.schema`) when it is decoded.
 - No pickle anywhere: msgspec msgpack only.
+- Authentication (per-run token, `authenticate`): a receiver holds a random 256-bit token (or one it is given);
+  its `sender_endpoint` is `<bound address>#<token>` (a credential: pass it to the sender, never log it; `address`
+  stays token-free). `GroupSender(endpoint)` strips the token and sends it as an extra first frame of every message;
+  the receiver compares it in constant time and drops a message without it (`transport/rejected_auth`) before
+  decoding anything. Why a token and not ZMQ CURVE: the threat is another local user or process pushing frames into
+  the buffer's port; a token checked on every message stops that with no key distribution, no ZAP handler thread
+  and no per-byte encryption cost on multi-MB groups (the socket binds the loopback or the cluster's private
+  interface; CURVE would add confidentiality, which rollouts do not need).
+- Size limit: the receiver sets ZMQ_MAXMSGSIZE (`max_message_bytes`, default 256 MiB): a peer sending a larger
+  frame is disconnected by ZMQ before the frame is buffered.
+- Validation of decoded frames (`validate_frame`), after authentication: status counters must be non-negative
+  integers below 2**53; a group header's fields must be consistent (accs per sample, n_tokens >= 0); a header-only
+  group must have an empty payload, any other a payload that is structurally a `Group` whose ids, sample count and
+  per-sample `acc` match the header (checked with a probe decoder that skips the token lists without building them:
+  ~8x cheaper than a full decode). The element types inside the token lists are checked when the payload is
+  decoded (the buffer drops such a group as malformed). A frame failing any check is counted
+  (`transport/rejected_malformed`) and dropped, never kept, and its status is not applied.
 - Why the payload is decoded late: turning msgpack into Python lists costs ~40 ms per group of 16 x 16k tokens
   (~15x the raw ZMQ transfer of the same bytes; numpy int32/float64 arrays are no faster since the trainer's
   `Sample` holds lists: list<->array conversion costs the same per element). Keeping the payload bytes until a
@@ -28,7 +45,9 @@ Contract:
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import time
 from collections import deque
 from typing import Any
@@ -42,6 +61,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HWM = 64
 """Messages queued per socket side before backpressure (a 16k-token group is ~4 MB)."""
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+"""ZMQ_MAXMSGSIZE of the receiver: the largest frame a sender may push (a 16 x 16k-token group is ~4 MB)."""
+_MAX_COUNTER = 2**53
 
 
 class TransportError(RuntimeError):
@@ -179,6 +201,80 @@ def decode_header(raw: Any) -> FrameHeader:
     return header
 
 
+class _SampleProbe(msgspec.Struct, kw_only=True):
+    """A Sample's structure; the token lists are skipped (msgspec.Raw), not built."""
+
+    prompt_id: str
+    group_id: str
+    index: int
+    prompt_ids: msgspec.Raw
+    response_ids: msgspec.Raw
+    logprobs: msgspec.Raw
+    versions: msgspec.Raw
+    acc: bool = False
+
+
+class _GroupProbe(msgspec.Struct, kw_only=True):
+    schema: int
+    prompt_id: str
+    group_id: str
+    samples: list[_SampleProbe]
+
+
+_GROUP_PROBE = msgspec.msgpack.Decoder(_GroupProbe)
+
+
+def split_endpoint(endpoint: str) -> tuple[str, str]:
+    """`<address>#<token>` -> (address, token); no `#`: (endpoint, "")."""
+    address, _, token = endpoint.partition("#")
+    return address, token
+
+
+def authenticate(parts: list, token: bytes) -> list | None:
+    """The message's frames after the token frame, or None when the first frame is not `token`."""
+    if len(parts) < 2:
+        return None
+    first = parts[0].bytes if isinstance(parts[0], zmq.Frame) else bytes(parts[0])
+    return parts[1:] if hmac.compare_digest(first, token) else None
+
+
+def _check_status(status: RolloutStatus) -> None:
+    values = [status.version, status.drawn, status.pushed, status.requeued, status.gave_up, status.in_flight]
+    values += [*status.pending.keys(), *status.pending.values()]
+    if any(not 0 <= v < _MAX_COUNTER for v in values):
+        raise TransportError("status counters must be non-negative integers below 2**53")
+
+
+def validate_frame(header: FrameHeader, payload: Any) -> None:
+    """TransportError when an (authenticated, decodable) frame is inconsistent; see the module contract."""
+    if header.status is not None:
+        _check_status(header.status)
+    if header.kind != "group":
+        if len(payload):
+            raise TransportError("status frame with a payload")
+        return
+    meta = header.group
+    if meta.n_tokens < 0 or meta.attempt < 0 or meta.epoch < 0 or min(meta.start_version, meta.min_version) < -1:
+        raise TransportError(f"group {meta.group_id!r}: negative counters in its header")
+    if not meta.has_payload:
+        if len(payload):
+            raise TransportError(f"group {meta.group_id!r}: header says no payload, but one came")
+        return
+    try:
+        probe = _GROUP_PROBE.decode(payload_buffer(payload))
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise TransportError(f"group {meta.group_id!r}: payload is not a Group: {e}") from None
+    if probe.schema != SCHEMA_VERSION:
+        raise TransportError(
+            f"group {meta.group_id!r}: payload schema {probe.schema} != SCHEMA_VERSION {SCHEMA_VERSION} (sender and "
+            "receiver run different code versions)"
+        )
+    if (probe.group_id, probe.prompt_id) != (meta.group_id, meta.prompt_id):
+        raise TransportError(f"group {meta.group_id!r}: payload is group {probe.group_id!r} of {probe.prompt_id!r}")
+    if [sm.acc for sm in probe.samples] != list(meta.accs):
+        raise TransportError(f"group {meta.group_id!r}: header accs do not match the payload's samples")
+
+
 def _context() -> zmq.Context:
     return zmq.Context.instance()
 
@@ -187,9 +283,13 @@ class GroupSender:
     """PUSH socket that connects to a buffer. Not thread-safe: one thread (or one event loop) uses it."""
 
     def __init__(self, address: str, hwm: int = DEFAULT_HWM, linger_ms: int = 5000):
+        """`address`: the receiver's `sender_endpoint` (`<address>#<token>`); the token is sent with every
+        message and kept out of `self.address`, reprs and logs."""
         if not address:
             raise ValueError("GroupSender: empty address (rollout.zmq_address / the buffer's bound address)")
+        address, token = split_endpoint(address)
         self.address = address
+        self._token = [token.encode()] if token else []
         self._sock = _context().socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, linger_ms)
@@ -206,7 +306,7 @@ class GroupSender:
 
     def _try_send(self, frames: list[bytes]) -> bool:
         try:
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames[1]) < 65536)
+            self._sock.send_multipart(self._token + list(frames), flags=zmq.NOBLOCK, copy=len(frames[1]) < 65536)
         except zmq.Again:
             return False
         self.frames_sent += 1
@@ -265,10 +365,22 @@ class GroupSender:
 class GroupReceiver:
     """PULL socket bound on the buffer's side. Counts and skips frames it cannot use."""
 
-    def __init__(self, bind_address: str = "tcp://127.0.0.1:0", hwm: int = DEFAULT_HWM):
+    def __init__(
+        self,
+        bind_address: str = "tcp://127.0.0.1:0",
+        hwm: int = DEFAULT_HWM,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ):
+        """`token`: the senders' credential (default: a fresh random one; see `sender_endpoint`)."""
+        self._token = token if token is not None else secrets.token_urlsafe(32)
+        if not self._token or "#" in self._token:
+            raise ValueError("GroupReceiver: token must be non-empty and hold no '#'")
+        self._token_bytes = self._token.encode()
         self._sock = _context().socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         host, _, port = bind_address.rpartition(":")
         if bind_address.startswith("tcp://") and port in ("0", "*"):
             self._sock.bind_to_random_port(host)
@@ -276,9 +388,16 @@ class GroupReceiver:
             self._sock.bind(bind_address)
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.last_status: RolloutStatus | None = None
-        self.counters: dict[str, int] = {"frames": 0, "bytes": 0, "rejected_schema": 0, "rejected_malformed": 0}
+        self.counters: dict[str, int] = {
+            "frames": 0, "bytes": 0, "rejected_schema": 0, "rejected_malformed": 0, "rejected_auth": 0,
+        }  # fmt: skip
         self._warned: set[str] = set()
         self.closed = False
+
+    @property
+    def sender_endpoint(self) -> str:
+        """`<address>#<token>`: what a `GroupSender` connects with. A credential: never log it."""
+        return f"{self.address}#{self._token}"
 
     def _reject(self, kind: str, reason: str) -> None:
         self.counters[kind] += 1
@@ -301,6 +420,11 @@ class GroupReceiver:
             nbytes = sum(len(p) for p in parts)
             self.counters["frames"] += 1
             self.counters["bytes"] += nbytes
+            authentic = authenticate(parts, self._token_bytes)
+            if authentic is None:
+                self._reject("rejected_auth", "message without this run's sender token (not from our rollout manager)")
+                continue
+            parts = authentic
             if len(parts) != 2:
                 self._reject("rejected_malformed", f"message of {len(parts)} parts, expected 2 (header, payload)")
                 continue
@@ -309,9 +433,14 @@ class GroupReceiver:
             except TransportError as e:
                 self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
                 continue
+            payload = parts[1] if len(parts[1]) else b""
+            try:
+                validate_frame(header, payload)
+            except TransportError as e:
+                self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
+                continue
             if header.status is not None:
                 self.last_status = header.status
-            payload = parts[1] if len(parts[1]) else b""
             return Frame(header, payload, nbytes)
 
     def recv(self, timeout_ms: int = 0) -> Group | None:

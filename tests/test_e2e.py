@@ -55,6 +55,7 @@ def test_embedded_default_runs_end_to_end(tmp_path, sync):
         shutil.rmtree(shm, ignore_errors=True)
     assert result.steps == 3 and result.version == 3
     engine_log = (Path(result.run_dir) / "engine0.log").read_text()
+    assert "api key set" in engine_log  # the run's random per-run key (pipeline/run_security.py)
     disk_loads = engine_log.count(f"update_weights_from_disk {shm}/")
     assert (disk_loads, engine_log.count("release_memory_occupation: released")) == ((3, 3) if sync else (0, 0))
     assert result.engine_versions == ["3"]  # the engine reports the version of the last broadcast
@@ -120,6 +121,12 @@ def test_resume_continues_the_run(tmp_path):
     prompts = [p for step in first.trained_prompts + second.trained_prompts for p in step]
     assert len(prompts) == 2 * N * B and len(set(prompts)) == len(prompts)
     assert second.accounting["balanced"] == 1 and second.accounting["trained"] == 2 * N * B, second.accounting
+    # TensorBoard keeps every step, the checkpointed step N included (the resumed writer purges only steps > N)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "resume" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("reward/mean")) == list(range(1, 2 * N + 1))
 
 
 @pytest.mark.slow

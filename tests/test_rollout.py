@@ -144,7 +144,7 @@ def test_over_admission_fills_the_slots_the_bound_would_leave_idle(over_admissio
 
     async def go():
         rx, client = GroupReceiver(), GatedEngines()
-        m = RolloutManager(cfg, client, SimTokenizer(), sim_prompts(20), rx.address, SimRewards())
+        m = RolloutManager(cfg, client, SimTokenizer(), sim_prompts(20), rx.sender_endpoint, SimRewards())
         task = asyncio.create_task(m.run())
         try:
             await until(lambda: client.running == 4)  # no filter decision yet (keep rate 1): what the bound allows
@@ -299,13 +299,13 @@ def test_state_dict_requeues_in_flight_prompts_on_load():
 
     async def go():
         rx = GroupReceiver()
-        m = RolloutManager(cfg, client, SimTokenizer(), sim_prompts(30), rx.address, SimRewards())
+        m = RolloutManager(cfg, client, SimTokenizer(), sim_prompts(30), rx.sender_endpoint, SimRewards())
         task = asyncio.create_task(m.run())
         await asyncio.sleep(0.2)
         state = m.state_dict()
         await m.stop()
         await task
-        m2 = RolloutManager(cfg, client, SimTokenizer(), sim_prompts(30), rx.address, SimRewards())
+        m2 = RolloutManager(cfg, client, SimTokenizer(), sim_prompts(30), rx.sender_endpoint, SimRewards())
         m2.load_state_dict(state)
         rx.close()
         return state, m2
@@ -323,7 +323,7 @@ def run_manager_alone(cfg, client, seconds: float, retries: int = 3) -> dict:
     async def go():
         rx = GroupReceiver()
         m = RolloutManager(
-            cfg, client, SimTokenizer(), sim_prompts(200), rx.address, SimRewards(), max_request_retries=retries
+            cfg, client, SimTokenizer(), sim_prompts(200), rx.sender_endpoint, SimRewards(), max_request_retries=retries
         )
         task = asyncio.create_task(m.run())
         await asyncio.sleep(seconds)

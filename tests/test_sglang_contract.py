@@ -519,7 +519,8 @@ def test_colocated_engine_flags():
     assert engine_args(load_config(tiny, colocated + sglang + in_place)) == [
         "--disable-radix-cache", "--enable-memory-saver",
     ]  # fmt: skip
-    assert engine_args(load_config(tiny, in_place)) == []  # the CPU engine has no prefix cache
+    # the CPU engine has no prefix cache; it loads weights only from the run's staging root, in every mode
+    assert engine_args(load_config(tiny, in_place)) == ["--update-weights-root", "/dev/shm"]
 
 
 # ------------------------------------------------------------------ (5) held against SGLang's own source

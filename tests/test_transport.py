@@ -40,7 +40,7 @@ def make_group(gid="g1", accs=(True, False), version=3, n_tokens=5) -> Group:
 @pytest.fixture
 def pair():
     rx = GroupReceiver()
-    tx = GroupSender(rx.address)
+    tx = GroupSender(rx.sender_endpoint)
     yield tx, rx
     tx.close(linger_ms=0)
     rx.close()
@@ -88,11 +88,11 @@ def test_schema_mismatch_is_rejected_counted_and_skipped(pair):
 def test_malformed_frames_do_not_crash(pair):
     tx, rx = pair
     tx.send_frames([b"\xc1garbage", b""])  # 0xc1 is never valid msgpack
-    tx._sock.send(b"one part only")
+    tx._sock.send(b"one part only")  # without the sender token: rejected before anything is decoded
     tx.send_frames(encode_status(RolloutStatus(drawn=3)))
     frame = rx.recv_frame(timeout_ms=5000)
     assert frame.header.kind == "status" and frame.header.status.drawn == 3
-    assert rx.counters["rejected_malformed"] == 2 and rx.counters["frames"] == 3
+    assert rx.counters["rejected_malformed"] == 1 and rx.counters["rejected_auth"] == 1 and rx.counters["frames"] == 3
 
 
 def test_recv_skips_status_and_header_only_groups(pair):
@@ -106,7 +106,7 @@ def test_recv_skips_status_and_header_only_groups(pair):
 
 def test_post_never_blocks_and_keeps_order_under_backpressure():
     rx = GroupReceiver(hwm=1)
-    tx = GroupSender(rx.address, hwm=1)
+    tx = GroupSender(rx.sender_endpoint, hwm=1)
     try:
         n = 40
         big = make_group(n_tokens=20_000)  # ~0.5 MB per frame: the pipes fill up

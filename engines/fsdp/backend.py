@@ -269,7 +269,7 @@ class FSDPBackend:
         dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self._refresh_compute()
-        extra = torch.load(os.path.join(path, f"extra_rank{self.rank}.pt"), weights_only=False)
+        extra = torch.load(os.path.join(path, f"extra_rank{self.rank}.pt"), weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         self.optimizer_steps = extra["optimizer_steps"]

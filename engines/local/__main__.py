@@ -13,6 +13,12 @@ import os
 API_KEY_ENV = "DAPO_ENGINE_API_KEY"
 
 
+def _positive(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name in ("max_n", "max_batch", "max_request_mb", "max_weights_request_mb", "group_timeout_s"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engines.local", description=__doc__)
     p.add_argument("--model-path", required=True, help="HF model directory (tokenizer optional, same dir)")
@@ -48,9 +54,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="SGLang's flag: MoE models return the routed experts of requests with return_routed_experts",
     )
+    p.add_argument("--max-n", type=int, default=256, help="largest sampling_params.n a request may ask for")
+    p.add_argument("--max-batch", type=int, default=4096, help="most requests one body may create (prompts x n)")
+    p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (413 above)")
+    p.add_argument(
+        "--max-weights-request-mb",
+        type=float,
+        default=1536.0,
+        help="largest /update_weights_from_tensor body (base64 safetensors buckets)",
+    )
+    p.add_argument(
+        "--group-timeout-s",
+        type=float,
+        default=120.0,
+        help="longest wait of /init_weights_update_group for the other ranks",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--parent-pid", type=int, default=0, help="shut down when this process (our launcher) is gone")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    _positive(args, p)
+    return args
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -77,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engines.local.engine import Engine
-    from engines.local.server import LocalServer
+    from engines.local.server import Limits, LocalServer
 
     threads = max(1, args.threads)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -107,6 +130,13 @@ def main(argv: list[str] | None = None) -> None:
         api_key=api_key,
         weights_root=args.update_weights_root,
         enable_return_routed_experts=args.enable_return_routed_experts,
+        limits=Limits(
+            max_n=args.max_n,
+            max_batch=args.max_batch,
+            max_body_bytes=int(args.max_request_mb * 2**20),
+            max_weights_body_bytes=int(args.max_weights_request_mb * 2**20),
+            group_timeout_s=args.group_timeout_s,
+        ),
         host=args.host,
         port=args.port,
         threads=args.threads,

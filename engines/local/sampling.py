@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 SAMPLING_EPS = 1e-6
+_INT_LIMIT = 2**31
 
 # Fields we take at any value.
 _SUPPORTED = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "n"}
@@ -80,7 +81,10 @@ class SamplingParams:
             p.top_p = float(d["top_p"])
         if d.get("top_k") is not None:
             p.top_k = int(d["top_k"])
-        p.stop_token_ids = [int(t) for t in (d.get("stop_token_ids") or [])]
+        stop = d.get("stop_token_ids") or []
+        if not isinstance(stop, list):
+            raise ValueError("sampling_params.stop_token_ids must be a list of integers")
+        p.stop_token_ids = [int(t) for t in stop]
         p.ignore_eos = bool(d.get("ignore_eos") or False)
         if d.get("n") is not None:
             p.n = int(d["n"])
@@ -98,6 +102,12 @@ class SamplingParams:
             raise ValueError(f"sampling_params.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.n < 1:
             raise ValueError(f"sampling_params.n must be >= 1, got {self.n}")
+        # ints become int64 tensors on the engine thread: an overflow there would fail a whole batch
+        for name, value in (("max_new_tokens", self.max_new_tokens), ("top_k", self.top_k), ("n", self.n)):
+            if value >= _INT_LIMIT:
+                raise ValueError(f"sampling_params.{name} must be < 2**31, got {value}")
+        if any(not 0 <= t < _INT_LIMIT for t in self.stop_token_ids):
+            raise ValueError("sampling_params.stop_token_ids must hold integers in [0, 2**31)")
 
 
 def sample(

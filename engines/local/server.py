@@ -35,13 +35,24 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23 `entrypoints
 - With an API key every route except /health* needs `Authorization: Bearer <key>` (SGLang's rule), else 401.
 - Errors: 400 {"error": {"message": ...}} for bad input; weight routes answer {"success", "message"} with 400 when
   success is false, like SGLang.
+- Limits (`Limits`, engine options; SGLang has none of these, so their refusals use its generic 400 for a
+  ValueError and HTTP's 413 for a body): `sampling_params.n` <= max_n, requests in one body (prompts x n) <=
+  max_batch, a body <= max_body_bytes (max_weights_body_bytes for /update_weights_from_tensor, whose base64
+  safetensors buckets are large), else 413 before the body is read into memory. Every malformed request is a 4xx
+  with a one-line reason; an unexpected exception while parsing a request is a 400 naming the exception, never a
+  500 (only a failure of the engine itself is a 5xx).
+- /init_weights_update_group waits at most `group_timeout_s` (engine option; a body field `timeout_s`, our
+  extension, may shorten it) for the other ranks, on a daemon thread, so SIGTERM still stops a server whose join
+  hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
+import threading
 import uuid
 from typing import Any
 
@@ -91,6 +102,22 @@ class BadRequest(ValueError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the engine (engine options: `python -m engines.local --max-n ...`)."""
+
+    max_n: int = 256
+    """sampling_params.n at most this (n=1e8 once grew the engine to 19.5 GB)."""
+    max_batch: int = 4096
+    """Requests one body may create (prompts x n)."""
+    max_body_bytes: int = 32 * 2**20
+    """Bytes of a request body (413 above)."""
+    max_weights_body_bytes: int = 1536 * 2**20
+    """Bytes of an /update_weights_from_tensor body (a 512 MB bucket is ~683 MB in base64)."""
+    group_timeout_s: float = 120.0
+    """Longest wait of /init_weights_update_group for the other ranks (also the group's per-broadcast timeout)."""
+
+
 class ContractError(BadRequest):
     """SGLang's /generate schema gate: answered as 400 {"error": "<text>"}."""
 
@@ -98,6 +125,11 @@ class ContractError(BadRequest):
 def _unknown_field(key: str, fields: tuple[str, ...]) -> str:
     listed = ", ".join(f"`{f}`" for f in fields)
     return f"unknown field `{key}`, expected one of {listed}"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -113,6 +145,11 @@ def _result(success: bool, message: str, **extra: Any) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict:
+    # aiohttp answers 413 itself once more than client_max_size bytes arrive (chunked bodies too); a declared
+    # length over the limit is refused before a byte is read
+    limit = request._client_max_size  # noqa: SLF001 - aiohttp keeps the (per-request) limit only here
+    if limit and request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     raw = await request.read()
     if not raw:
         return {}
@@ -141,6 +178,7 @@ class LocalServer:
         weights_root: str = "",
         sglang_release: str = sgl.LATEST.release,
         enable_return_routed_experts: bool = False,
+        limits: Limits | None = None,
         **info: Any,
     ) -> None:
         self.engine = engine
@@ -150,15 +188,17 @@ class LocalServer:
         self.tokenizer = tokenizer
         self._api_key = api_key
         self.info = info
-        self.receiver = WeightReceiver(engine, allowed_root=weights_root)
+        self.limits = limits or Limits()
+        self.receiver = WeightReceiver(engine, self.limits.group_timeout_s, allowed_root=weights_root)
         self.protocol = sgl.protocol_for(sglang_release)
         self.session_open = False  # 0.5.23's weight-update session (one per engine)
+        self._joins: set[asyncio.Future] = set()  # group joins in progress (cancelled at shutdown)
         if tokenizer is not None:  # SGLang also stops at the tokenizer's EOS and extra stop tokens
             engine.eos_ids |= sgl.stop_token_ids(tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth, self._errors], client_max_size=2**31)
+        app = web.Application(middlewares=[self._auth, self._errors], client_max_size=self.limits.max_body_bytes)
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/health_generate", self.health_generate)
@@ -188,7 +228,13 @@ class LocalServer:
         r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
         r.add_post("/update_weight_version", self.update_weight_version)
         r.add_post("/weights_checksum", self.weights_checksum)
+        app.on_shutdown.append(self._cancel_joins)
         return app
+
+    async def _cancel_joins(self, _app: web.Application) -> None:
+        """A join waiting for a dead master must not hold up shutdown (aiohttp waits for running handlers)."""
+        for fut in list(self._joins):
+            fut.cancel()
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -207,8 +253,10 @@ class LocalServer:
             return _json({"error": str(e)}, 400)
         except BadRequest as e:
             return _error(str(e))
-        except (ValueError, TypeError, KeyError) as e:
-            return _error(f"{type(e).__name__}: {e}")
+        except web.HTTPException:
+            raise  # aiohttp's own answers (413 body too large, 405, 404)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+            return _error(_one_line(f"{type(e).__name__}: {e}"))
 
     async def _on_engine(self, fn) -> Any:
         return await asyncio.wrap_future(self.engine.call(fn))
@@ -280,10 +328,14 @@ class LocalServer:
             raise BadRequest("stream=true is not supported by the local engine")
         prompts, single = self._prompts(body)
         sp = body.get("sampling_params")
+        if sp is not None and not isinstance(sp, (dict, list)):
+            raise BadRequest("sampling_params must be an object or a list of objects")
         sps = sp if isinstance(sp, list) else [sp] * len(prompts)
         if len(sps) != len(prompts):
             raise BadRequest(f"sampling_params has {len(sps)} entries for {len(prompts)} prompts")
         for p in sps:
+            if p is not None and not isinstance(p, dict):
+                raise BadRequest("sampling_params must be an object or a list of objects")
             unknown = [k for k in (p or {}) if k not in SGLANG_SAMPLING_FIELDS]
             if unknown:
                 raise ContractError(_unknown_field(unknown[0], SGLANG_SAMPLING_FIELDS))
@@ -291,10 +343,30 @@ class LocalServer:
         n = params[0].n
         if any(p.n != n for p in params):
             raise BadRequest("sampling_params.n must be the same for every prompt")
+        if not 1 <= n <= self.limits.max_n:
+            raise BadRequest(f"sampling_params.n must be in [1, {self.limits.max_n}] (engine option --max-n), got {n}")
         if n > 1 and not single:
             raise BadRequest("n > 1 with a batch of prompts is not supported by the local engine")
+        if len(prompts) * n > self.limits.max_batch:
+            raise BadRequest(
+                f"{len(prompts)} prompts x n={n} requests in one body exceed {self.limits.max_batch} "
+                "(engine option --max-batch)"
+            )
         rid = body.get("rid")
+        if isinstance(rid, list):
+            # SGLang's GenerateReqInput._normalize_rid text
+            if single or len(rid) != len(prompts):
+                raise BadRequest("The specified rids length mismatch with the batch_size for batch processing.")
+            if not all(isinstance(r, str) for r in rid):
+                raise BadRequest("The rid should be a string or a list of strings.")
+        elif rid is not None and not isinstance(rid, str):
+            raise BadRequest("The rid should be a string or a list of strings.")
         rets = body.get("return_logprob")
+        if isinstance(rets, list):
+            if len(rets) != len(prompts) or not all(isinstance(r, (bool, type(None))) for r in rets):
+                raise BadRequest(f"return_logprob must be a bool or a list of {len(prompts)} bools (one per prompt)")
+        elif rets is not None and not isinstance(rets, bool):
+            raise BadRequest("return_logprob must be a bool or a list of bools")
         rets = rets if isinstance(rets, list) else [bool(rets)] * len(prompts)
         reqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
@@ -351,7 +423,11 @@ class LocalServer:
                 raise BadRequest("either input_ids or text is required")
             if self.tokenizer is None:
                 raise BadRequest("text input needs a tokenizer in the model directory; send input_ids")
-            texts = [text] if isinstance(text, str) else list(text)
+            if not (
+                isinstance(text, str) or (isinstance(text, list) and text and all(isinstance(t, str) for t in text))
+            ):
+                raise BadRequest("text must be a string or a non-empty list of strings")
+            texts = [text] if isinstance(text, str) else text
             ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
             return ids, isinstance(text, str)
         if not isinstance(ids, list) or not ids:
@@ -360,7 +436,9 @@ class LocalServer:
         prompts = [ids] if single else ids
         vocab = self.engine.model.config.vocab_size
         for i, p in enumerate(prompts):
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in p):
+            if not isinstance(p, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p
+            ):
                 raise BadRequest(f"input_ids[{i}] must hold integers in [0, {vocab})")
         return [list(p) for p in prompts], single
 
@@ -414,12 +492,16 @@ class LocalServer:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        self.engine.abort(rid=body.get("rid") or None, abort_all=bool(body.get("abort_all", False)))
+        rid, abort_all = body.get("rid"), body.get("abort_all", False)
+        _check_type(body, "rid", (str, type(None)), "a string")  # AbortReq.rid: str
+        _check_type(body, "abort_all", (bool, type(None)), "a bool")
+        self.engine.abort(rid=rid or None, abort_all=bool(abort_all))
         return web.Response(status=200)
 
     async def pause_generation(self, request: web.Request) -> web.Response:
         body = await _body(request)
         mode = body.get("mode", "abort")
+        _check_type(body, "mode", str, "a string")
         await asyncio.wrap_future(self.engine.pause(mode))
         return _json({"message": "Generation paused successfully.", "status": "ok"})
 
@@ -430,12 +512,14 @@ class LocalServer:
 
     async def release_memory_occupation(self, request: web.Request) -> web.Response:
         body = await _body(request)
+        _check_tags(body)
         await asyncio.wrap_future(self.engine.release_memory(body.get("tags")))
         log.info("release_memory_occupation: released %s", sorted(self.engine.released))
         return _json(None)
 
     async def resume_memory_occupation(self, request: web.Request) -> web.Response:
         body = await _body(request)
+        _check_tags(body)
         await asyncio.wrap_future(self.engine.resume_memory(body.get("tags")))
         log.info("resume_memory_occupation: still released %s", sorted(self.engine.released))
         return _json(None)
@@ -469,15 +553,30 @@ class LocalServer:
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         body = await _body(request)
         _require(body, "master_address", "master_port", "rank_offset", "world_size")
+        _check_type(body, "master_address", str, "a string")
+        _check_type(body, "group_name", str, "a string")
+        _check_type(body, "backend", str, "a string")
+        for key in ("master_port", "rank_offset", "world_size"):
+            _check_type(body, key, int, "an integer")
+        if not 0 < body["master_port"] < 65536:
+            raise BadRequest(f"master_port must be in [1, 65535], got {body['master_port']}")
+        if not 0 <= body["rank_offset"] < body["world_size"]:
+            raise BadRequest(f"rank_offset {body['rank_offset']} must be in [0, world_size {body['world_size']})")
         args = {k: body[k] for k in ("master_address", "master_port", "rank_offset", "world_size")}
         args["group_name"] = body.get("group_name", "weight_update_group")
         args["backend"] = body.get("backend", "nccl")
-        loop = asyncio.get_running_loop()
-        ok, msg = await loop.run_in_executor(None, lambda: self.receiver.init_group(**args))
+        timeout = self.limits.group_timeout_s
+        if body.get("timeout_s") is not None:  # our extension: a sender may ask for a shorter bound
+            _check_type(body, "timeout_s", (int, float), "a number")
+            if not 0 < body["timeout_s"] <= timeout:
+                raise BadRequest(f"timeout_s must be in (0, {timeout}] (engine option --group-timeout-s)")
+            timeout = float(body["timeout_s"])
+        ok, msg = await _in_daemon_thread(lambda: self.receiver.init_group(**args, timeout_s=timeout), self._joins)
         return _result(ok, msg)
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         body = await _body(request)
+        _check_type(body, "group_name", str, "a string")
         group = body.get("group_name", "weight_update_group")
         ok, msg = await self._on_engine(lambda: self.receiver.destroy_group(group))
         return _result(ok, msg)
@@ -487,6 +586,21 @@ class LocalServer:
         `update(body) -> (success, message)` on the engine thread."""
         body = await _body(request)
         _require(body, *required)
+        _check_type(body, "weight_version", (str, type(None)), "a string")
+        _check_type(body, "load_format", (str, type(None)), "a string")
+        _check_type(body, "group_name", str, "a string")
+        for key in ("names", "dtypes"):
+            if key in required and not (isinstance(body[key], list) and all(isinstance(x, str) for x in body[key])):
+                raise BadRequest(f"{key} must be a list of strings")
+        if "shapes" in required and not (
+            isinstance(body["shapes"], list)
+            and all(isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s) for s in body["shapes"])
+        ):
+            raise BadRequest("shapes must be a list of lists of non-negative integers")
+        if "model_path" in required:
+            _check_type(body, "model_path", str, "a string")
+        if "serialized_named_tensors" in required:
+            _check_type(body, "serialized_named_tensors", (str, list), "a string or a list")
         if body.get("abort_all_requests"):
             self.engine.abort(abort_all=True)
         ok, msg = await self._on_engine(lambda: update(body))
@@ -536,7 +650,7 @@ class LocalServer:
         if refused is not None:
             return refused
         _, ok, msg = await self._weight_update(
-            request,
+            request.clone(client_max_size=self.limits.max_weights_body_bytes),
             ("serialized_named_tensors",),
             lambda b: self.receiver.update_from_tensor(
                 b["serialized_named_tensors"], b.get("load_format"), b.get("weight_version")
@@ -556,6 +670,7 @@ class LocalServer:
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = await _body(request)
         _require(body, "new_version")
+        _check_type(body, "new_version", (str, int), "a string")
         if body.get("abort_all_requests", True):
             self.engine.abort(abort_all=True)
         version = str(body["new_version"])
@@ -569,20 +684,73 @@ class LocalServer:
     async def get_weights_by_name(self, request: web.Request) -> web.Response:
         body = await _body(request)
         _require(body, "name")
+        _check_type(body, "name", str, "a string")
+        _check_type(body, "truncate_size", int, "an integer")
         param = self.engine.params.get(body["name"])
         if param is None:
             return _error(f"{body['name']}: no such parameter in the model")
-        size = int(body.get("truncate_size", 100))
+        size = max(0, int(body.get("truncate_size", 100)))
         with torch.no_grad():
             values = param.detach().float()[:size].tolist() if param.dim() else [param.item()]
         return _json(values)
 
     async def weights_checksum(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        dtype = parse_dtype(body["dtype"]) if body.get("dtype") else None
+        _check_type(body, "dtype", (str, type(None)), "a string")
         names = body.get("names")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise BadRequest("names must be a list of strings")
+        dtype = parse_dtype(body["dtype"]) if body.get("dtype") else None
         checksum = await self._on_engine(lambda: self.engine.checksum(names, dtype))
         return _json({"checksum": checksum})
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_type(body: dict, key: str, types: type | tuple[type, ...], what: str) -> None:
+    """400 naming `key` when it is present with another JSON type (bool is not an integer here)."""
+    if key not in body:
+        return
+    value = body[key]
+    wanted = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in wanted:
+        raise BadRequest(f"{key} must be {what}, got {value!r}")
+    if not isinstance(value, wanted):
+        raise BadRequest(f"{key} must be {what}, got {type(value).__name__}")
+
+
+def _check_tags(body: dict) -> None:
+    tags = body.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise BadRequest("tags must be a list of strings")
+
+
+async def _in_daemon_thread(fn, running: set[asyncio.Future]) -> Any:
+    """`fn()` on a fresh daemon thread: a wait stuck in C (a rendezvous with a dead master) then neither blocks
+    the event loop nor the interpreter's exit (the default executor's threads are joined at shutdown, which is
+    what kept SIGTERM from stopping the server). The pending future sits in `running` until it resolves."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    running.add(fut)
+    fut.add_done_callback(running.discard)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting handler
+            loop.call_soon_threadsafe(_set_exc_once, fut, e)
+        else:
+            loop.call_soon_threadsafe(_set_once, fut, result)
+
+    threading.Thread(target=run, name="group-join", daemon=True).start()
+    return await fut
+
+
+def _set_exc_once(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 def _set_once(fut: asyncio.Future, value: Any) -> None:

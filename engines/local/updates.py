@@ -86,7 +86,9 @@ class WeightReceiver:
         world_size: int,
         group_name: str = "weight_update_group",
         backend: str = "nccl",
+        timeout_s: float | None = None,
     ) -> tuple[bool, str]:
+        """Join the group, waiting at most `timeout_s` (default: group_timeout_s) for the other ranks."""
         if not group_name:
             return False, "group_name must not be empty"
         if backend == "nccl" and not torch.cuda.is_available():
@@ -97,7 +99,7 @@ class WeightReceiver:
         try:
             pg = create_sync_group(
                 master_address, int(master_port), int(rank_offset), int(world_size), group_name, backend,
-                self.group_timeout_s,
+                self.group_timeout_s if timeout_s is None else timeout_s,
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - reported to the caller
             return False, f"Failed to initialize custom process group {group_name!r}: {type(e).__name__}: {e}"

@@ -63,10 +63,10 @@ def engine_args(cfg: Config) -> list[str]:
     args: list[str] = []
     if e.backend == "sglang" and ws.pause_mode == "in_place" and "--disable-radix-cache" not in e.extra_args:
         args.append("--disable-radix-cache")
+    if e.backend == "local":  # in every mode: the run's private 0700 staging root (pipeline/run_security.py)
+        return args + ["--update-weights-root", ws.disk_dir]
     if ws.mode != "colocated" or e.backend == "external":
         return args
-    if e.backend == "local":
-        return args + ["--update-weights-root", ws.disk_dir]
     if ws.release_memory and "--enable-memory-saver" not in e.extra_args:
         args.append("--enable-memory-saver")
     return args

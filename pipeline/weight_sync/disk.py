@@ -21,6 +21,14 @@ Contract:
   it is gone: at most one staged checkpoint per sender exists, and only during a sync and the moment after. It
   holds the model once in the wire dtype.
 - Writing fails with an OSError naming weight_sync.disk_dir and its free space (e.g. a container's 64 MB /dev/shm).
+- `private_run_root(base) -> Path` creates the run's private staging root `<base>/dapo-run-<host>-<pid>-<random>/`
+  (mode 0700, created fresh by mkdtemp: never an existing directory another user could have planted or can write),
+  `remove_run_root(path)` removes it. pipeline/run_security.py makes it weight_sync.disk_dir for the run, so
+  per-sync directories live inside it and CPU engines load only from it. On another node (the trainer's, when the
+  driver runs elsewhere) `DiskStaging` makes the same-named root itself (0700; an existing one must be a private
+  directory of ours) and removes it at `close(final=True)`. `reap_orphans` also removes run roots of
+  dead processes. DiskStaging refuses a root that other users can write to (mode & 0o022) unless it is sticky
+  (like /dev/shm, /tmp), where mkdtemp's 0700 directories are still private.
 - Engines must see the directory: `check_engines_see(root, source_node, engine_nodes)` fails (ConfigError naming
   the engines) when an engine runs on another node than the sync source and `root` is not on a shared filesystem
   (NFS, Lustre, GPFS, CephFS, a FUSE mount, ...; judged from /proc/mounts).
@@ -34,6 +42,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -46,6 +55,7 @@ from pipeline.config import ConfigError
 log = logging.getLogger(__name__)
 
 PREFIX = "dapo-wsync-"
+RUN_PREFIX = "dapo-run-"
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
@@ -89,10 +99,16 @@ class StagedCheckpoint:
 
 class DiskStaging:
     def __init__(self, root: str, model_dir: str = "", stage: int = 0) -> None:
+        self._made_root = _ensure_run_root(root)
         if not os.path.isdir(root):
             raise ConfigError(f"weight_sync.disk_dir: {root!r} is not a directory")
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"weight_sync.disk_dir: {root!r} is not writable")
+        mode = os.stat(root).st_mode
+        if mode & 0o022 and not mode & 0o1000:  # others could swap our staged files (sticky dirs protect them)
+            raise ConfigError(
+                f"weight_sync.disk_dir: {root!r} is writable by other users and not sticky (mode {mode & 0o7777:o})"
+            )
         self.root, self.model_dir, self.stage = Path(root), model_dir, stage
         self._open: list[StagedCheckpoint] = []
         reap_orphans(self.root)
@@ -111,10 +127,34 @@ class DiskStaging:
                     os.symlink(src.resolve(), staged.path / src.name)
         return staged
 
-    def close(self) -> None:
+    def close(self, final: bool = False) -> None:
+        """Remove the staged checkpoint; `final` (the sender is done) also removes a run root made here."""
         for staged in self._open:
             staged.remove()
         self._open = []
+        if final and self._made_root:
+            remove_run_root(self.root)
+            self._made_root = False
+
+
+def _ensure_run_root(root: str) -> bool:
+    """A run root (`dapo-run-...`, named by the driver) on a node other than the driver's does not exist yet: make
+    it here, 0700 (True). An existing one must be ours and private: one planted by another user (its name shows in
+    the engines' command lines) is refused."""
+    path = Path(root)
+    if not path.name.startswith(RUN_PREFIX):
+        return False
+    try:
+        os.mkdir(path, 0o700)
+        return True
+    except FileExistsError:
+        pass
+    except OSError:
+        return False  # no parent, not writable: the checks that follow name the problem
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(f"weight_sync.disk_dir: {root!r} exists but is not a private (0700) directory of ours")
+    return False
 
 
 def _is_weight_file(name: str) -> bool:
@@ -132,12 +172,34 @@ def _disk_error(where: Path, what: str) -> OSError:
     )
 
 
+def private_run_root(base: str | Path) -> Path:
+    """A fresh 0700 directory `<base>/dapo-run-<host>-<pid>-<random>/` (ConfigError naming weight_sync.disk_dir
+    when it cannot be made). Run roots that dead processes of this user left in `base` are removed first."""
+    base = Path(base)
+    if not base.is_dir():
+        raise ConfigError(f"weight_sync.disk_dir: {str(base)!r} is not a directory")
+    reap_orphans(base)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{_host()}-{os.getpid()}-", dir=base))
+    except OSError as e:
+        raise ConfigError(f"weight_sync.disk_dir: cannot create the run's staging directory in {base} ({e})") from e
+    os.chmod(path, 0o700)  # mkdtemp already does; explicit, as the guarantee is the point
+    return path
+
+
+def remove_run_root(path: str | Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def reap_orphans(root: Path) -> list[Path]:
-    """Remove staging directories under `root` whose process (on this host, of this user) is gone."""
+    """Remove staging directories (per sync and per run) under `root` whose process (on this host, of this user) is
+    gone."""
     removed = []
     host, uid = _host(), os.getuid()
-    for entry in root.glob(f"{PREFIX}{host}-*"):
-        pid = entry.name[len(PREFIX) + len(host) + 1 :].split("-", 1)[0]
+    entries = [(PREFIX, e) for e in root.glob(f"{PREFIX}{host}-*")]
+    entries += [(RUN_PREFIX, e) for e in root.glob(f"{RUN_PREFIX}{host}-*")]
+    for prefix, entry in entries:
+        pid = entry.name[len(prefix) + len(host) + 1 :].split("-", 1)[0]
         try:
             if not pid.isdigit() or int(pid) == os.getpid() or entry.lstat().st_uid != uid or _alive(int(pid)):
                 continue

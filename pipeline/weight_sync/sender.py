@@ -278,7 +278,7 @@ class WeightSyncSender:
         self.close_group()
         self.pool.clear()
         if self._staging is not None:
-            self._staging.close()
+            self._staging.close(final=True)
         self.client.close_sync()
 
     # ------------------------------------------------------------------ pause / resume
