@@ -281,6 +281,9 @@ class MegatronBackend:
         # routing.py); used only when a micro-batch carries records.
         self.replay = RoutingReplay(self.chunks, self.tconfig) if self.arch.num_experts else None
         self.replay_on = self.cfg.algorithm.routing_replay == "rollout"
+        bypass = self.tconfig.moe_router_fusion or self.tconfig.moe_router_load_balancing_type == "sinkhorn"
+        if self.replay is not None and bypass:  # these routings never call the top-k hook: replay would be silent
+            raise ValueError("algorithm.routing_replay: megatron's fused or sinkhorn routing bypasses its top-k hook")
         if self.replay is not None:
             self.replay.apply = self.replay_on
 
