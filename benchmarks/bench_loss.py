@@ -20,8 +20,8 @@ import time
 import torch
 
 from pipeline.algorithm.losses import policy_loss
-from pipeline.backend import MicroBatch
 from pipeline.config import AlgorithmConfig
+from pipeline.contracts.backend import MicroBatch
 
 
 def make_batch(batch: int, seq: int, prompt: int, device: str, seed: int = 0) -> tuple[MicroBatch, torch.Tensor]:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from engines.megatron.testing import init_dist, save_tiny_hf, spawn, tiny_config
-from pipeline.backend import MicroBatch
+from pipeline.contracts.backend import MicroBatch
 
 
 def _batch(n_seqs: int, max_len: int, rows: int, vocab: int, seed: int = 0) -> list[MicroBatch]:

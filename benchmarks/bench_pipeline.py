@@ -1,7 +1,7 @@
 """Pipeline efficiency with simulated engines and a simulated trainer: async step time vs the ideal and vs synchronous.
 
 The system under test is the real RolloutManager + ZMQ transport + RolloutBuffer; only the engines (latency model:
-`capacity` concurrent requests per engine, `per_token_s` per generated token, jittered; see pipeline/rollout_sim.py)
+`capacity` concurrent requests per engine, `per_token_s` per generated token, jittered; see pipeline/testing/rollout_sim.py)
 and the trainer (`train_s` per step, `sync_s` per weight sync) sleep. For max_staleness s = 0 (exactly
 synchronous), 1 and 2 it measures the mean step time after a warm-up and compares it with
 - ideal = max(generation, training) per step, where generation = the engine time the step's share of generated
@@ -12,7 +12,7 @@ synchronous), 1 and 2 it measures the mean step time after a warm-up and compare
 Two regimes: balanced (training = generation) and generation-bound (training = generation / 2); training is sized
 by a 4-step s = 0 probe run with over-admission off (the same whatever the policy under test), which comes out
 ~1.15x the generation measured in the long runs, so "balanced" is slightly training-bound. The trainer makes
-MINIBATCHES = 4 updates per step, as the presets do, and streams them (pipeline.config.stream_parts): it takes the
+MINIBATCHES = 4 updates per step, as the presets do, and streams them (pipeline.config.Layout.stream_parts): it takes the
 step's batch in 4 parts and spends train_s / 4 on each as soon as it is in. Headlines per regime and s:
 `<regime>_s<s>_over_ideal_ratio` (target <= 1.1) and `<regime>_s<s>_speedup_over_sync_ratio`; the balanced regime
 also runs one mini-batch per step (nothing to stream): `balanced_s<s>_one_minibatch_over_ideal_ratio`.
@@ -28,7 +28,7 @@ Why one mini-batch per step misses at balanced s = 1: under the bound, batch k+2
 version k is live, so each batch -- tail of its slowest group included -- must be generated within one training
 step, and the update window (sync_s plus abort/resume, ~5%) idles all engines. Streaming lets a step start on its
 first quarter, so the tail of its last groups overlaps three quarters of its training. Over-admission
-(pipeline/admission.py; `--over-admission 0` is the conservative rule that counted every unfinished group as kept)
+(pipeline/flow/admission.py; `--over-admission 0` is the conservative rule that counted every unfinished group as kept)
 fills engine slots near the bound at the cost of some wasted tokens (over-admitted groups that lose the race for a
 batch are re-queued). `--no-dynamic-sampling` (nothing to over-admit, training ~ generation; 1 run): balanced s=1 1.08, s=2 1.07;
 gen-bound 1.06 / 1.05; one mini-batch per step: balanced s=1 1.28, s=2 1.04.
@@ -45,7 +45,7 @@ import logging
 
 import numpy as np
 
-from pipeline.rollout_sim import SimEngineClient, _h, run_sim, sim_config, sim_prompts
+from pipeline.testing.rollout_sim import SimEngineClient, _h, run_sim, sim_config, sim_prompts
 
 ENGINES, CAPACITY, PER_TOKEN_S = 2, 16, 0.0005
 MIN_LEN, MAX_LEN, MAX_NEW = 32, 400, 384  # some responses hit max_new_tokens (truncated)

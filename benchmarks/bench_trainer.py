@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from engines.megatron.testing import init_dist, spawn, tiny_config
-from pipeline.backend import MicroBatch
+from pipeline.contracts.backend import MicroBatch
 
 GIB = 1024**3
 QWEN_VOCAB = 151936

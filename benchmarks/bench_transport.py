@@ -2,12 +2,12 @@
 
 For samples of 1k and 16k response tokens (groups of 16), the same pre-encoded messages are pushed by a sender
 thread (a) through a bare PUSH/PULL pair that only receives them, and (b) through GroupSender -> GroupReceiver ->
-RolloutBuffer (header decode, schema check, dynamic-sampling filter, storage). The headline is `ingest_ratio`:
-the median, over alternating (raw, ours) pairs, of raw seconds / ours seconds (target >= 0.5). Measured on the
-shared 2-core VM (3 runs, each the median of 5 pairs): 1k 0.56 / 0.53 / 0.77, 16k 0.91 / 0.43 / 0.67 (very noisy:
-other developers' training jobs share the cores). Also reported, per group: the msgpack encode time on
-the manager's side and the decode time at consumption (get_batch), and `end_to_end_ratio` that adds the decode
-to our side (the price of turning 3 x 16 x T numbers into Python lists, paid once per trained group).
+RolloutBuffer (header decode, schema check, the filter's decision read from the header, storage). The headline is
+`ingest_ratio`: the median, over alternating (raw, ours) pairs, of raw seconds / ours seconds (target >= 0.7).
+Also reported, per group: the encode time on the manager's side (packing the per-token lists into arrays) and the
+decode time at consumption (get_batch: numpy views of the payload, no per-token Python objects), and
+`end_to_end_ratio` that adds the decode to our side (target >= 0.5). The machine is shared: compare runs made
+under the same load (see the README's benchmark table).
 
     .venv/bin/python -m benchmarks.bench_transport [--quick]
 """
@@ -23,9 +23,9 @@ import time
 
 import zmq
 
-from pipeline.buffer import RolloutBuffer
-from pipeline.transport import GroupReceiver, GroupSender, RolloutStatus, encode_group
-from pipeline.types import Group, Sample
+from pipeline.contracts.records import Group, Sample
+from pipeline.flow.buffer import RolloutBuffer
+from pipeline.flow.transport import GroupReceiver, GroupSender, RolloutStatus, encode_group
 
 G = 16
 
@@ -74,7 +74,7 @@ def time_raw(messages: list[list[bytes]]) -> float:
 
 
 def time_ours(messages: list[list[bytes]]) -> tuple[float, RolloutBuffer, GroupSender]:
-    buf = RolloutBuffer(GroupReceiver(), batch_size=1, max_staleness=0, dynamic_sampling=True, capacity=len(messages))
+    buf = RolloutBuffer(GroupReceiver(), batch_size=1, max_staleness=0, capacity=len(messages))
     tx = GroupSender(buf.address)
     t0 = time.perf_counter()
     thread = _send_all(tx.send_frames, messages)
@@ -136,9 +136,9 @@ def run(quick: bool = False) -> dict:
         out[key] = r
         print(
             f"[transport] {key} tokens x {G}: {r['mb_per_group']:.2f} MB/group; raw ZMQ {r['raw_zmq_gb_per_s']:.2f} GB/s, "
-            f"transport+buffer {r['ours_gb_per_s']:.2f} GB/s -> ingest ratio {r['ingest_ratio']:.2f} (target >= 0.5); "
+            f"transport+buffer {r['ours_gb_per_s']:.2f} GB/s -> ingest ratio {r['ingest_ratio']:.2f} (target >= 0.7); "
             f"encode {r['encode_ms_per_group']:.1f} ms, decode at get_batch {r['decode_ms_per_group']:.1f} ms per group "
-            f"-> end-to-end ratio {r['end_to_end_ratio']:.2f}",
+            f"-> end-to-end ratio {r['end_to_end_ratio']:.2f} (target >= 0.5)",
             flush=True,
         )
     out["ingest_ratio"] = min(out[k]["ingest_ratio"] for k in ("1k", "16k"))

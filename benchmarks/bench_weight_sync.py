@@ -80,7 +80,7 @@ import torch.distributed as dist
 
 from engines.process import free_port
 from pipeline.config import WeightSyncConfig
-from pipeline.weight_sync import WeightSyncSender, plan_buckets
+from pipeline.runtime.weight_sync import WeightSyncSender, plan_buckets
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = {  # hidden, layers, heads, kv heads, intermediate, vocab

@@ -37,17 +37,16 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import numpy as np
 
 from engines.sglang.protocol import Protocol, protocol_for
+from pipeline.contracts.engine_api import FINISH_REASONS, EngineDeadError, EngineError, GenerateOutput
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = ("stop", "length", "abort")
 # SGLang 0.5.23 routes marked AuthLevel.ADMIN_OPTIONAL that this client calls (http_server.py)
 ADMIN_ROUTES = frozenset({
     "/flush_cache", "/abort_request", "/pause_generation", "/continue_generation", "/init_weights_update_group",
@@ -56,31 +55,6 @@ ADMIN_ROUTES = frozenset({
     "/release_memory_occupation", "/resume_memory_occupation",
 })  # fmt: skip
 _STICKY_MAX = 100_000
-
-
-@dataclass
-class GenerateOutput:
-    output_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" | "length" | "abort"
-    weight_version: str
-    url: str
-    prompt_tokens: int
-    rid: str = ""
-    meta_info: dict = field(default_factory=dict, repr=False)
-
-
-class EngineError(RuntimeError):
-    """A request to an engine failed; the message names the engine URL."""
-
-    def __init__(self, message: str, url: str = "", status: int | None = None) -> None:
-        super().__init__(message)
-        self.url = url
-        self.status = status
-
-
-class EngineDeadError(EngineError):
-    """The engine stopped answering (connection errors beyond the retry budget) and is marked dead."""
 
 
 def parse_generate_output(obj: dict, url: str) -> GenerateOutput:

@@ -13,7 +13,7 @@ Contract:
   in megatron's [s, b] order (position s of row b at s * B + b).
 - `unpack(packed, values)`: per-position results of the model's row(s) -> the MicroBatch's (B, T) layout, the value at
   (b, s) being the row's prediction about token s of sequence b (from position s - 1); 0 at s = 0 and on padding
-  (pipeline/backend.py's alignment).
+  (pipeline/contracts/backend.py's alignment).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from engines.megatron.context_parallel import cp_partition_index, cp_slot_length
-from pipeline.backend import MicroBatch
+from pipeline.contracts.backend import MicroBatch
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Asynchronous off-policy DAPO: the engine-agnostic pipeline (config, data, algorithm, rollout, buffer, trainer loop)."""
+"""Asynchronous off-policy DAPO, engine-agnostic: contracts, config, algorithm, flow, runtime, tools (docs/DESIGN.md)."""

@@ -116,7 +116,7 @@ class EngineConfig:
     """First port; 0 picks free ports."""
     api_key: str = ""
     """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged. Empty
-    (and no env) with engines the run launches (local, sglang): each run makes a random key (pipeline/run_security.py)
+    (and no env) with engines the run launches (local, sglang): each run makes a random key (pipeline/runtime/run_security.py)
     and hands it to the servers through the environment (CPU engine) or a 0600 config file (SGLang `--config`),
     never on the command line."""
     mem_fraction: float = 0.7
@@ -189,7 +189,7 @@ class RolloutConfig:
     over_admission: float = 0.5
     """With dynamic sampling, groups admitted beyond what the staleness bound can keep, against the expected keep
     rate, at most this x trainer.batch_size in flight (the bound stays hard: a surplus group that finishes kept is
-    re-queued, its tokens wasted; see pipeline/admission.py). 0: every unfinished group counts as kept."""
+    re-queued, its tokens wasted; see pipeline/flow/admission.py). 0: every unfinished group counts as kept."""
     partial_rollout: str = "resume"
     """At a weight update, in-flight requests are: wait (finished first) | abort (aborted, prompt re-queued) |
     resume (aborted, prompt + generated prefix resent under the new weights, tokens tagged with versions; nothing
@@ -254,8 +254,8 @@ class AlgorithmConfig:
     """Entropy bonus (DAPO: none)."""
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     """Overlong reward shaping and filtering."""
-    reward_fn: str = "pipeline.rewards:dapo_math_reward"
-    """Reward function by dotted path `module:function` (see pipeline/rewards.py for the signature)."""
+    reward_fn: str = "pipeline.flow.rewards:dapo_math_reward"
+    """Reward function by dotted path `module:function` (see pipeline/flow/rewards.py for the signature)."""
     reward_timeout_s: float = 10.0
     """A reward call slower than this counts as failed and gets the wrong-answer reward."""
     reward_workers: int = 2
@@ -325,7 +325,7 @@ class TrainerConfig:
     """Activation recomputation of every transformer layer (megatron: full layer recompute; fsdp: HF gradient
     checkpointing, non-reentrant)."""
     logprob_chunk_tokens: int = 1024
-    """Tokens per chunk of the fused output layer + log-softmax (pipeline/algorithm/logprobs.py): its extra memory
+    """Tokens per chunk of the fused output layer + log-softmax (engines/logprobs.py): its extra memory
     is a few chunk x vocabulary float32 buffers, never tokens x vocabulary. Larger chunks: fewer, bigger matmuls."""
     distributed_optimizer: bool = True
     """Megatron distributed (ZeRO-1) optimizer."""
@@ -338,13 +338,14 @@ class WeightSyncConfig:
     """Broadcast new weights to the engines every k trainer steps."""
     mode: str = "disaggregated"
     """disaggregated (broadcast over a process group) | colocated (no process group; see colocated_transport)."""
+
     colocated_transport: str = "auto"
     """How colocated mode hands the weights over: tensor (safetensors bytes in /update_weights_from_tensor; the CPU
     engine only) | disk (a safetensors checkpoint staged in disk_dir, loaded by /update_weights_from_disk; works with
     SGLang on CUDA) | auto (disk where CUDA is available, else tensor). Neither puts a pickle on a socket."""
     disk_dir: str = "/dev/shm"
     """Base of the run's private staging directory: each run creates `<disk_dir>/dapo-run-<host>-<pid>-<random>/`
-    (mode 0700, removed at the end; pipeline/run_security.py), which is the CPU engines' only
+    (mode 0700, removed at the end; pipeline/runtime/run_security.py), which is the CPU engines' only
     /update_weights_from_disk root in every mode, and where colocated_transport=disk stages each sync's checkpoint
     (one directory per sync, removed after it). Use a memory filesystem (tmpfs): it must hold the model once in the
     wire dtype while a sync runs."""
@@ -374,6 +375,11 @@ class WeightSyncConfig:
     """A sync (or the group set-up) that does not finish in this time fails, naming the engines that did not finish."""
     pause_mode: str = "abort"
     """/pause_generation mode around a sync: abort | retract | in_place."""
+
+    @property
+    def colocated(self) -> bool:
+        """The weights go over without a process group (the engines share the trainer's devices)."""
+        return self.mode == "colocated"
 
 
 # --------------------------------------------------------------------------------------------------- cluster, logging, ckpt, eval
@@ -546,17 +552,48 @@ def _fail(path: str, msg: str) -> None:
     raise ConfigError(f"{path}: {msg}")
 
 
-def releases_engine_memory(cfg: Config) -> bool:
-    """Colocated engines give their memory back (and stop generating) while the trainer trains."""
-    return cfg.weight_sync.mode == "colocated" and bool(cfg.weight_sync.release_memory)
+@dataclass(frozen=True)
+class Layout:
+    """The run's layout, derived once from the config by `layout(cfg)`: the loop, the rollout, the buffer factory,
+    the cluster and the simulator read these fields instead of re-deriving them from the config.
+    - `colocated`: engines share the trainer ranks' devices (weight_sync.mode=colocated with launched engines; external
+      engines are placed by whoever runs them).
+    - `releases_memory`: colocated engines give their memory back while the trainer trains.
+    - `stream_parts`: in how many parts the loop takes a step's batch from the buffer (> 1: each mini-batch trains as
+      soon as its groups are in; not with the decoupled objective, nor while engines release their memory).
+    - `max_staleness`, `sync_every`, `batch_size`, `dynamic_sampling`: the bound the rollout admits under and the
+      buffer checks, the steps between weight syncs, the groups per step, whether the rollout filters groups.
+    - `buffer_capacity`: rollout.buffer_capacity, else (max_staleness + 2) x batch; never below what a sync period
+      under the bound may produce, (max_staleness + 1) x sync_every x batch (the buffer raises it with a warning).
+    - `dp`: trainer data-parallel size (filled in by config validation).
+    """
+
+    colocated: bool
+    releases_memory: bool
+    stream_parts: int
+    batch_size: int
+    max_staleness: int
+    sync_every: int
+    dynamic_sampling: bool
+    buffer_capacity: int
+    dp: int
 
 
-def stream_parts(cfg: Config) -> int:
-    """In how many parts the training loop takes a step's batch from the buffer, each trained as its mini-batch as
-    soon as it is in (pipeline/trainer.py: streaming)."""
-    t = cfg.trainer
-    streamed = t.stream_minibatches and cfg.algorithm.off_policy != "decoupled" and not releases_engine_memory(cfg)
-    return t.num_minibatches if streamed else 1
+def layout(cfg: Config) -> Layout:
+    r, t, ws = cfg.rollout, cfg.trainer, cfg.weight_sync
+    releases = ws.colocated and bool(ws.release_memory)
+    streamed = t.stream_minibatches and cfg.algorithm.off_policy != "decoupled" and not releases
+    return Layout(
+        colocated=ws.colocated and cfg.engine.backend != "external",
+        releases_memory=releases,
+        stream_parts=t.num_minibatches if streamed else 1,
+        batch_size=t.batch_size,
+        max_staleness=r.max_staleness,
+        sync_every=ws.every,
+        dynamic_sampling=cfg.algorithm.dynamic_sampling,
+        buffer_capacity=r.buffer_capacity or (r.max_staleness + 2) * t.batch_size,
+        dp=t.parallel.dp,
+    )
 
 
 ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"  # SGLang's server flag (engines/local mirrors it)
@@ -661,7 +698,7 @@ def validate(cfg: Config) -> Config:
             "trainer.micro_batch_size",
             f"must divide the samples per rank and mini-batch ({per_rank // p.dp} = batch_size*G/num_minibatches/dp)",
         )
-    if cfg.weight_sync.mode == "colocated" and cfg.engine.backend != "external":
+    if layout(cfg).colocated:
         if cfg.engine.num_engines > t.world_size:
             _fail(
                 "engine.num_engines",
@@ -774,10 +811,29 @@ def _validate_finite(node: Any, prefix: str = "") -> None:
             _fail(path, f"must be a finite number; got {value!r}")
 
 
+# Configs saved before the package layout (a run directory being resumed) name the module by its old path
+# (written as two literals so that a rename of the path never rewrites this key).
+_MOVED = {"pipeline.flow.rewards": "pipeline.flow.rewards"}
+
+
+def load_reward_fn(fn_path: str, key: str = "algorithm.reward_fn") -> Any:
+    """Import `module:function`; ValueError naming `key` when that is impossible."""
+    module_name, sep, attr = fn_path.partition(":")
+    module_name = _MOVED.get(module_name, module_name)
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{key}: must be 'module:function'; got {fn_path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ValueError(f"{key}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{key}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
 def _validate_reward_fns(cfg: Config) -> None:
     """Import the reward functions now, so that a missing module is found before any process starts."""
-    from pipeline.rewards import load_reward_fn
-
     for key in ("algorithm.reward_fn", "eval.reward_fn"):
         spec = _get(cfg, key)
         if spec:

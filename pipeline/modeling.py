@@ -1,14 +1,13 @@
-"""The policy's starting checkpoint: a given HF directory, or a tiny Qwen2 built from config (plus warm start).
+"""The tiny policy model: a Qwen2 built from config, saved and checked as an HF directory.
 
 Contract:
 - `build_tiny_model(cfg, vocab_size, ...)` returns a float32 `Qwen2ForCausalLM` with the architecture of
   `cfg.tiny`, initialised deterministically from `cfg.init_seed` (the global RNG is left as it was).
   The eos/pad ids given are written into the model config and its generation config, so engines stop at eos.
-- `prepare_model_dir(cfg, out_dir)`: with `cfg.model.path` set, checks it is a directory holding config.json and
-  returns it unchanged. Otherwise it builds the tiny model and the built-in tokenizer, applies the cached
-  supervised warm start when `cfg.model.warm_start_steps > 0` (pipeline/warmstart.py), and saves both
-  (safetensors) to `out_dir/init_model`, which it returns. The directory appears atomically (written beside it,
-  then renamed), so a crash never leaves a half-written model behind.
+- `save_model_dir(model, tokenizer, path)` writes both (safetensors) atomically (written beside `path`, then
+  renamed), so a crash never leaves a half-written model behind. `check_model_path` validates a given directory.
+- Which starting checkpoint a run uses (given, tiny, warm-started) is decided by `pipeline.warmstart.prepare_model_dir`,
+  which imports this module (never the reverse).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from pipeline.config import Config, ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 
 INIT_DIR = "init_model"
 
@@ -106,23 +105,3 @@ def save_model_dir(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
-
-
-def prepare_model_dir(cfg: Config, out_dir: str) -> str:
-    """The HF directory the trainer and the engines load (see the module docstring)."""
-    if cfg.model.path:
-        return check_model_path(cfg.model.path)
-    from pipeline.tokenizer import load_tokenizer
-
-    target = Path(out_dir) / INIT_DIR
-    if cfg.model.warm_start_steps > 0:
-        from pipeline.warmstart import cached_warm_start
-
-        cached = cached_warm_start(cfg)
-        with atomic_dir(target) as tmp:
-            shutil.copytree(cached, tmp, dirs_exist_ok=True)
-        return str(target)
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    model = build_tiny_model(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    save_model_dir(model, tokenizer, target)
-    return str(target)

@@ -1,6 +1,10 @@
-"""Supervised warm start of the tiny model on a task's reference solutions, cached on disk so it runs once.
+"""The policy's starting checkpoint, and the supervised warm start of the tiny model, cached so it runs once.
 
 Contract:
+- `prepare_model_dir(cfg, out_dir)`: with `cfg.model.path` set, checks it is a directory holding config.json and
+  returns it unchanged. Otherwise it builds the tiny model and the built-in tokenizer (pipeline/modeling.py),
+  applies the cached warm start when `cfg.model.warm_start_steps > 0`, and saves both to `out_dir/init_model`
+  (atomically), which it returns.
 - `warm_start(model, tokenizer, cfg, steps, seed)` trains `model` in place with AdamW on examples
   `prompt + solution + eos` built from `cfg.data.train_path` (templated exactly as `load_prompts` does), with the
   loss on the response tokens only; deterministic for a given seed on one thread count. Returns loss statistics.
@@ -23,6 +27,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,8 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.modeling import INIT_DIR, atomic_dir, build_tiny_model, check_model_path, save_model_dir
+from pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def warm_start_key(cfg: Config) -> str:
 
 def supervised_examples(cfg: Config, tokenizer: Any, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids + eos) pairs from the training source's reference solutions."""
-    from pipeline.data import DataError, load_rows, rows_to_prompts, source_config
+    from pipeline.flow.data import DataError, load_rows, rows_to_prompts, source_config
     from pipeline.tokenizer import encode_texts
 
     base, scfg = source_config(cfg.data.train_path, cfg.data)
@@ -151,9 +158,6 @@ def warm_start(
 
 def cached_warm_start(cfg: Config) -> str:
     """Directory of the warm-started model + tokenizer (trained on a cache miss)."""
-    from pipeline.modeling import build_tiny_model, save_model_dir
-    from pipeline.tokenizer import load_tokenizer
-
     key = warm_start_key(cfg)
     path = cache_root() / key
     if (path / MARKER).is_file():
@@ -171,7 +175,21 @@ def cached_warm_start(cfg: Config) -> str:
     try:
         tmp.rename(path)
     except OSError:  # another process finished the same entry first; theirs is identical
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
+
+
+def prepare_model_dir(cfg: Config, out_dir: str) -> str:
+    """The HF directory the trainer and the engines load (see the module docstring)."""
+    if cfg.model.path:
+        return check_model_path(cfg.model.path)
+    target = Path(out_dir) / INIT_DIR
+    if cfg.model.warm_start_steps > 0:
+        cached = cached_warm_start(cfg)
+        with atomic_dir(target) as tmp:
+            shutil.copytree(cached, tmp, dirs_exist_ok=True)
+        return str(target)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    model = build_tiny_model(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    save_model_dir(model, tokenizer, target)
+    return str(target)

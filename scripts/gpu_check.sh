@@ -17,7 +17,7 @@
 #   bench   python -m benchmarks.bench_trainer --shape 1.5b (BENCH_SHAPE) --backends megatron,fsdp: tokens/s, MFU,
 #           peak memory, logprob forward ($OUT/bench.json).
 #   pytest  python -m pytest -m gpu -q (2-GPU tests skip on one GPU), concurrently with:
-#   train   python -m pipeline.cli train configs/tiny-cpu.yaml with the trainer on the GPU (trainer.gpus_per_rank=1),
+#   train   python -m pipeline.tools.cli train configs/tiny-cpu.yaml with the trainer on the GPU (trainer.gpus_per_rank=1),
 #           the CPU engine, gloo weight sync, the carried warm-start cache (DAPO_CACHE_DIR=.gpucache),
 #           trainer.total_steps=4, eval off; passes when it exits 0 having printed `step 4/4`. nvidia-smi is sampled
 #           meanwhile, to show that a process of the run held GPU memory.
@@ -101,7 +101,7 @@ setup() {
     rm -rf "$joined"
     "$PY" - <<'PYEOF'
 import importlib, torch
-for m in ("megatron.core", "omegaconf", "msgspec", "zmq", "math_verify", "ray", "transformers", "pipeline.cli"):
+for m in ("megatron.core", "omegaconf", "msgspec", "zmq", "math_verify", "ray", "transformers", "pipeline.tools.cli"):
     mod = importlib.import_module(m)
     print(f"import {m}: ok {getattr(mod, '__version__', '')} {getattr(mod, '__file__', '')}")
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
@@ -132,7 +132,7 @@ finish bench
 # ------------------------------------------------------------------ pytest -m gpu and a short train, side by side
 secs=$(limit 180 0)
 start pytest "$secs" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-start train "$secs" "$PY" -m pipeline.cli train configs/tiny-cpu.yaml "${TRAIN_GPU[@]}" weight_sync.backend=gloo \
+start train "$secs" "$PY" -m pipeline.tools.cli train configs/tiny-cpu.yaml "${TRAIN_GPU[@]}" weight_sync.backend=gloo \
     trainer.total_steps="$STEPS" eval.every=0 checkpoint.every=0 logging.tensorboard=false \
     logging.dir="$OUT/train-runs" logging.run_name=gpu-check
 if command -v nvidia-smi >/dev/null && ((!DRY)); then # GPU memory held by processes while the parts run

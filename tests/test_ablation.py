@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ablation import VARIANTS, ablate_main, table, variant_overrides
 from pipeline.config import load_config
+from pipeline.tools.ablation import VARIANTS, ablate_main, table, variant_overrides
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
 

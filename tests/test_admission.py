@@ -1,11 +1,11 @@
-"""AdmissionControl (pipeline/admission.py) as pure logic: the conservative rule without filtering, over-admission
+"""AdmissionControl (pipeline/flow/admission.py) as pure logic: the conservative rule without filtering, over-admission
 against the keep rate within its cap, reservations as a pool, hopeless groups, and the hard bound on a random
 trace of admissions, outcomes and version changes."""
 
 import random
 from collections import Counter
 
-from pipeline.admission import AdmissionControl
+from pipeline.flow.admission import AdmissionControl
 
 
 def fill(a: AdmissionControl) -> int:

@@ -2,12 +2,14 @@
 backpressure at capacity, checkpoint cut and restore. Real ZMQ; frames sent by hand."""
 
 import time
+from pathlib import Path
 
 import pytest
 
-from pipeline.buffer import RolloutBuffer
-from pipeline.transport import GroupReceiver, GroupSender, RolloutStatus, encode_group, encode_status
-from pipeline.types import Group, Sample
+from pipeline.algorithm.filters import dynamic_sampling_filter
+from pipeline.contracts.records import Group, Sample
+from pipeline.flow.buffer import RolloutBuffer
+from pipeline.flow.transport import GroupReceiver, GroupSender, RolloutStatus, encode_group, encode_status
 
 MIXED, ALL_RIGHT, ALL_WRONG = (True, False), (True, True), (False, False)
 
@@ -32,9 +34,10 @@ def group(gid: str, accs=MIXED, version: int = 0, start: int | None = None) -> G
 class Feed:
     """Sends groups with a manager-like status (counters consistent with what was sent)."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, dynamic_sampling: bool = True):
         self.tx = GroupSender(address)
         self.status = RolloutStatus()
+        self.dynamic_sampling = dynamic_sampling  # decided here, as the manager does, and sent in the header
 
     def admit(self, version: int, n: int = 1) -> None:
         self.status.drawn += n
@@ -51,7 +54,9 @@ class Feed:
             del self.status.pending[start]
         self.status.in_flight -= 1
         self.status.pushed += 1
-        self.tx.send_frames(encode_group(g, self.status, start_version=start, payload=payload))
+        decision = dynamic_sampling_filter(g) if self.dynamic_sampling else None
+        drop = "" if decision is None or decision.keep else decision.reason
+        self.tx.send_frames(encode_group(g, self.status, start_version=start, payload=payload, drop_reason=drop))
 
     def close(self):
         self.tx.close(linger_ms=0)
@@ -62,8 +67,8 @@ def make():
     made = []
 
     def build(batch_size=2, max_staleness=1, dynamic_sampling=True, capacity=8, sync_every=1):
-        buf = RolloutBuffer(GroupReceiver(), batch_size, max_staleness, dynamic_sampling, capacity, sync_every)
-        feed = Feed(buf.address)
+        buf = RolloutBuffer(GroupReceiver(), batch_size, max_staleness, capacity, sync_every)
+        feed = Feed(buf.address, dynamic_sampling)
         made.append((buf, feed))
         return buf, feed
 
@@ -268,3 +273,38 @@ def test_checkpoint_cut_snapshot_and_restore(make):
     feed2.push(group("g3b"))
     assert [g.group_id for g in new.get_batch(0, 5.0)] == ["g2"]
     assert [g.group_id for g in new.get_batch(0, 5.0)] == ["g3b"]
+
+
+class _Built(Exception):
+    """Raised right after a RolloutBuffer is built: the test needs the buffer, not the run."""
+
+
+def test_the_loop_builds_the_buffer_the_simulator_tests(tmp_path, monkeypatch):
+    """With weight_sync.every > 1 the training loop's buffer must have the simulator's sync period and capacity:
+    the simulator is where the capacity and deadline rule is tested."""
+    from pipeline.config import load_config
+    from pipeline.runtime.train import train
+    from pipeline.testing.rollout_sim import SimEngineClient, run_sim, sim_config
+
+    built = []
+    real_init = RolloutBuffer.__init__
+
+    def record(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append((self.B, self.s, self.E, self.capacity))
+        self.close()
+        raise _Built
+
+    monkeypatch.setattr(RolloutBuffer, "__init__", record)
+    root = Path(__file__).resolve().parents[1]
+    overrides = ["weight_sync.every=3", "rollout.max_staleness=1", "trainer.batch_size=4", "rollout.buffer_capacity=0"]
+    cfg = load_config(root / "configs" / "tiny-cpu.yaml", overrides + [f"logging.dir={tmp_path}"])
+    with pytest.raises(_Built):
+        train(cfg)
+    sim = sim_config(every=3, max_staleness=1, batch_size=4)
+    with pytest.raises(_Built):
+        run_sim(sim, SimEngineClient(), [], steps=1)
+    loop, simulated = built
+    # (max_staleness + 1) * every * batch = 24 groups may exist unconsumed under the admission rule
+    assert simulated == (4, 1, 3, 24)
+    assert loop == simulated

@@ -12,10 +12,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engines.fsdp.backend import build_backend
-from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
-from pipeline.types import Group, Sample
+from pipeline.contracts.records import Group, Sample
+from pipeline.runtime import checkpoint
+from pipeline.runtime.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,9 @@ import traceback
 
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.cli import _report
-from pipeline.data import DataError
+from pipeline.flow.data import DataError
+from pipeline.runtime.checkpoint import CheckpointError
+from pipeline.tools.cli import _report
 
 
 def _remote(exc: Exception) -> RayTaskError:
@@ -40,8 +40,8 @@ def test_any_other_failure_is_one_line_with_its_type(capsys):
 
 
 def test_a_run_failure_wrapping_a_remote_traceback_is_one_line():
-    from pipeline.cli import _compact
-    from pipeline.train import RunFailed
+    from pipeline.runtime.train import RunFailed
+    from pipeline.tools.cli import _compact
 
     cause = _remote(RuntimeError("trainer rank 0: CUDA out of memory"))
     try:

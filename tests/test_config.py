@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import ConfigError, load_config, stream_parts
+from pipeline.config import ConfigError, layout, load_config
+from pipeline.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
@@ -87,7 +87,7 @@ def test_colocated_release_of_weights_with_a_cpu_backup_may_skip_syncs():
     ],
 )
 def test_which_steps_stream_their_minibatches(overrides, parts):
-    assert stream_parts(load_config(TINY, ["trainer.micro_batch_size=2"] + overrides)) == parts
+    assert layout(load_config(TINY, ["trainer.micro_batch_size=2"] + overrides)).stream_parts == parts
 
 
 def test_parallel_product_must_match_world_size(tmp_path):
@@ -128,7 +128,7 @@ def test_cli_config_error_exit_code(capsys):
 
 
 def test_resource_check_names_what_is_missing():
-    from pipeline.orchestrator import check_resources
+    from pipeline.runtime.cluster import check_resources
 
     cfg = load_config(
         TINY,

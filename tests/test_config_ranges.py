@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import ConfigError, check_local_paths, load_config
-from pipeline.data import DataError, load_rows
+from pipeline.flow.data import DataError, load_rows
+from pipeline.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
@@ -96,8 +96,8 @@ def test_boundary_values_are_accepted():
 def test_reward_module_that_does_not_exist_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^algorithm\.reward_fn: cannot import module 'no_such_reward_mod'"):
         load_config(TINY, ["algorithm.reward_fn=no_such_reward_mod:score"])
-    with pytest.raises(ConfigError, match=r"^algorithm\.reward_fn: module 'pipeline.rewards' has no function 'nope'"):
-        load_config(TINY, ["algorithm.reward_fn=pipeline.rewards:nope"])
+    with pytest.raises(ConfigError, match=r"^algorithm\.reward_fn: module 'pipeline.flow.rewards' has no function 'nope'"):
+        load_config(TINY, ["algorithm.reward_fn=pipeline.flow.rewards:nope"])
     with pytest.raises(ConfigError, match=r"^eval\.reward_fn: cannot import module"):
         load_config(TINY, ["eval.reward_fn=no_such_reward_mod:score"])
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data import DAPO_TEMPLATE, DataError, get_field, load_prompts, load_rows
-from pipeline.tasks import TaskError, answer_matches, extract_answer, split_of, synthetic_rows
+from pipeline.flow.data import DAPO_TEMPLATE, DataError, get_field, load_prompts, load_rows
+from pipeline.flow.tasks import TaskError, answer_matches, extract_answer, split_of, synthetic_rows
 from pipeline.tokenizer import build_char_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import DataConfig, load_config
-from pipeline.data import NAMED_SETS, DataError, load_rows, rows_to_prompts
+from pipeline.flow.data import NAMED_SETS, DataError, load_rows, rows_to_prompts
 from pipeline.tokenizer import build_char_tokenizer
+from pipeline.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.runtime.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_embedded_default_runs_end_to_end(tmp_path, sync):
         shutil.rmtree(shm, ignore_errors=True)
     assert result.steps == 3 and result.version == 3
     engine_log = (Path(result.run_dir) / "engine0.log").read_text()
-    assert "api key set" in engine_log  # the run's random per-run key (pipeline/run_security.py)
+    assert "api key set" in engine_log  # the run's random per-run key (pipeline/runtime/run_security.py)
     disk_loads = engine_log.count(f"update_weights_from_disk {shm}/")
     assert (disk_loads, engine_log.count("release_memory_occupation: released")) == ((3, 3) if sync else (0, 0))
     assert result.engine_versions == ["3"]  # the engine reports the version of the last broadcast
@@ -224,7 +224,7 @@ def test_trainer_failure_stops_with_a_resumable_checkpoint(tmp_path):
 
     import psutil
 
-    from pipeline.train import RunFailed
+    from pipeline.runtime.train import RunFailed
 
     ckpts = tmp_path / "tf" / "checkpoints"
 

@@ -1,4 +1,4 @@
-"""The loop's view of the engines' weights (pipeline.train._EngineWeights): which version a sync carries, and when a
+"""The loop's view of the engines' weights (pipeline.runtime.weight_sync.coordinator.WeightSyncCoordinator): which version a sync carries, and when a
 replaced engine joins the rotation. Stand-in Ray actors record every call the loop makes, in order."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import pytest
 import ray
 
 from pipeline.config import load_config
-from pipeline.train import _EngineWeights, _streamed_step
-from pipeline.types import Group, Sample
+from pipeline.contracts.records import Group, Sample
+from pipeline.runtime.groups import EngineGroup, RolloutHandle, TrainerGroup
+from pipeline.runtime.steps import streamed_step
+from pipeline.runtime.weight_sync.coordinator import WeightSyncCoordinator
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
@@ -52,6 +54,9 @@ class Recorder:
         self._record("train", sorted({int(t) for mb in mbs for t in mb.input_ids[:, 0]}))  # token 0 names the group
         return {"pg_loss": float(len(self.calls)), "local_tokens": 10.0}
 
+    def error(self):  # the rollout can go on
+        return ""
+
     def fail_next_sync(self):
         self.fail_next = True
 
@@ -88,6 +93,14 @@ class FakeEval:
         self.calls.append(("add", urls))
 
 
+def _coordinator(cfg, cluster, rec, version, evaluator):
+    """The engine group, trainer group (one rank, stage 0) and rollout, with `rec` playing the rollout and the rank."""
+    trainers, rollout = TrainerGroup([rec], [0]), RolloutHandle(rec)
+    group = EngineGroup(cfg, cluster, "model", trainers)
+    group.subscribe(rollout, evaluator)
+    return WeightSyncCoordinator(cfg, group, trainers, rollout, version)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray.init(num_cpus=1, include_dashboard=False, namespace="weightstest")
@@ -98,7 +111,7 @@ def ray_local():
 def test_versions_and_the_order_a_replaced_engine_joins_in(ray_local):
     cfg = load_config(TINY)
     rec, cluster, evaluator = Recorder.remote(), FakeCluster(), FakeEval()
-    engines = _EngineWeights(cfg, cluster, rec, [rec], [0], "model", 3, evaluator)
+    engines = _coordinator(cfg, cluster, rec, 3, evaluator)
 
     assert engines.update() == {} and ray.get(rec.take.remote()) == []  # all well, nothing to publish: no sync
 
@@ -132,7 +145,7 @@ def test_versions_and_the_order_a_replaced_engine_joins_in(ray_local):
 def test_an_engine_that_fails_the_sync_is_replaced_and_the_sync_repeated(ray_local):
     cfg = load_config(TINY)
     rec, cluster = Recorder.remote(), FakeCluster()
-    engines = _EngineWeights(cfg, cluster, rec, [rec], [0], "model", 0, None)
+    engines = _coordinator(cfg, cluster, rec, 0, None)
     engines.trainer_stepped()
     ray.get(rec.fail_next_sync.remote())
     cluster.findings = [{}, {"e1": "e2"}]  # before the sync all is well; after it fails, e1 is found hung
@@ -143,7 +156,7 @@ def test_an_engine_that_fails_the_sync_is_replaced_and_the_sync_repeated(ray_loc
     ]  # fmt: skip
 
     # With engine.max_restarts = 0 the engine that failed the sync is dropped, and the sync repeated without it.
-    engines.cfg = load_config(TINY, ["engine.max_restarts=0"])
+    engines.engines.cfg = load_config(TINY, ["engine.max_restarts=0"])
     ray.get(rec.fail_next_sync.remote())
     cluster.findings = [{}, {"e2": None}]
     engines.update(publish=True)
@@ -191,14 +204,14 @@ def test_a_streamed_step_trains_each_part_as_it_arrives(ray_local):
                "trainer.micro_batch_size=4", "engine.request_timeout_s=60"],
     )  # fmt: skip
     rec, cluster = Recorder.remote(), FakeCluster()
-    engines = _EngineWeights(cfg, cluster, rec, [rec], [0], "model", 3, None)
+    engines = _coordinator(cfg, cluster, rec, 3, None)
     buffer = FakeBuffer([_group(i) for i in range(1, 5)])
     cluster.findings = [{"e1": "e2"}]
-    groups, rank_metrics, _, healed = _streamed_step(cfg, buffer, engines, [rec], parts=2)
+    groups, rank_metrics, _, healed = streamed_step(cfg, buffer, engines, engines.trainers, parts=2)
     assert [g.group_id for g in groups] == ["g1", "g2", "g3", "g4"]
     assert buffer.calls == [(3, 2), (3, 2), (4, 2)]  # the part after the re-sync is checked against v4
     calls = [c for c in ray.get(rec.take.remote()) if c[0] in ("train", "sync", "add")]
     assert calls == [("train", [1, 2]), ("sync", 4), ("add", ["e2"]), ("train", [3, 4])]
     assert healed["engine/restarts"] == 1 and engines.version == 4
-    # the step's metrics: the mean over the mini-batches, tokens summed (pipeline.trainer.merge_metrics)
+    # the step's metrics: the mean over the mini-batches, tokens summed (pipeline.flow.trainer.merge_metrics)
     assert rank_metrics[0]["local_tokens"] == 20.0

@@ -11,7 +11,10 @@ import torch
 
 from engines.client import GenerateOutput
 from pipeline.config import ModelConfig, TinyModelConfig, load_config
-from pipeline.evaluate import (
+from pipeline.contracts.records import Prompt
+from pipeline.flow.tasks import answer_matches
+from pipeline.modeling import build_tiny_model
+from pipeline.runtime.evaluate import (
     EVAL_SETS,
     PromptResult,
     data_dir,
@@ -23,10 +26,7 @@ from pipeline.evaluate import (
     resolve_eval_set,
     summarize,
 )
-from pipeline.modeling import build_tiny_model
-from pipeline.tasks import answer_matches
 from pipeline.tokenizer import build_char_tokenizer
-from pipeline.types import Prompt
 
 TINY_CPU = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
 
@@ -198,7 +198,7 @@ def test_named_eval_sets(tmp_path, monkeypatch):
     monkeypatch.setenv("DAPO_DATA_DIR", str(tmp_path))
     (tmp_path / "math500_test.jsonl").write_text("")
     name, source, scorer = resolve_eval_set("bench:math500?template=chat")
-    assert name == "math500" and scorer == "pipeline.rewards:math_verify_reward"
+    assert name == "math500" and scorer == "pipeline.flow.rewards:math_verify_reward"
     assert source == f"{tmp_path}/math500_test.jsonl?prompt_key=problem&id_key=unique_id&template=dapo&template=chat"
     assert resolve_eval_set("x.jsonl") == ("x.jsonl", "x.jsonl", None)
     with pytest.raises(ValueError, match=r"unknown eval set 'bench:nope'; known: bench:aime24, bench:aime24-30"):
@@ -210,7 +210,7 @@ def test_named_eval_sets(tmp_path, monkeypatch):
 @pytest.mark.skipif(not (data_dir() / "gsm8k_test.jsonl").is_file(), reason="../shared/data not present")
 def test_named_sets_load_from_the_shared_data():
     from pipeline.config import DataConfig
-    from pipeline.data import load_prompts
+    from pipeline.flow.data import load_prompts
 
     tok = build_char_tokenizer()
     sizes = {}

@@ -7,7 +7,7 @@ import pytest
 from pipeline.algorithm.filters import FilterCounters, FilterDecision, dynamic_sampling_filter
 from pipeline.algorithm.shaping import overlong_loss_mask, overlong_penalty, shape_reward
 from pipeline.config import OverlongConfig
-from pipeline.types import Group, Sample
+from pipeline.contracts.records import Group, Sample
 
 
 def sample(acc=False, n=1, finish="stop", task_reward=-1.0, max_new_tokens=20, index=0) -> Sample:

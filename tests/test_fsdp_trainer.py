@@ -10,8 +10,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engines.fsdp.backend import build_backend
 from pipeline.config import load_config
-from pipeline.trainer import TrainWorker, make_step_batches, merge_metrics
-from pipeline.types import Group, Sample
+from pipeline.contracts.records import Group, Sample
+from pipeline.flow.trainer import TrainWorker, make_step_batches, merge_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,7 +113,7 @@ def test_single_rank_step_lowers_the_loss(tmp_path):
 
 
 def test_streamed_minibatches_equal_the_whole_step(tmp_path):
-    # The loop's streaming (pipeline/train.py): a step's batch in parts of B / n groups, each trained as its own
+    # The loop's streaming (pipeline/runtime/train.py): a step's batch in parts of B / n groups, each trained as its own
     # mini-batch as it arrives, makes the same updates and metrics as the step on the whole batch.
     cfg = _cfg(
         **{

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import hf_export
 from pipeline.config import load_config
+from pipeline.runtime import hf_export
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CPU = ROOT / "configs" / "tiny-cpu.yaml"
@@ -30,7 +30,7 @@ RUN_OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from pipeline.train import train
+    from pipeline.runtime.train import train
 
     root = tmp_path_factory.mktemp("runs")
     cfg = load_config(TINY_CPU, [*RUN_OVERRIDES, f"logging.dir={root}", "logging.run_name=hf"])
@@ -87,8 +87,8 @@ def test_run_writes_hf_checkpoints_keeping_the_newest(run_dir):
 
 
 def test_export_round_trips_logits_and_engine_checksum(run_dir, tmp_path):
-    from engines.local.dist import weights_checksum
     from engines.local.engine import Engine
+    from pipeline.contracts.weight_wire import weights_checksum
 
     out = hf_export.export_run(run_dir, tmp_path / "exported")
     assert out == tmp_path / "exported"
@@ -114,7 +114,7 @@ def test_export_round_trips_logits_and_engine_checksum(run_dir, tmp_path):
 
 
 def test_dapo_export_cli_and_errors(run_dir, tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.tools.cli import main
 
     assert main(["export", str(run_dir), "--step", "2", "--out", str(tmp_path / "cli")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
@@ -133,7 +133,7 @@ def test_dapo_export_cli_and_errors(run_dir, tmp_path, capsys):
 def test_export_refuses_a_corrupt_checkpoint_naming_the_file(run_dir, tmp_path, capsys):
     import shutil
 
-    from pipeline import checkpoint
+    from pipeline.runtime import checkpoint
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -169,7 +169,7 @@ def test_interrupted_export_leaves_no_directory(run_dir, tmp_path, monkeypatch):
 
 
 def test_dapo_eval_runs_on_the_export(run_dir, tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.tools.cli import main
 
     out = hf_export.export_run(run_dir, tmp_path / "model")
     argv = [

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from engines.megatron.testing import init_dist, random_micro_batches, save_tiny_hf, spawn, tiny_config
-from pipeline import hf_export
 from pipeline.config import to_yaml
+from pipeline.runtime import hf_export
 
 TP, PP = 2, 2
 VOCAB = 200

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.runtime.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

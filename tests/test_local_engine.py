@@ -19,7 +19,6 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from engines.client import EngineClient, EngineError
-from engines.local.dist import create_sync_group, dtype_name, encode_named_tensors, flatten_bucket, weights_checksum
 from engines.local.engine import Engine, Request
 from engines.local.sampling import SamplingParams
 from engines.local.testing import (
@@ -30,6 +29,13 @@ from engines.local.testing import (
 )
 from engines.process import free_port, launch_engine
 from pipeline.config import EngineConfig
+from pipeline.contracts.weight_wire import (
+    create_sync_group,
+    dtype_name,
+    encode_named_tensors,
+    flatten_bucket,
+    weights_checksum,
+)
 
 KEY = "test-key-123"
 MODEL = dict(init_std=0.3, max_position=2048)

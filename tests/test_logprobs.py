@@ -1,4 +1,4 @@
-"""The fused output layer + log-softmax + gather + entropy (pipeline/algorithm/logprobs.py): exact against the
+"""The fused output layer + log-softmax + gather + entropy (engines/logprobs.py): exact against the
 float64 full-logits reference and the old logits helpers (forward, hidden and weight gradients, temperature, padded
 vocabulary, chunking, entropy detach), TP=2 on gloo equals TP=1, peak memory of one micro-batch bounded well below
 tokens x vocab x 4 bytes, and at temperature 0.7 both trainer backends reproduce the CPU engine's logprobs of the
@@ -17,10 +17,10 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from pipeline.algorithm.logprobs import fused_logprobs, token_aligned
+from engines.logprobs import fused_logprobs, token_aligned
 from pipeline.algorithm.losses import logprobs_from_logits, token_entropy_from_logits
-from pipeline.backend import MicroBatch
 from pipeline.config import Config, validate
+from pipeline.contracts.backend import MicroBatch
 
 # --------------------------------------------------------------------------------------------------- references
 
@@ -113,7 +113,7 @@ def test_entropy_only_gradient():
 
 
 def test_token_aligned_layout():
-    """Value at position t is about token t given positions < t; position 0 is 0 (pipeline/backend.py)."""
+    """Value at position t is about token t given positions < t; position 0 is 0 (pipeline/contracts/backend.py)."""
     g = torch.Generator().manual_seed(3)
     hidden, w = torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g).double()
     ids = torch.randint(0, 9, (2, 5), generator=g)

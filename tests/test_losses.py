@@ -11,8 +11,8 @@ import torch
 
 import pipeline.algorithm.losses as losses
 from pipeline.algorithm.losses import logprobs_from_logits, make_loss_fn, policy_loss, token_entropy_from_logits
-from pipeline.backend import MicroBatch
 from pipeline.config import AlgorithmConfig
+from pipeline.contracts.backend import MicroBatch
 
 CFG = AlgorithmConfig()  # DAPO defaults: eps_low 0.2, eps_high 0.28, token-mean, behaviour ratio, no KL
 

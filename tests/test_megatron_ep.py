@@ -20,7 +20,7 @@ from engines.megatron.testing import (
     spawn,
     tiny_config,
 )
-from pipeline.backend import MicroBatch
+from pipeline.contracts.backend import MicroBatch
 
 AUX = 0.1  # router_aux_loss_coef: large enough to change the step visibly
 RUNS = {"aux": ("hf", 4), "uneven": ("hf_no_aux", 3)}  # name: (HF dir, micro-batches)

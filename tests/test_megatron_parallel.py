@@ -70,7 +70,7 @@ def _vocab_parallel_check(rank: int) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-    from pipeline.algorithm.logprobs import fused_logprobs
+    from engines.logprobs import fused_logprobs
 
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)

@@ -3,7 +3,7 @@ checkpoint, read back from the event files with TensorBoard's EventAccumulator."
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.metrics import MetricsLogger
+from pipeline.runtime.metrics import MetricsLogger
 
 
 def _scalars(logdir: str, key: str) -> dict[int, float]:

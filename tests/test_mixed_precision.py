@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from engines.fsdp.backend import build_backend
-from pipeline.trainer import TrainWorker, make_step_batches
+from pipeline.flow.trainer import TrainWorker, make_step_batches
 from tests.test_fsdp_trainer import _cfg, _free_port, _groups, _model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,8 +77,8 @@ def _check_engine_receives(model_dir: str, sent: dict[str, torch.Tensor], master
     """A bf16 CPU engine that loads the sent tensors holds the master rounded (its /weights_checksum hash)."""
     from transformers import AutoModelForCausalLM
 
-    from engines.local.dist import weights_checksum
     from engines.local.engine import Engine
+    from pipeline.contracts.weight_wire import weights_checksum
 
     engine = Engine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), max_running=1).start()
     try:

@@ -11,9 +11,9 @@ import pytest
 import ray
 
 from pipeline.config import load_config
-from pipeline.modeling import prepare_model_dir
-from pipeline.orchestrator import Cluster, advertised
-from pipeline.train import train
+from pipeline.runtime.cluster import Cluster, advertised
+from pipeline.runtime.train import train
+from pipeline.warmstart import prepare_model_dir
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 

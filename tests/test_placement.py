@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from pipeline.config import ConfigError, load_config
-from pipeline.orchestrator import BUNDLE_CPU, Cluster, placement_specs
+from pipeline.runtime.cluster import BUNDLE_CPU, Cluster, placement_specs
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 

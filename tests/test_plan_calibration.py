@@ -28,7 +28,7 @@ CASES = [  # (backend, hidden, layers, vocab, recompute, rows, row length, dtype
 def _micro_batch(rows, T, vocab):
     import torch
 
-    from pipeline.backend import MicroBatch
+    from pipeline.contracts.backend import MicroBatch
 
     g = torch.Generator().manual_seed(0)
     loss_mask = torch.zeros(rows, T)
@@ -80,7 +80,7 @@ def _mixed_precision_code() -> bool:
     """#16's trainers: fp32 master weights with bf16 compute, the fused logprob head, FSDP recompute."""
     import importlib.util
 
-    return importlib.util.find_spec("pipeline.algorithm.logprobs") is not None
+    return importlib.util.find_spec("engines.logprobs") is not None
 
 
 def _supported(backend: str, recompute: bool, dtype: str) -> bool:

@@ -5,7 +5,7 @@ import matplotlib.image as mpimg
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from pipeline.report import GROUPS, _ema, load_runs, render, report_main
+from pipeline.tools.report import GROUPS, _ema, load_runs, render, report_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TAGS = ["reward/mean", "reward/acc", "response/len_mean", "train/entropy", "train/clipfrac_upper",

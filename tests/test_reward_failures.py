@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from pipeline.metrics import MetricsLogger
-from pipeline.rewards import RewardResult, RewardRunner
+from pipeline.flow.rewards import RewardResult, RewardRunner
+from pipeline.runtime.metrics import MetricsLogger
 
 RELEASE = threading.Event()
 _rng = random.Random(0)
@@ -39,7 +39,7 @@ def hangs_sometimes(response: str, answer: str) -> float:
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.rewards"]
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.flow.rewards"]
 
 
 def test_always_raising_is_fatal_with_the_exception(caplog):
@@ -125,8 +125,8 @@ def test_pool_recovers_when_hung_calls_return():
 
 
 def test_rollout_actor_reports_the_fatal_verdict():
-    """The hook the training loop polls (pipeline/orchestrator.py RolloutActor.error): the runner's verdict."""
-    from pipeline.orchestrator import RolloutActor
+    """The hook the training loop polls (pipeline/runtime/cluster.py RolloutActor.error): the runner's verdict."""
+    from pipeline.runtime.cluster import RolloutActor
 
     n = 3
 
@@ -148,7 +148,7 @@ def test_run_with_an_always_raising_reward_stops_with_the_exception(tmp_path):
     from pathlib import Path
 
     from pipeline.config import load_config
-    from pipeline.train import RunFailed, train
+    from pipeline.runtime.train import RunFailed, train
 
     root = Path(__file__).resolve().parents[1]
     overrides = [

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline.rewards import (
+from pipeline.flow.rewards import (
     RewardResult,
     RewardRunner,
     dapo_math_reward,
@@ -124,7 +124,7 @@ def test_runner_loads_and_converts():
     assert d.score("a", "") == RewardResult(2.0, True, "")  # acc defaults to score > 0
     assert d.score("b", "") == RewardResult(1.0, False, "")  # an explicit acc wins
     assert r.metrics() == {"reward/calls": 2.0, "reward/failed": 0.0, "reward/hung_threads": 0.0}
-    default = RewardRunner("pipeline.rewards:dapo_math_reward", timeout_s=5, workers=1)
+    default = RewardRunner("pipeline.flow.rewards:dapo_math_reward", timeout_s=5, workers=1)
     assert default.score("Answer: 7", "7") == RewardResult(1.0, True, "")
 
 
@@ -191,7 +191,7 @@ def test_hung_reward_does_not_block_interpreter_exit(tmp_path):
     (tmp_path / "forever.py").write_text("import time\ndef fn(response, answer):\n    time.sleep(3600)\n")
     code = textwrap.dedent(
         """
-        from pipeline.rewards import RewardRunner
+        from pipeline.flow.rewards import RewardRunner
         r = RewardRunner("forever:fn", timeout_s=0.1, workers=1)
         print(r.score("a", "b").failed)
         """

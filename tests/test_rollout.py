@@ -1,4 +1,4 @@
-"""RolloutManager with simulated engines (pipeline/rollout_sim.py): the staleness bound under adversarial timing,
+"""RolloutManager with simulated engines (pipeline/testing/rollout_sim.py): the staleness bound under adversarial timing,
 exact synchrony at s=0, the admission rule's numbers, partial rollouts (resume alignment, abort re-queues),
 engine failures and the accounting identity, the prompt queue and resume state."""
 
@@ -9,9 +9,11 @@ import time
 import pytest
 
 from engines.client import GenerateOutput
-from pipeline.prompt_queue import PromptQueue
-from pipeline.rollout import RolloutManager
-from pipeline.rollout_sim import (
+from pipeline.contracts.records import as_lists
+from pipeline.flow.prompt_queue import PromptQueue
+from pipeline.flow.rollout import RolloutManager
+from pipeline.flow.transport import GroupReceiver
+from pipeline.testing.rollout_sim import (
     CORRECT,
     EOS,
     WRONG,
@@ -22,7 +24,6 @@ from pipeline.rollout_sim import (
     sim_config,
     sim_prompts,
 )
-from pipeline.transport import GroupReceiver
 
 
 def trained_samples(res):
@@ -381,9 +382,9 @@ def test_real_engine_resume_across_a_version_change(local_engine):
     is the model's own logprob of that token given prompt + everything before it."""
     from engines.client import EngineClient
     from engines.local.testing import char_tokenizer, teacher_forced_logprobs
-    from pipeline.buffer import RolloutBuffer
-    from pipeline.rewards import RewardRunner
-    from pipeline.types import Prompt
+    from pipeline.contracts.records import Prompt
+    from pipeline.flow.buffer import RolloutBuffer
+    from pipeline.flow.rewards import RewardRunner
 
     url, ref = local_engine
     tok = char_tokenizer()
@@ -396,8 +397,8 @@ def test_real_engine_resume_across_a_version_change(local_engine):
 
     async def go():
         client = EngineClient([url], timeout_s=60)
-        buffer = RolloutBuffer(GroupReceiver(), 2, 1, False, 8)
-        rewards = RewardRunner("pipeline.rewards:dapo_math_reward", 5.0, 1)
+        buffer = RolloutBuffer(GroupReceiver(), 2, 1, 8)
+        rewards = RewardRunner("pipeline.flow.rewards:dapo_math_reward", 5.0, 1)
         m = RolloutManager(cfg, client, tok, prompts, buffer.address, rewards)
         task = asyncio.create_task(m.run())
         try:
@@ -407,7 +408,7 @@ def test_real_engine_resume_across_a_version_change(local_engine):
             await m.before_weight_update()
             await client.update_weight_version(url, "1")
             await m.after_weight_update(1)
-            batch = await asyncio.to_thread(buffer.get_batch, 1, 120.0)
+            batch = [as_lists(g) for g in await asyncio.to_thread(buffer.get_batch, 1, 120.0)]  # arrays -> lists
             stats = m.stats()
         finally:
             await m.stop()

@@ -26,7 +26,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from safetensors.torch import save_file
 
 from engines.client import ADMIN_ROUTES, EngineClient, EngineError, parse_generate_output
-from engines.local.dist import encode_named_tensors
 from engines.local.engine import Engine
 from engines.local.server import SGLANG_SAMPLING_FIELDS, LocalServer, _unknown_field
 from engines.local.testing import build_tiny_model
@@ -44,6 +43,7 @@ from engines.sglang.protocol import (
     protocol_for,
 )
 from pipeline.config import ConfigError, EngineConfig
+from pipeline.contracts.weight_wire import encode_named_tensors
 from tests import sglang_source as src
 
 SGLANG_VERSIONS_CHECKED = ("0.5.5", "0.5.23")
@@ -501,7 +501,7 @@ def test_sglang_command_line():
 
 def test_colocated_engine_flags():
     from pipeline.config import load_config
-    from pipeline.weight_sync.colocated import engine_args
+    from pipeline.runtime.weight_sync.colocated import engine_args
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
     colocated = ["weight_sync.mode=colocated", "weight_sync.release_memory=[kv_cache]"]

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.runtime.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / "out.log"
     cmd = [
-        sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs" / "tiny-cpu.yaml"),
+        sys.executable, "-m", "pipeline.tools.cli", "train", str(ROOT / "configs" / "tiny-cpu.yaml"),
         "trainer.total_steps=500", "trainer.batch_size=4", "rollout.n_samples_per_prompt=4",
         "trainer.micro_batch_size=8", "eval.every=0", f"logging.dir={tmp_path}", "logging.run_name=run",
     ]  # fmt: skip

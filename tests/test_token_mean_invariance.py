@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.algorithm.losses import AGGREGATIONS, logprobs_from_logits, policy_loss
-from pipeline.backend import MicroBatch
 from pipeline.config import AlgorithmConfig
+from pipeline.contracts.backend import MicroBatch
 
 VOCAB, HIDDEN, PROMPT = 32, 16, 3
 RESPONSE_LENS = [7, 1, 0, 5, 9, 2, 4, 6]  # one empty response: present, but no loss tokens

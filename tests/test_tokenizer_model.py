@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ConfigError, ModelConfig, TinyModelConfig, load_config
-from pipeline.modeling import build_tiny_model, prepare_model_dir
+from pipeline.modeling import build_tiny_model
 from pipeline.tokenizer import CHARS, build_char_tokenizer, load_tokenizer
+from pipeline.warmstart import prepare_model_dir
 
 TINY_CPU = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
 ASCII = "".join(chr(c) for c in range(32, 127)) + "\n"

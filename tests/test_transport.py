@@ -4,7 +4,8 @@ import msgspec
 import pytest
 import zmq
 
-from pipeline.transport import (
+from pipeline.contracts.records import SCHEMA_VERSION, Group, Sample
+from pipeline.flow.transport import (
     FrameHeader,
     GroupReceiver,
     GroupSender,
@@ -13,7 +14,6 @@ from pipeline.transport import (
     encode_group,
     encode_status,
 )
-from pipeline.types import SCHEMA_VERSION, Group, Sample
 
 
 def make_group(gid="g1", accs=(True, False), version=3, n_tokens=5) -> Group:

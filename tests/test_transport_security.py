@@ -11,8 +11,9 @@ import msgspec
 import pytest
 import zmq
 
-from pipeline.buffer import RolloutBuffer
-from pipeline.transport import (
+from pipeline.contracts.records import Group, Sample
+from pipeline.flow.buffer import RolloutBuffer
+from pipeline.flow.transport import (
     FrameHeader,
     GroupReceiver,
     GroupSender,
@@ -21,7 +22,6 @@ from pipeline.transport import (
     encode_status,
     group_meta,
 )
-from pipeline.types import Group, Sample
 
 
 def make_group(gid: str = "g0", accs=(True, False), n_tokens: int = 4) -> Group:
@@ -43,7 +43,7 @@ def raw_pusher(address: str) -> zmq.Socket:
 
 @pytest.fixture
 def buf():
-    b = RolloutBuffer(GroupReceiver(), batch_size=1, max_staleness=4, dynamic_sampling=True, capacity=16)
+    b = RolloutBuffer(GroupReceiver(), batch_size=1, max_staleness=4, capacity=16)
     yield b
     b.close()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.metrics import MetricsLogger, make_sinks
+from pipeline.runtime.metrics import MetricsLogger, make_sinks
 
 wandb = pytest.importorskip("wandb")
 

@@ -11,11 +11,12 @@ from transformers import AutoModelForCausalLM
 
 import pipeline.warmstart as ws
 from pipeline.config import load_config
-from pipeline.data import DataError, load_prompts
-from pipeline.evaluate import evaluate_hf
-from pipeline.modeling import build_tiny_model, prepare_model_dir
-from pipeline.tasks import answer_matches, synthetic_rows
+from pipeline.flow.data import DataError, load_prompts
+from pipeline.flow.tasks import answer_matches, synthetic_rows
+from pipeline.modeling import build_tiny_model
+from pipeline.runtime.evaluate import evaluate_hf
 from pipeline.tokenizer import build_char_tokenizer, load_tokenizer
+from pipeline.warmstart import prepare_model_dir
 
 TINY_CPU = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
 TASK = "synthetic:arith?ops=1"  # "Compute 3+4." -> "3+4=7\nAnswer: 7": learnable in ~100 steps

@@ -24,7 +24,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from engines.client import EngineClient, EngineError
-from engines.local.dist import (
+from engines.local.testing import build_tiny_model, reference_greedy, save_tiny_model
+from engines.process import free_port, launch_engine
+from pipeline.config import ConfigError, EngineConfig, WeightSyncConfig
+from pipeline.contracts.weight_wire import (
     flatten_bucket,
     read_safetensors_into,
     safetensors_layout,
@@ -32,10 +35,7 @@ from engines.local.dist import (
     weights_checksum,
     write_safetensors,
 )
-from engines.local.testing import build_tiny_model, reference_greedy, save_tiny_model
-from engines.process import free_port, launch_engine
-from pipeline.config import ConfigError, EngineConfig, WeightSyncConfig
-from pipeline.weight_sync import (
+from pipeline.runtime.weight_sync import (
     BucketStream,
     BufferPool,
     Checksums,
@@ -44,7 +44,7 @@ from pipeline.weight_sync import (
     plan_buckets,
     prepare_bucket,
 )
-from pipeline.weight_sync.disk import DiskStaging, StagedCheckpoint, check_engines_see, filesystem_type
+from pipeline.runtime.weight_sync.disk import DiskStaging, StagedCheckpoint, check_engines_see, filesystem_type
 
 MODEL = dict(init_std=0.3, max_position=256)  # vocab 128, hidden 64, 2 layers: ~90k parameters
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43]]

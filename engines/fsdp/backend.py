@@ -1,9 +1,9 @@
 """Torch trainer backend: a Hugging Face causal LM, FSDP2 (`fully_shard`) on several ranks, plain on one.
 
-Contract (pipeline/backend.py): per-token log-probs at `rollout.temperature` from the fused output layer
-(pipeline/algorithm/logprobs.py: no tokens x vocabulary logits tensor), backward on the algorithm's loss shares,
+Contract (pipeline/contracts/backend.py): per-token log-probs at `rollout.temperature` from the fused output layer
+(engines/logprobs.py: no tokens x vocabulary logits tensor), backward on the algorithm's loss shares,
 gradients summed over micro-batches and DP ranks, AdamW with constant LR after linear warm-up
-(pipeline/algorithm/schedule.py), global-norm clipping. Runs on CPU (gloo) and GPU (nccl). The default process group,
+(engines/schedule.py), global-norm clipping. Runs on CPU (gloo) and GPU (nccl). The default process group,
 when world_size > 1, is initialised by the caller before `build_backend`.
 
 Packing (the default; `FSDPBackend(..., packing=False)` keeps the right-padded (B, T) layout with SDPA): each
@@ -35,11 +35,11 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from engines.attention import register_hf_attention
+from engines.logprobs import fused_logprobs, token_aligned
 from engines.packing import PackedMicroBatch, pack_micro_batch, unpack
-from pipeline.algorithm.logprobs import fused_logprobs, token_aligned
-from pipeline.algorithm.schedule import warmup_factor
-from pipeline.backend import LossFn, MicroBatch
+from engines.schedule import warmup_factor
 from pipeline.config import Config
+from pipeline.contracts.backend import LossFn, MicroBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

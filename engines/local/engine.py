@@ -44,9 +44,9 @@ from typing import Any
 
 import torch
 
-from engines.local.dist import weights_checksum
 from engines.local.runner import make_runner, supports_fast_path
 from engines.local.sampling import SamplingParams, sample
+from pipeline.contracts.weight_wire import weights_checksum
 
 log = logging.getLogger(__name__)
 

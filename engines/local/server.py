@@ -60,12 +60,12 @@ import msgspec
 import torch
 from aiohttp import web
 
-from engines.local.dist import parse_dtype
 from engines.local.engine import Engine, Request
 from engines.local.routing import encode_routing
 from engines.local.sampling import SamplingParams
 from engines.local.updates import WeightReceiver
 from engines.sglang import protocol as sgl
+from pipeline.contracts.weight_wire import parse_dtype
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engines.local.dist import (
+from engines.local.engine import Engine
+from pipeline.contracts.weight_wire import (
     FLATTENED_BUCKET_FORMAT,
     SAFETENSORS_FORMAT,
     bucket_nbytes,
@@ -58,7 +59,6 @@ from engines.local.dist import (
     safetensors_layout,
     unflatten_bucket,
 )
-from engines.local.engine import Engine
 
 DISK_LOAD_FORMATS = (None, "auto", SAFETENSORS_FORMAT)
 INDEX_FILE = "model.safetensors.index.json"

@@ -1,6 +1,6 @@
 """Megatron-core trainer backend: TP/PP/CP/DP (EP for MoE) over a GPTModel built from a HF checkpoint.
 
-Contract (pipeline/backend.py's TrainerBackend), one object per rank:
+Contract (pipeline/contracts/backend.py's TrainerBackend), one object per rank:
 - `build_backend(cfg, rank, world_size)`; the caller has already initialised torch.distributed's default group
   (env:// or tcp:// rendezvous; gloo on CPU, nccl on GPU) with this rank and world size (a Ray actor per rank, or
   torchrun / mp.spawn in tests). `setup(hf_model_dir)` requires `torch.distributed.is_initialized()`, enables the
@@ -11,10 +11,10 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   weights in from safetensors (engines/megatron/convert.py),
   wraps the chunks in megatron DDP and builds `get_megatron_optimizer` (AdamW; weight decay on matrices only,
   megatron's convention; distributed optimizer when `trainer.distributed_optimizer`).
-- Rank layout: DP is the outermost dimension, `dp_rank = rank // (tp * cp * pp)`, as pipeline/train.py shards
+- Rank layout: DP is the outermost dimension, `dp_rank = rank // (tp * cp * pp)`, as pipeline/runtime/train.py shards
   the batch; TP/CP/PP peers of one DP replica receive the same micro-batches.
 - LR: constant after a linear warm-up, `lr * min(1, (k + 1) / warmup_steps)` at optimizer step k
-  (pipeline/algorithm/schedule.py, shared with the fsdp backend), applied with each group's `lr_mult`/`wd_mult`.
+  (engines/schedule.py, shared with the fsdp backend), applied with each group's `lr_mult`/`wd_mult`.
 - Precision: with `model.dtype = bfloat16` the model computes in bf16 and megatron's optimizer keeps fp32 main
   (master) weights, fp32 gradients (`grad_reduce_in_fp32`) and fp32 Adam state (Float16OptimizerWithFloat16Params,
   or the distributed optimizer's fp32 shards); `named_hf_weights` reads the bf16 model weights, i.e. the master
@@ -29,7 +29,7 @@ Contract (pipeline/backend.py's TrainerBackend), one object per rank:
   pipelining, 1F1B, or interleaved with vpp > 1; with vpp the micro-batch list is padded with empty micro-batches
   to a multiple of pp). On the last stage GPTModel's output layer is bypassed (`bypass_output_layer`: the model
   returns its last hidden states, TP-replicated as the output layer's input would be) and
-  `pipeline.algorithm.logprobs.fused_logprobs` computes per-token logprobs at `rollout.temperature` and entropies
+  `engines.logprobs.fused_logprobs` computes per-token logprobs at `rollout.temperature` and entropies
   from the hidden states and this TP rank's vocabulary slice of the output weight, chunked over tokens (no logits
   tensor), reducing over the TP group; they are unpacked to the (B, T) layout of the MicroBatch before calling
   `loss_fn(logprobs, entropy, mb)`. Gradient = the exact SUM of the loss
@@ -87,6 +87,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engines.logprobs import fused_logprobs, tp_vocab_start
 from engines.megatron.context_parallel import cp_gather
 from engines.megatron.convert import (
     arch_from_hf,
@@ -98,10 +99,9 @@ from engines.megatron.convert import (
 from engines.megatron.cpu_compat import enable_cpu_compat
 from engines.megatron.routing import RoutingReplay
 from engines.packing import PackedMicroBatch, pack_micro_batch, packed_length, padded_micro_batch  # noqa: F401
-from pipeline.algorithm.logprobs import fused_logprobs, tp_vocab_start
-from pipeline.algorithm.schedule import warmup_lr
-from pipeline.backend import LossFn, MicroBatch
+from engines.schedule import warmup_lr
 from pipeline.config import Config, ParallelConfig
+from pipeline.contracts.backend import LossFn, MicroBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RANK_ORDER = "tp-cp-ep-pp-dp"

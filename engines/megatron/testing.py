@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from pipeline.backend import MicroBatch
 from pipeline.config import Config
+from pipeline.contracts.backend import MicroBatch
 
 
 def free_port() -> int:

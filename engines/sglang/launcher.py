@@ -7,7 +7,7 @@ Flags checked against sglang 0.5.5 (`srt/server_args.py`) and 0.5.23 (`srt/arg_g
 `--random-seed` (>= 0), `--weight-version` (non-empty), `--admin-api-key` (0.5.23 only: `release` must name a
 release that has it, else ConfigError). Colocated runs with weight_sync.release_memory add
 `--enable-memory-saver`, and pause_mode in_place adds `--disable-radix-cache`
-(`pipeline.weight_sync.colocated.engine_args`). SGLang (0.5.5 and 0.5.23) reads no API key from the environment,
+(`pipeline.runtime.weight_sync.colocated.engine_args`). SGLang (0.5.5 and 0.5.23) reads no API key from the environment,
 but `--config FILE` (a YAML of flags without their dashes, merged into its arguments inside the process) reads
 `api-key` and `admin-api-key`: `write_secrets_file(dir, api_key, admin_api_key)` writes them to a 0600 file and
 `sglang_command(..., secrets_file=path)` passes `--config path` instead of the keys, so they never appear in argv

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.types import Group
+from pipeline.contracts.records import Group
 
 DROP_REASONS = ("all_correct", "all_wrong", "empty")
 

@@ -1,4 +1,4 @@
-"""The policy loss every trainer backend calls (the `LossFn` of pipeline/backend.py), and logit helpers.
+"""The policy loss every trainer backend calls (the `LossFn` of pipeline/contracts/backend.py), and logit helpers.
 
 Contract:
 - `policy_loss(logprobs, entropy, mb, cfg)` takes per-token tensors (B, T) aligned with `mb.input_ids` and returns
@@ -39,8 +39,8 @@ import functools
 
 import torch
 
-from pipeline.backend import LossFn, MicroBatch
 from pipeline.config import AlgorithmConfig
+from pipeline.contracts.backend import LossFn, MicroBatch
 
 POLICY_LOSSES = ("ppo", "gspo", "cispo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")

@@ -14,7 +14,7 @@ Contract:
 from __future__ import annotations
 
 from pipeline.config import OverlongConfig
-from pipeline.types import Sample
+from pipeline.contracts.records import Sample
 
 
 def overlong_penalty(response_len: int, max_new_tokens: int, cache_len: int, factor: float = 1.0) -> float:

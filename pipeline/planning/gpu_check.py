@@ -23,7 +23,7 @@ SHAPES = {  # Qwen2.5 config.json fields
 
 
 def _micro_batch(rows: int, T: int, vocab: int):
-    from pipeline.backend import MicroBatch
+    from pipeline.contracts.backend import MicroBatch
 
     g = torch.Generator().manual_seed(0)
     loss_mask = torch.zeros(rows, T)

@@ -58,7 +58,7 @@ HEADROOM = 0.92  # proposals keep 8% of each GPU free: the model is an estimate
 # softmax for the entropy (saved) and its product: ~14 B in bf16. The float32 rows are measured on CPU
 # (tests/test_plan_calibration.py), where .float() of fp32 logits is no copy.
 LOGIT_BYTES_FULL = {("megatron", 2): 22.0, ("megatron", 4): 24.0, ("fsdp", 2): 14.0, ("fsdp", 4): 14.0}
-# The fused, token-chunked path (pipeline/algorithm/logprobs.py, in-place chunk arithmetic): one chunk's fp32
+# The fused, token-chunked path (engines/logprobs.py, in-place chunk arithmetic): one chunk's fp32
 # logits and their gradient, 2 x 4 B; measured 6.7-7.9 B on CPU (tests/test_plan_calibration.py).
 LOGIT_BYTES_CHUNK = 8.0
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
@@ -272,7 +272,7 @@ def _logit_bytes(m: ModelSpec, t: TrainSetup, tokens: float, tp: int) -> float:
     vocab = m.vocab_size / tp
     if t.logprob_chunk > 0:
         # the chunk's logits, the (tokens x h) hidden states kept for the backward, and the output layer's weight
-        # gradient accumulated over chunks in float32 (pipeline/algorithm/logprobs.py)
+        # gradient accumulated over chunks in float32 (engines/logprobs.py)
         chunk = min(tokens, t.logprob_chunk) * vocab * LOGIT_BYTES_CHUNK
         return chunk + tokens * t.compute_bytes * m.hidden_size + 4 * vocab * m.hidden_size
     return tokens * vocab * LOGIT_BYTES_FULL[(t.backend, t.compute_bytes)]

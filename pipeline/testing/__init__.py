@@ -1,0 +1,1 @@
+"""Test support, apart from product code: the rollout simulator (simulated engines, tokenizer, rewards)."""

@@ -1,0 +1,142 @@
+"""The import rules of docs/DESIGN.md ("Packages and their dependency rules"), read from the sources with ast.
+
+Every import counts, function-level ones included. A module is a .py file under pipeline/ or engines/;
+`from pkg import name` is an arrow to `pkg.name` when that is a module, else to `pkg` (its __init__).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The pipeline modules that may name concrete engines and backends: the runtime's composition root, and `dapo plan`'s
+# GPU check, a user tool that builds the backends to measure them.
+COMPOSITION_ROOTS = {"pipeline.runtime.wiring", "pipeline.planning.gpu_check"}
+# `dapo plan`'s package (pipeline/planning/, owned by the plan work) holds one function-level cycle,
+# planning.search.config_error -> planning.output.validated_config -> planning.search; left to its owners.
+CYCLE_EXEMPT = ("pipeline.planning",)
+# What engines/ may import of pipeline/: the contracts, and the config sections handed to it.
+ENGINE_VISIBLE = ("pipeline.contracts", "pipeline.config")
+
+
+def module_files() -> dict[str, Path]:
+    mods = {}
+    for top in ("pipeline", "engines"):
+        for path in (ROOT / top).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            mods[name] = path
+    return mods
+
+
+def imports_of(path: Path, name: str, mods: dict[str, Path]) -> set[str]:
+    """The project modules `path` imports, anywhere in the file."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            for a in node.names:
+                out.add(f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base)
+    return {m for m in out if m in mods}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = module_files()
+    return {name: imports_of(path, name, mods) - {name} for name, path in mods.items()}
+
+
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_the_scan_sees_function_level_and_package_imports():
+    g = graph()
+    assert "engines.client" in g["pipeline.runtime.wiring"]  # imported inside a function only
+    assert "pipeline.contracts.records" in g["pipeline.flow.buffer"]
+    assert len(g) > 50
+
+
+def test_no_import_cycle():
+    g = {m: d for m, d in graph().items() if not any(within(m, x) for x in CYCLE_EXEMPT)}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(g[m]):
+            if d not in g:
+                continue
+            if state.get(d) == 1:
+                cycle = path[path.index(d) :] + [d]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m)
+
+
+def test_engines_import_only_the_contracts_of_pipeline():
+    bad = [
+        f"{m} -> {d}"
+        for m, deps in graph().items()
+        if within(m, "engines")
+        for d in deps
+        if within(d, "pipeline") and not any(within(d, v) for v in ENGINE_VISIBLE)
+    ]
+    assert not bad, bad
+
+
+def test_pipeline_reaches_engines_only_at_the_composition_roots():
+    g = graph()
+    reaching = {m for m, deps in g.items() if within(m, "pipeline") and any(within(d, "engines") for d in deps)}
+    assert reaching <= COMPOSITION_ROOTS, sorted(reaching - COMPOSITION_ROOTS)
+    assert len(COMPOSITION_ROOTS) <= 3
+
+
+def test_low_levels_do_not_import_high_levels():
+    """contracts import only contracts (and config); config nothing of the project; the algorithm, the flow and the
+    runtime only what lies below them (the flow may use the tokenizer, a leaf; the runtime never the tools);
+    product code never the test support."""
+    allowed = {
+        "pipeline.contracts": ("pipeline.contracts", "pipeline.config"),
+        "pipeline.config": (),
+        "pipeline.algorithm": ("pipeline.algorithm", "pipeline.contracts", "pipeline.config"),
+        "pipeline.runtime": (
+            "pipeline.runtime",
+            "pipeline.flow",
+            "pipeline.algorithm",
+            "pipeline.contracts",
+            "pipeline.config",
+            "pipeline.tokenizer",
+            "pipeline.modeling",
+            "pipeline.warmstart",
+            "engines",
+        ),
+        "pipeline.flow": (
+            "pipeline.flow",
+            "pipeline.algorithm",
+            "pipeline.contracts",
+            "pipeline.config",
+            "pipeline.tokenizer",
+        ),
+    }
+    bad = []
+    for m, deps in graph().items():
+        for low, ok in allowed.items():
+            if within(m, low):
+                bad += [f"{m} -> {d}" for d in deps if not any(within(d, o) for o in ok)]
+        if not within(m, "pipeline.testing"):
+            bad += [f"{m} -> {d}" for d in deps if within(d, "pipeline.testing")]
+    assert not bad, bad
