@@ -30,7 +30,6 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23; see tests/t
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import itertools
 import logging
@@ -40,10 +39,15 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import aiohttp
-import numpy as np
 
 from engines.sglang.protocol import Protocol, protocol_for
-from pipeline.contracts.engine_api import FINISH_REASONS, EngineDeadError, EngineError, GenerateOutput
+from pipeline.contracts.engine_api import (  # noqa: F401 (routed_experts: re-exported)
+    FINISH_REASONS,
+    EngineDeadError,
+    EngineError,
+    GenerateOutput,
+    routed_experts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +85,6 @@ def parse_generate_output(obj: dict, url: str) -> GenerateOutput:
         rid=str(meta.get("id", "")),
         meta_info=meta,
     )
-
-
-def routed_experts(out: GenerateOutput, num_layers: int, top_k: int, start_len: int = 0) -> np.ndarray | None:
-    """(prompt + completion - 1 - start_len, num_layers, top_k) np.int16 expert ids of the fed tokens, or None."""
-    raw = out.meta_info.get("routed_experts")
-    if raw is None:
-        return None
-    try:
-        flat = np.frombuffer(base64.b64decode(raw, validate=True), dtype=np.int32)
-    except (ValueError, TypeError) as e:
-        raise EngineError(f"{out.url}/generate: meta_info.routed_experts is not base64 int32 ({e})", out.url) from e
-    rows = out.prompt_tokens + len(out.output_ids) - 1 - start_len
-    if flat.size != max(rows, 0) * num_layers * top_k:
-        raise EngineError(
-            f"{out.url}/generate: meta_info.routed_experts has {flat.size} ids, expected {rows} tokens x "
-            f"{num_layers} layers x top-{top_k}", out.url,
-        )  # fmt: skip
-    if flat.size and (flat.max() > np.iinfo(np.int16).max or flat.min() < -1):
-        raise EngineError(f"{out.url}/generate: meta_info.routed_experts holds ids outside [-1, 32767]", out.url)
-    return flat.astype(np.int16).reshape(max(rows, 0), num_layers, top_k)
 
 
 def _dtype_name(dtype: Any) -> str:

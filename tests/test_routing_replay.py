@@ -18,7 +18,7 @@ import torch
 
 from engines.megatron.testing import init_dist, save_tiny_hf, spawn, tiny_config
 from engines.packing import pack_micro_batch, padded_micro_batch
-from pipeline.backend import MicroBatch
+from pipeline.contracts.backend import MicroBatch
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24, 25, 26, 27], [31, 32, 33, 34]]
 NEW_TOKENS = 10
@@ -278,3 +278,126 @@ def test_cpu_engine_takes_per_expert_checkpoint_names():
     assert engine.check_tensors([(n, t.shape) for n, t in zip(names, (g, u, d), strict=True)]) == []
     engine.load_tensors(list(zip(names, (g, u, d), strict=True)))
     assert torch.equal(fused.gate_up_proj[2], torch.cat([g, u])) and torch.equal(fused.down_proj[2], d)
+
+
+# ------------------------------------------------------------------ plumbing: rollout -> sample -> transport -> collate
+def _group_with_routes():
+    import numpy as np
+
+    from pipeline.contracts.records import Group, Sample
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, (p, r) in enumerate([(3, 4), (5, 2), (2, 6)]):
+        routes = rng.integers(0, 4, (p + r - 1, 2, 2)).astype(np.int16)
+        samples.append(
+            Sample(prompt_id="p", group_id="g", index=i, prompt_ids=list(range(1, p + 1)),
+                   response_ids=list(range(10, 10 + r)), logprobs=[-1.0] * r, versions=[0] * r,
+                   **({"routed_experts": routes.tobytes(), "routed_layers": 2, "routed_topk": 2} if i != 1 else {}))
+        )  # fmt: skip
+    return Group(prompt_id="p", group_id="g", samples=samples)
+
+
+def test_routing_survives_transport_and_collate():
+    from pipeline.flow.trainer import _collate, _Row
+    from pipeline.flow.transport import decode_group, encode_group
+
+    group = _group_with_routes()
+    frames = encode_group(group)
+    for arrays in (True, False):
+        got = decode_group(frames[1], arrays=arrays)
+        for a, b in zip(group.samples, got.samples, strict=True):
+            assert (a.routing() is None) == (b.routing() is None)
+            if a.routing() is not None:
+                assert (a.routing() == b.routing()).all() and b.routing().dtype.name == "int16"
+    got = decode_group(frames[1], arrays=True)
+    mb = _collate([_Row(s, 1.0, True) for s in got.samples], 10.0, 3.0, 8)
+    assert mb.routed_experts.dtype == torch.int16 and mb.routed_experts.shape == (3, 8, 2, 2)
+    for i, s in enumerate(got.samples):
+        n = s.prompt_len + s.response_len
+        if s.routing() is None:
+            assert (mb.routed_experts[i] == -1).all()  # the trainer routes an unrecorded sample itself
+        else:
+            assert torch.equal(mb.routed_experts[i, : n - 1], torch.from_numpy(s.routing().copy()))
+            assert (mb.routed_experts[i, n - 1 :] == -1).all()  # the last token was never fed; padding
+    dense = _collate([_Row(group.samples[1], 1.0, True)], 1.0, 1.0, 8)
+    assert dense.routed_experts is None
+
+
+def test_real_engine_resume_keeps_each_tokens_routing(tmp_path):
+    """Rollout manager + EngineClient + the CPU engine serving a tiny Qwen3-MoE with routed experts: a rollout
+    aborted mid-generation and resumed (prompt + prefix, routed_experts_start_len = the prefix's last token) ends
+    with one record per fed token, each the experts a full forward of the sample routes that token to."""
+    import asyncio
+    import time
+
+    from aiohttp import web
+    from transformers import AutoModelForCausalLM
+
+    from engines.client import EngineClient
+    from engines.local.engine import Engine
+    from engines.local.routing import RouteRecorder
+    from engines.local.server import LocalServer
+    from engines.local.testing import char_tokenizer, save_tiny_model
+    from pipeline.contracts.records import Prompt
+    from pipeline.flow.buffer import RolloutBuffer
+    from pipeline.flow.rewards import RewardRunner
+    from pipeline.flow.rollout import RolloutManager
+    from pipeline.flow.transport import GroupReceiver
+    from pipeline.testing.rollout_sim import sim_config
+
+    model_dir = save_tiny_model(tmp_path / "moe", seed=0, model_type="qwen3_moe", max_position=1024, init_std=0.02)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = Engine(model, max_running=8).start()
+    tok = char_tokenizer()
+    cfg = sim_config(max_staleness=1, partial_rollout="resume", batch_size=2, dynamic_sampling=False)
+    cfg.rollout.n_samples_per_prompt, cfg.rollout.max_new_tokens, cfg.rollout.max_inflight_per_engine = 2, 200, 4
+    cfg.algorithm.routing_replay, cfg.model.path = "rollout", str(model_dir)
+    prompts = [Prompt(prompt_id=f"q{i}", prompt_ids=tok.encode(f"What is {i}+{i}? "), answer="0") for i in range(4)]
+
+    async def go():
+        runner = web.AppRunner(LocalServer(engine, "moe", enable_return_routed_experts=True).app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        client = EngineClient([url], timeout_s=60)
+        buffer = RolloutBuffer(GroupReceiver(), 2, 1, 8)
+        rewards = RewardRunner("pipeline.flow.rewards:dapo_math_reward", 5.0, 1)
+        m = RolloutManager(cfg, client, tok, prompts, buffer.address, rewards)
+        task = asyncio.create_task(m.run())
+        try:
+            deadline = time.monotonic() + 60
+            while not any(len(r.output_ids) >= 4 for lane in engine.lanes for r in lane.running):  # prefixes exist
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            await m.before_weight_update()
+            await client.update_weight_version(url, "1")
+            await m.after_weight_update(1)
+            batch = await asyncio.to_thread(buffer.get_batch, 1, 120.0)
+            stats = m.stats()
+        finally:
+            await m.stop()
+            await task
+            await client.close()
+            rewards.close()
+            buffer.close()
+            await runner.cleanup()
+        return batch, stats
+
+    try:
+        batch, stats = asyncio.run(go())
+    finally:
+        engine.stop()
+    assert stats["rollout/resumed"] > 0
+    samples = [s for g in batch for s in g.samples]
+    assert any(set(s.versions.tolist()) == {0, 1} for s in samples)  # resumed across the version change
+    rec = RouteRecorder(model)
+    for s in samples:
+        ids = list(s.prompt_ids) + list(s.response_ids)
+        routes = s.routing()
+        assert routes is not None and routes.shape == (len(ids) - 1, 2, 2)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids[:-1]]))
+        assert (torch.from_numpy(routes.astype("int32")) == rec.take(1, len(ids) - 1)[0]).all()
+    rec.remove()
