@@ -351,7 +351,7 @@ def test_real_engine_resume_keeps_each_tokens_routing(tmp_path):
     engine = Engine(model, max_running=8).start()
     tok = char_tokenizer()
     cfg = sim_config(max_staleness=1, partial_rollout="resume", batch_size=2, dynamic_sampling=False)
-    cfg.rollout.n_samples_per_prompt, cfg.rollout.max_new_tokens, cfg.rollout.max_inflight_per_engine = 2, 200, 4
+    cfg.rollout.n_samples_per_prompt, cfg.rollout.max_new_tokens, cfg.rollout.max_inflight_per_engine = 2, 48, 4
     cfg.algorithm.routing_replay, cfg.model.path = "rollout", str(model_dir)
     prompts = [Prompt(prompt_id=f"q{i}", prompt_ids=tok.encode(f"What is {i}+{i}? "), answer="0") for i in range(4)]
 
