@@ -95,6 +95,10 @@ class DataConfig:
     """Shuffle each epoch (seeded by `trainer.seed`)."""
     synthetic_size: int = 4096
     """Rows generated for a `synthetic:` source."""
+    dedup: bool = False
+    """Keep only the first row of each distinct prompt (before templating and tokenising). Set per source as
+    `path?dedup=true`: the hub's DAPO-Math-17k file holds each of its ~17.9k problems ~100 times, while an avg@k eval
+    file (AIME 2024, 30 x 32) must keep its copies."""
 
 
 # --------------------------------------------------------------------------------------------------- engines
