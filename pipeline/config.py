@@ -241,6 +241,15 @@ class AlgorithmConfig:
     """Importance weights behaviour->proximal in decoupled mode: none | tis (truncated) | mis (masked)."""
     is_cap: float = 2.0
     """Truncation (tis) or mask (mis) threshold of the importance weights."""
+    routing_replay: str = "off"
+    """MoE rollout routing replay (R3): off | rollout. With rollout the engines return the experts every token was
+    routed to (SGLang's return_routed_experts; validation adds --enable-return-routed-experts to engine.extra_args)
+    and the megatron
+    trainer sends each token to those experts (training forward and the decoupled-PPO proximal pass), the gate
+    weights still coming from its own router logits. Dense models ignore it."""
+    routing_mismatch_probe: bool = True
+    """With recorded routing: one extra no-grad forward per mini-batch in the other routing mode, so that the
+    train-inference logprob mismatch is reported with and without replay (rollout/*_replay, rollout/*_noreplay)."""
     log_ratio_clamp: float = 20.0
     """|log ratio| is clamped to this before exp for stability."""
     kl_coef: float = 0.0
@@ -496,6 +505,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.policy_loss": ("ppo", "gspo", "cispo"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "algorithm.off_policy": ("behaviour", "decoupled"),
+    "algorithm.routing_replay": ("off", "rollout"),
     "algorithm.is_correction": ("none", "tis", "mis"),
     "data.template": ("none", "dapo", "chat"),
     "model.dtype": ("float32", "bfloat16"),
@@ -599,6 +609,9 @@ def layout(cfg: Config) -> Layout:
     )
 
 
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"  # SGLang's server flag (engines/local mirrors it)
+
+
 def _check_engine_limits(cfg: Config) -> None:
     """The CPU engine's request limits must admit what the run itself sends (else every such request is a 400)."""
     e, ws = cfg.engine, cfg.weight_sync
@@ -624,6 +637,8 @@ def _check_engine_limits(cfg: Config) -> None:
 
 def validate(cfg: Config) -> Config:
     """Cross-field rules. Fills derived values (trainer.parallel.dp). Returns cfg."""
+    if str(cfg.algorithm.routing_replay) in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+        cfg.algorithm.routing_replay = "off"
     _validate_finite(cfg)
     _validate_ranges(cfg)
     for path, choices in _CHOICES.items():
@@ -652,6 +667,10 @@ def validate(cfg: Config) -> Config:
             "algorithm.overlong.cache_len",
             f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}); got {a.overlong.cache_len}",
         )
+
+    if a.routing_replay == "rollout" and ROUTED_EXPERTS_FLAG not in cfg.engine.extra_args:
+        # derived: the engines (SGLang and the CPU engine) return routed experts only when started with it
+        cfg.engine.extra_args = [*cfg.engine.extra_args, ROUTED_EXPERTS_FLAG]
 
     t, p = cfg.trainer, cfg.trainer.parallel
     model_parallel = p.tp * p.pp * p.cp
