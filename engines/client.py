@@ -4,6 +4,10 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23; see tests/t
 - `generate` POSTs /generate {input_ids, sampling_params, return_logprob, rid?} and normalises SGLang's answer
   into `GenerateOutput`: meta_info.finish_reason {"type": ...} -> "stop" | "length" | "abort", and
   meta_info.output_token_logprobs [[logprob, token_id, text], ...] -> [logprob, ...].
+- MoE routing (SGLang's R3 capture): `generate(..., return_routed_experts=True, routed_experts_start_len=s)` adds
+  those request fields; `routed_experts(out, num_layers, top_k)` decodes meta_info["routed_experts"] (base64 of int32
+  (tokens, num_hidden_layers, top_k), the fed tokens [s, prompt + completion - 1)) into a compact np.int16 array
+  (None when the answer has none: a server without --enable-return-routed-experts, or a dense model).
 - Routing: an explicit `url`; else the engine a `rid` was last sent to (sticky); else the live engine with the
   fewest outstanding requests (ties rotate). With `router_url` (an sglang-router in front of the engines), unrouted
   generate calls go to the router instead, and control calls still go to every engine.
@@ -37,7 +41,13 @@ from typing import Any
 import aiohttp
 
 from engines.sglang.protocol import Protocol, protocol_for
-from pipeline.contracts.engine_api import FINISH_REASONS, EngineDeadError, EngineError, GenerateOutput
+from pipeline.contracts.engine_api import (  # noqa: F401 (routed_experts: re-exported)
+    FINISH_REASONS,
+    EngineDeadError,
+    EngineError,
+    GenerateOutput,
+    routed_experts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,13 @@ def parse_generate_output(obj: dict, url: str) -> GenerateOutput:
 
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _routing_fields(on: bool, start_len: int) -> dict[str, Any]:
+    """SGLang's GenerateReqInput routing fields (sent only when asked: older servers need not know them)."""
+    if not on:
+        return {}
+    return {"return_routed_experts": True, "routed_experts_start_len": int(start_len)}
 
 
 class EngineClient:
@@ -251,10 +268,13 @@ class EngineClient:
         return_logprob: bool = True,
         url: str | None = None,
         timeout_s: float | None = None,
+        return_routed_experts: bool = False,
+        routed_experts_start_len: int = 0,
     ) -> GenerateOutput:
         if int(sampling_params.get("n", 1) or 1) != 1:
             raise ValueError("generate: sampling_params.n > 1 returns several outputs; use generate_n")
-        out = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s)
+        routing = _routing_fields(return_routed_experts, routed_experts_start_len)
+        out = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s, routing)
         return parse_generate_output(out[1], out[0])
 
     async def generate_n(
@@ -265,13 +285,18 @@ class EngineClient:
         return_logprob: bool = True,
         url: str | None = None,
         timeout_s: float | None = None,
+        return_routed_experts: bool = False,
+        routed_experts_start_len: int = 0,
     ) -> list[GenerateOutput]:
         """n = sampling_params["n"] samples of one prompt in one request (SGLang answers a list)."""
-        target, obj = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s)
+        routing = _routing_fields(return_routed_experts, routed_experts_start_len)
+        target, obj = await self._generate(input_ids, sampling_params, rid, return_logprob, url, timeout_s, routing)
         objs = obj if isinstance(obj, list) else [obj]
         return [parse_generate_output(o, target) for o in objs]
 
-    async def _generate(self, input_ids, sampling_params, rid, return_logprob, url, timeout_s) -> tuple[str, Any]:
+    async def _generate(
+        self, input_ids, sampling_params, rid, return_logprob, url, timeout_s, extra: dict | None = None
+    ) -> tuple[str, Any]:
         if url is not None:
             target = url.rstrip("/")
         elif self.router_url is not None:
@@ -282,6 +307,7 @@ class EngineClient:
             "input_ids": list(input_ids),
             "sampling_params": sampling_params,
             "return_logprob": return_logprob,
+            **(extra or {}),
         }
         if rid is not None:
             body["rid"] = rid

@@ -7,6 +7,10 @@ Contract:
   and megatron's `PackedSeqParams` take them). Padding to `pad_to` / a multiple of `align` (megatron's pipeline and
   sequence parallelism) and context-parallel slots (cp > 1) as described on the function.
 - `padded_micro_batch(mb, device)`: the (B, T) layout itself in the same structure (the unpacked baseline).
+- Routing (MoE rollout routing replay): a MicroBatch's `routed_experts` (B, T, L, k) travel with their tokens: packed
+  into `PackedMicroBatch.routed_experts` (t, L, k) int64 in the row's order (the router input's token order; -1 on
+  padding positions and slot tails: the trainer routes those itself), CP-split like the tokens; for the padded layout
+  in megatron's [s, b] order (position s of row b at s * B + b).
 - `unpack(packed, values)`: per-position results of the model's row(s) -> the MicroBatch's (B, T) layout, the value at
   (b, s) being the row's prediction about token s of sequence b (from position s - 1); 0 at s = 0 and on padding
   (pipeline/contracts/backend.py's alignment).
@@ -41,6 +45,7 @@ class PackedMicroBatch:
     total_len: int  # positions of the whole row (B * T for the padded layout)
     cu_seqlens_padded: torch.Tensor | None = None  # (n + 1,) int32 slot bounds; context parallelism only
     cp_indices: list[torch.Tensor] | None = None  # row positions each CP rank holds; context parallelism only
+    routed_experts: torch.Tensor | None = None  # (t, L, k) int64 records per model-input token; -1: none
 
 
 def packed_length(mb: MicroBatch, cp: int = 1) -> int:
@@ -87,6 +92,7 @@ def pack_micro_batch(
         pos[bounds[-1] :] = torch.arange(total - bounds[-1])
         real_bounds.append(real_bounds[-1] + total - bounds[-1])
         bounds.append(total)
+    routing = _pack_routing(mb, offsets, lengths, total)
     s = torch.arange(T)
     valid = (s >= 1) & (s < torch.tensor(lengths).unsqueeze(1))  # (B, T)
     gather_idx = torch.where(valid, torch.tensor(offsets).unsqueeze(1) + s - 1, 0)
@@ -94,6 +100,7 @@ def pack_micro_batch(
     cp_indices = [cp_partition_index(cu_padded, cp, r) for r in range(cp)] if cp > 1 else None
     if cp_indices is not None:
         ids, pos, target = (x[cp_indices[cp_rank]] for x in (ids, pos, target))
+        routing = routing[cp_indices[cp_rank]] if routing is not None else None
     return PackedMicroBatch(
         mb=mb,
         input_ids=ids.view(1, -1).to(device),
@@ -107,7 +114,22 @@ def pack_micro_batch(
         total_len=total,
         cu_seqlens_padded=cu_padded.to(device) if cp > 1 else None,
         cp_indices=[i.to(device) for i in cp_indices] if cp_indices is not None else None,
+        routed_experts=routing.to(device) if routing is not None else None,
     )
+
+
+def _pack_routing(mb: MicroBatch, offsets: list[int], lengths: list[int], total: int) -> torch.Tensor | None:
+    """(total, L, k) int64: each sequence's records at its slot, -1 elsewhere."""
+    r = mb.routed_experts
+    if r is None:
+        return None
+    if r.dim() != 4 or tuple(r.shape[:2]) != tuple(mb.input_ids.shape):
+        raise ValueError(f"MicroBatch.routed_experts: shape {tuple(r.shape)} is not (B, T, L, k) with (B, T) = "
+                         f"{tuple(mb.input_ids.shape)}")  # fmt: skip
+    out = torch.full((total, *r.shape[2:]), -1, dtype=torch.long)
+    for o, n, row in zip(offsets, lengths, r, strict=True):
+        out[o : o + n] = row[:n]
+    return out
 
 
 def padded_micro_batch(mb: MicroBatch, device: torch.device) -> PackedMicroBatch:
@@ -130,6 +152,11 @@ def padded_micro_batch(mb: MicroBatch, device: torch.device) -> PackedMicroBatch
         max_seqlen=T,
         real_tokens=int(lengths.sum()),
         total_len=B * T,
+        routed_experts=(
+            None
+            if mb.routed_experts is None
+            else mb.routed_experts.long().transpose(0, 1).reshape(T * B, *mb.routed_experts.shape[2:]).to(device)
+        ),
     )
 
 

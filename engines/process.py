@@ -201,14 +201,30 @@ def local_command(cfg: EngineConfig, model_dir: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def engine_env(env: dict[str, str], devices: str = "") -> dict[str, str]:
+    """The server's environment: `env`, with CUDA_VISIBLE_DEVICES = `devices` when given. A colocated multi-GPU
+    engine's launching actor holds no GPU of its own (Ray would show it at most its one bundle's GPU), so the
+    GPUs its trainer ranks were given are named here."""
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    return env
+
+
 def launch_engine(
-    cfg: EngineConfig, model_dir: str, port: int, log_path: str | Path, extra_args: list[str] | tuple = ()
+    cfg: EngineConfig,
+    model_dir: str,
+    port: int,
+    log_path: str | Path,
+    extra_args: list[str] | tuple = (),
+    devices: str = "",
 ) -> EngineProcess:
-    """Start one server for `cfg.backend` on `port` and wait until it is healthy."""
+    """Start one server for `cfg.backend` on `port` and wait until it is healthy. `devices` (e.g. "0,1,2,3"): the
+    server's CUDA_VISIBLE_DEVICES, for a colocated engine spanning several trainer ranks' GPUs (see
+    `engine_env`); "" leaves what the launching process has."""
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     url = f"http://{host}:{port}"
     key = engine_api_key(cfg)
-    env = dict(os.environ)
+    env = engine_env(dict(os.environ), devices)
     secrets_dir, secrets_file = "", None
     if cfg.backend == "local":
         cmd = local_command(cfg, model_dir, port)

@@ -95,6 +95,10 @@ class DataConfig:
     """Shuffle each epoch (seeded by `trainer.seed`)."""
     synthetic_size: int = 4096
     """Rows generated for a `synthetic:` source."""
+    dedup: bool = False
+    """Keep only the first row of each distinct prompt (before templating and tokenising). Set per source as
+    `path?dedup=true`: the hub's DAPO-Math-17k file holds each of its ~17.9k problems ~100 times, while an avg@k eval
+    file (AIME 2024, 30 x 32) must keep its copies."""
 
 
 # --------------------------------------------------------------------------------------------------- engines
@@ -237,6 +241,15 @@ class AlgorithmConfig:
     """Importance weights behaviour->proximal in decoupled mode: none | tis (truncated) | mis (masked)."""
     is_cap: float = 2.0
     """Truncation (tis) or mask (mis) threshold of the importance weights."""
+    routing_replay: str = "off"
+    """MoE rollout routing replay (R3): off | rollout. With rollout the engines return the experts every token was
+    routed to (SGLang's return_routed_experts; validation adds --enable-return-routed-experts to engine.extra_args)
+    and the megatron
+    trainer sends each token to those experts (training forward and the decoupled-PPO proximal pass), the gate
+    weights still coming from its own router logits. Dense models ignore it."""
+    routing_mismatch_probe: bool = True
+    """With recorded routing: one extra no-grad forward per mini-batch in the other routing mode, so that the
+    train-inference logprob mismatch is reported with and without replay (rollout/*_replay, rollout/*_noreplay)."""
     log_ratio_clamp: float = 20.0
     """|log ratio| is clamped to this before exp for stability."""
     kl_coef: float = 0.0
@@ -389,6 +402,9 @@ class ClusterConfig:
     placement_strategy: str = "PACK"
     """Ray placement-group strategy of the trainer ranks' bundles (one per rank): PACK | STRICT_PACK (one node) |
     SPREAD | STRICT_SPREAD. Engines get their own group, one bundle per engine (its GPUs on one node), PACK."""
+    gpus_per_node: int = 0
+    """GPUs of one node (0: not stated). Colocated engines of engine.tp > 1 GPUs span that many trainer ranks of one
+    node, so engine.tp must divide it; placement checks the ranks' nodes either way."""
     placement_timeout_s: float = 120.0
     """How long to wait for a placement group before failing with what it needs and what the cluster has."""
     zmq_max_message_mb: float = 256.0
@@ -489,6 +505,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.policy_loss": ("ppo", "gspo", "cispo"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "algorithm.off_policy": ("behaviour", "decoupled"),
+    "algorithm.routing_replay": ("off", "rollout"),
     "algorithm.is_correction": ("none", "tis", "mis"),
     "data.template": ("none", "dapo", "chat"),
     "model.dtype": ("float32", "bfloat16"),
@@ -556,6 +573,8 @@ class Layout:
     - `buffer_capacity`: rollout.buffer_capacity, else (max_staleness + 2) x batch; never below what a sync period
       under the bound may produce, (max_staleness + 1) x sync_every x batch (the buffer raises it with a warning).
     - `dp`: trainer data-parallel size (filled in by config validation).
+    - `engine_span`: trainer ranks (GPUs) one colocated engine spans: engine.tp for colocated SGLang engines of
+      tp > 1 (engine j on ranks j*tp .. j*tp+tp-1, one node), else 1 (engine i beside rank i).
     """
 
     colocated: bool
@@ -567,14 +586,17 @@ class Layout:
     dynamic_sampling: bool
     buffer_capacity: int
     dp: int
+    engine_span: int = 1
 
 
 def layout(cfg: Config) -> Layout:
     r, t, ws = cfg.rollout, cfg.trainer, cfg.weight_sync
     releases = ws.colocated and bool(ws.release_memory)
+    colocated = ws.colocated and cfg.engine.backend != "external"
+    span = cfg.engine.tp if colocated and cfg.engine.backend == "sglang" and cfg.engine.tp > 1 else 1
     streamed = t.stream_minibatches and cfg.algorithm.off_policy != "decoupled" and not releases
     return Layout(
-        colocated=ws.colocated and cfg.engine.backend != "external",
+        colocated=colocated,
         releases_memory=releases,
         stream_parts=t.num_minibatches if streamed else 1,
         batch_size=t.batch_size,
@@ -583,7 +605,11 @@ def layout(cfg: Config) -> Layout:
         dynamic_sampling=cfg.algorithm.dynamic_sampling,
         buffer_capacity=r.buffer_capacity or (r.max_staleness + 2) * t.batch_size,
         dp=t.parallel.dp,
+        engine_span=span,
     )
+
+
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"  # SGLang's server flag (engines/local mirrors it)
 
 
 def _check_engine_limits(cfg: Config) -> None:
@@ -611,6 +637,8 @@ def _check_engine_limits(cfg: Config) -> None:
 
 def validate(cfg: Config) -> Config:
     """Cross-field rules. Fills derived values (trainer.parallel.dp). Returns cfg."""
+    if str(cfg.algorithm.routing_replay) in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+        cfg.algorithm.routing_replay = "off"
     _validate_finite(cfg)
     _validate_ranges(cfg)
     for path, choices in _CHOICES.items():
@@ -639,6 +667,10 @@ def validate(cfg: Config) -> Config:
             "algorithm.overlong.cache_len",
             f"must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}); got {a.overlong.cache_len}",
         )
+
+    if a.routing_replay == "rollout" and ROUTED_EXPERTS_FLAG not in cfg.engine.extra_args:
+        # derived: the engines (SGLang and the CPU engine) return routed experts only when started with it
+        cfg.engine.extra_args = [*cfg.engine.extra_args, ROUTED_EXPERTS_FLAG]
 
     t, p = cfg.trainer, cfg.trainer.parallel
     model_parallel = p.tp * p.pp * p.cp
@@ -686,15 +718,8 @@ def validate(cfg: Config) -> Config:
                 f"colocated: each engine shares a trainer rank's devices, so at most trainer.world_size = "
                 f"{t.world_size} engines; got {cfg.engine.num_engines}",
             )
-        if cfg.engine.backend == "sglang" and cfg.engine.tp > 1:
-            # pipeline/orchestrator.placement_specs: engine i runs in trainer rank i's bundle, which holds that
-            # rank's GPU only, so a tp-GPU engine would see one GPU.
-            _fail(
-                "engine.tp",
-                f"colocated: engine i runs in trainer rank i's placement bundle (one rank's GPU), so an engine "
-                f"cannot span tp = {cfg.engine.tp} GPUs shared with several ranks yet; use tp = 1 per GPU or "
-                "weight_sync.mode=disaggregated",
-            )
+        if layout(cfg).engine_span > 1:
+            _validate_colocated_span(cfg)
     for path in ("weight_sync.bucket_mb", "weight_sync.timeout_s", "engine.health_timeout_s"):
         if _get(cfg, path) <= 0:
             _fail(path, f"must be > 0; got {_get(cfg, path)}")
@@ -859,6 +884,46 @@ def _validate_context_length(cfg: Config) -> None:
 
 
 RELEASE_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU memory types (sglang/srt/constants.py)
+
+
+def _validate_colocated_span(cfg: Config) -> None:
+    """Colocated SGLang engines of tp = k > 1: engine j runs on trainer ranks j*k .. j*k+k-1 (one node), on their
+    GPUs (pipeline/runtime/cluster.py `placement_specs`, `engine_devices`)."""
+    e, t, ws, k = cfg.engine, cfg.trainer, cfg.weight_sync, cfg.engine.tp
+    if e.gpus_per_engine != k:
+        _fail(
+            "engine.gpus_per_engine",
+            f"colocated with engine.tp = {k}: an engine spans the GPUs of {k} trainer ranks, so gpus_per_engine "
+            f"must be {k}; got {e.gpus_per_engine:g}",
+        )
+    if t.world_size % k:
+        _fail("engine.tp", f"colocated: engine.tp = {k} must divide trainer.world_size = {t.world_size}")
+    if e.num_engines > t.world_size // k:
+        _fail(
+            "engine.num_engines",
+            f"colocated: engines of tp = {k} on trainer.world_size = {t.world_size} GPUs: at most "
+            f"{t.world_size // k}; got {e.num_engines}",
+        )
+    per_node = cfg.cluster.gpus_per_node
+    if per_node and (k > per_node or per_node % k):
+        _fail(
+            "engine.tp",
+            f"colocated: an engine's {k} GPUs are on one node, so engine.tp must divide cluster.gpus_per_node = "
+            f"{per_node}",
+        )
+    if not 0 < t.gpus_per_rank <= 1:
+        _fail(
+            "trainer.gpus_per_rank",
+            f"colocated with engine.tp = {k}: each rank holds (a share of) one GPU that its engine shares; must be "
+            f"in (0, 1], got {t.gpus_per_rank:g}",
+        )
+    if not ws.release_memory and e.mem_fraction + t.gpus_per_rank > 1:
+        _fail(
+            "engine.mem_fraction",
+            f"colocated with engine.tp = {k} and no weight_sync.release_memory, the engine keeps its memory while "
+            f"the trainer trains: mem_fraction {e.mem_fraction:g} + trainer.gpus_per_rank {t.gpus_per_rank:g} > 1 "
+            "GPU; set weight_sync.release_memory or lower them",
+        )
 
 
 def _validate_colocated(cfg: Config) -> None:

@@ -33,6 +33,9 @@ FILES = (
     "sglang/srt/managers/tokenizer_manager.py",
     "sglang/srt/utils/auth.py",
     "sglang/api/v1/api_types.py",
+    "sglang/srt/state_capturer/base.py",
+    "sglang/srt/state_capturer/routed_experts.py",
+    "sglang/srt/managers/scheduler_components/batch_result_processor.py",
 )
 FIELD_DIR = "sglang/srt/arg_groups/fields/"
 
@@ -41,7 +44,8 @@ FIELD_DIR = "sglang/srt/arg_groups/fields/"
 def source(version: str) -> Path:
     root = CACHE / version
     src = root / "src"
-    if (src / "sglang").is_dir():
+    marker = src / ".extracted"  # the FILES list of the last extraction: a longer list extracts again
+    if (src / "sglang").is_dir() and marker.is_file() and marker.read_text() == "\n".join(FILES):
         return src / "sglang"
     wheels = sorted(root.glob("sglang-*.whl"))
     if not wheels:
@@ -61,6 +65,7 @@ def source(version: str) -> Path:
         for name in zf.namelist():
             if name in FILES or (name.startswith(FIELD_DIR) and name.endswith(".py")):
                 zf.extract(name, src)
+    marker.write_text("\n".join(FILES))
     return src / "sglang"
 
 

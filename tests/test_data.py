@@ -267,3 +267,20 @@ def test_hf_source_without_datasets(tok):
             load_prompts(cfg(), tok, path="hf://org/name:test")
     else:
         pytest.skip("datasets is installed; the not-installed error cannot be observed")
+
+
+def test_dedup_keeps_the_first_row_of_each_prompt(tmp_path, tok):
+    rows = [
+        {"prompt": "Compute 1+1.", "answer": "2"},
+        {"prompt": "Compute 2+2.", "answer": "4"},
+        {"prompt": "Compute 1+1.", "answer": "2"},  # repeated, as the hub's DAPO-Math-17k repeats its problems
+        {"prompt": "Compute 3+3.", "answer": "6"},
+    ]
+    path = tmp_path / "rep.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    everything = load_prompts(DataConfig(train_path=str(path)), tok)
+    assert [p.prompt_id for p in everything] == ["0", "1", "2", "3"]
+    once = load_prompts(DataConfig(train_path=f"{path}?dedup=true"), tok)
+    assert [(p.prompt_id, p.answer) for p in once] == [("0", "2"), ("1", "4"), ("3", "6")]  # original row ids
+    with pytest.raises(DataError, match="dedup must be true or false"):
+        load_prompts(DataConfig(train_path=f"{path}?dedup=maybe"), tok)

@@ -37,7 +37,7 @@ def _row(problem: str, answer: str) -> dict:
 
 def test_presets_default_to_the_recipes_hub_files():
     cfg = load_config(ROOT / "configs" / "base" / "dapo.yaml")
-    assert cfg.data.train_path == "hf://BytedTsinghua-SIA/DAPO-Math-17k/data/dapo-math-17k.parquet"
+    assert cfg.data.train_path == "hf://BytedTsinghua-SIA/DAPO-Math-17k/data/dapo-math-17k.parquet?dedup=true"
     assert cfg.data.eval_path == "hf://BytedTsinghua-SIA/AIME-2024/data/aime-2024.parquet"
     assert (cfg.data.prompt_key, cfg.data.answer_key, cfg.data.id_key) == ("prompt", "reward_model.ground_truth", "")
 

@@ -394,7 +394,11 @@ def test_slime_8_gpu_recipes_take_the_shared_layout(script):
     # the recipes' layout: one multi-GPU engine set on the trainer's GPUs, memory released while training
     assert plan.placement == "time-shared" and plan.engine.tp > 1 and plan.feasibility.ok
     why = explain_difference(plan, pub.parallel, pub.train, pub.engine, pub.placement)
-    assert "not writable as a config yet" in why and "offload" in why
+    assert "offload" in why
+    # the shared multi-GPU layout is a config now; only optimizer offload (30B-A3B on 80 GiB) is not
+    assert (
+        plan.config_error.startswith("optimizer CPU offload") if plan.train.optimizer_offload else not plan.config_error
+    )
     # with 141 GiB the same model fits without offload
     h200 = propose(pub.model, 8, 141, pub.seq_len, mode="colocated", prompt_len=1024, gpu="h200")
     assert h200.feasibility.ok and not h200.train.optimizer_offload
@@ -476,14 +480,22 @@ def test_time_shared_memory_phases_by_hand():
     assert f.peak_gb == pytest.approx(max(train, generate))
 
 
-def test_colocated_multi_gpu_engines_refused_by_the_validator_and_by_write_config(tmp_path):
-    from pipeline.config import ConfigError
+@pytest.mark.parametrize(
+    ("model", "gpus", "mem", "gpu", "seq_len", "prompt_len"),
+    [("Qwen2.5-32B", 8, 80, "h100", 9216, 1024), ("Qwen3-30B-A3B", 8, 141, "h200", 9216, 1024),
+     ("Qwen2.5-32B", 128, 96, "h20", 22528, 2048)],  # the last: verl's DAPO 32B run on 16 nodes of H20
+    ids=["32b-8xh100", "30b-a3b-8xh200", "32b-128xh20"],
+)  # fmt: skip
+def test_colocated_multi_gpu_engines_are_written_and_validate(tmp_path, model, gpus, mem, gpu, seq_len, prompt_len):
+    from pipeline.config import layout
 
-    with pytest.raises(ConfigError, match="engine.tp: colocated"):
-        load_config(CONFIGS / "qwen2.5-7b-8gpu.yaml",
-                    ["weight_sync.mode=colocated", "engine.tp=4", "engine.num_engines=2", "trainer.world_size=8",
-                     "trainer.parallel.dp=2"])  # fmt: skip
-    plan = propose("Qwen3-30B-A3B", 8, 141, 9216, mode="colocated", gpu="h200", prompt_len=1024)
-    assert plan.placement == "time-shared" and plan.engine.tp > 1 and "engine.tp" in plan.config_error
-    with pytest.raises(PlanError, match="cannot be written"):
-        write_config(plan, tmp_path / "x.yaml")
+    plan = propose(model, gpus, mem, seq_len, mode="colocated", gpu=gpu, prompt_len=prompt_len)
+    assert plan.placement == "time-shared" and plan.engine.tp > 1 and not plan.config_error
+    out = write_config(plan, tmp_path / "x.yaml")
+    cfg = load_config(out)
+    k = plan.engine.tp
+    assert cfg.weight_sync.mode == "colocated" and cfg.weight_sync.release_memory
+    assert (cfg.engine.tp, cfg.engine.gpus_per_engine, cfg.engine.num_engines) == (k, k, gpus // k)
+    assert cfg.trainer.world_size == gpus and cfg.trainer.gpus_per_rank == 1.0
+    assert layout(cfg).engine_span == k <= cfg.cluster.gpus_per_node == 8
+    assert f"engine j serves with tp={k}" in out.read_text()

@@ -695,3 +695,106 @@ def test_local_server_can_speak_0_5_5(local_app):
     assert got["/begin_weight_update"] == got["/end_weight_update"] == 404
     assert got["/server_info"][0] == got["/model_info"][0] == 404 and got["/get_server_info"] == (200, "0.5.5")
     assert got["tensor"] == 200  # no session needed in 0.5.5
+
+
+# ------------------------------------------------------------------ (7) MoE routed experts (rollout routing replay)
+ROUTED_FIELDS = {"return_routed_experts", "routed_experts_start_len"}  # GenerateReqInput, 0.5.23
+ROUTED_META_KEY = "routed_experts"  # meta_info: base64 of int32 (tokens, num_hidden_layers, top_k)
+ROUTED_SERVER_FLAG = "--enable-return-routed-experts"
+
+
+def test_routed_experts_fields_flag_and_encoding_are_sglangs():
+    v = "0.5.23"
+    src.source(v)
+    assert ROUTED_FIELDS <= set(src.fields(v, "GenerateReqInput"))
+    assert ROUTED_SERVER_FLAG in src.server_flags(v)
+    # tokenizer_manager puts the detokenizer's base64 string (or encodes a tensor's raw bytes) under meta_info
+    text = (src.source(v) / "srt/managers/tokenizer_manager.py").read_text()
+    assert f'meta_info["{ROUTED_META_KEY}"] = val' in text and "b64encode(val.numpy().tobytes())" in text
+    # the capture buffers are int32 (tokens, layers, top_k); the rows are the fed tokens [start, seqlen - 1)
+    base = (src.source(v) / "srt/state_capturer/base.py").read_text()
+    assert "(num_tokens, num_layers, topk_size),\n            dtype=torch.int32" in base
+    assert "[start_len : seqlen - 1]" in base
+    routed = (src.source(v) / "srt/state_capturer/routed_experts.py").read_text()
+    assert "num_layers = model_config.hf_text_config.num_hidden_layers" in routed
+    assert "np.frombuffer(" in routed and "dtype=np.int32" in routed
+    brp = (src.source(v) / "srt/managers/scheduler_components/batch_result_processor.py").read_text()
+    assert "seqlen = len(req.origin_input_ids) + len(req.output_ids_through_stop)" in brp
+
+
+@pytest.fixture(scope="module")
+def moe_app():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = build_tiny_model(seed=0, max_position=256, model_type="qwen3_moe")
+    engine = Engine(model, max_running=4).start()
+    yield LocalServer(engine, "tiny-moe", enable_return_routed_experts=True), LocalServer(engine, "tiny-moe")
+    engine.stop()
+    torch.set_num_threads(before)
+
+
+def test_local_engine_returns_routed_experts_like_sglang(moe_app):
+    from engines.client import GenerateOutput, routed_experts
+    from engines.local.routing import RouteRecorder
+
+    server, no_flag = moe_app
+    prompt = [5, 6, 7, 8, 9]
+    sp = {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+
+    async def go(app, body):
+        client = TestClient(TestServer(app.app(), host="127.0.0.1"))
+        await client.start_server()
+        try:
+            async with client.post("/generate", json=body) as r:
+                return r.status, await r.json()
+        finally:
+            await client.close()
+
+    body = {"input_ids": prompt, "sampling_params": sp, "return_logprob": True, "return_routed_experts": True}
+    status, obj = run(go(server, body))
+    assert status == 200 and isinstance(obj["meta_info"][ROUTED_META_KEY], str)
+    out = parse_generate_output(obj, "http://e")
+    assert isinstance(out, GenerateOutput)
+    routes = routed_experts(out, num_layers=2, top_k=2)
+    assert routes.dtype.name == "int16" and routes.shape == (len(prompt) + 4 - 1, 2, 2)
+    # the experts a full HF forward of the fed tokens routes them to
+    rec = RouteRecorder(server.engine.model)
+    try:
+        with torch.no_grad():
+            server.engine.model(input_ids=torch.tensor([prompt + out.output_ids[:-1]]))
+        want = rec.take(1, len(prompt) + 3)[0]
+    finally:
+        rec.remove()
+    assert (torch.from_numpy(routes.astype("int32")) == want).all()
+    status, obj2 = run(go(server, {**body, "routed_experts_start_len": 3}))
+    assert status == 200 and obj2["output_ids"] == obj["output_ids"]
+    tail = routed_experts(parse_generate_output(obj2, "http://e"), 2, 2, start_len=3)
+    assert (tail == routes[3:]).all()
+    status, bad = run(go(server, {**body, "routed_experts_start_len": 6}))
+    assert status == 400 and "is higher than the number of input tokens" in str(bad)
+    status, plain = run(go(no_flag, body))  # SGLang without --enable-return-routed-experts: no field
+    assert status == 200 and ROUTED_META_KEY not in plain["meta_info"]
+    assert routed_experts(parse_generate_output(plain, "http://e"), 2, 2) is None
+    with pytest.raises(EngineError, match="has 20 ids, expected 8 tokens"):
+        routed_experts(parse_generate_output(obj2, "http://e"), 2, 2)
+
+
+def test_client_sends_routed_expert_fields_of_the_request_class():
+    app, seen = _fake_sglang("0.5.23")
+
+    async def go():
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        client = EngineClient([str(server.make_url("")).rstrip("/")])
+        try:
+            await client.generate([1, 2], {"max_new_tokens": 1}, return_routed_experts=True, routed_experts_start_len=1)
+            await client.generate([1, 2], {"max_new_tokens": 1})
+        finally:
+            await client.close()
+            await server.close()
+
+    run(go())
+    bodies = [body for _, path, body, _, _ in seen if path == "/generate"]
+    assert ROUTED_FIELDS <= set(bodies[0]) and bodies[0]["routed_experts_start_len"] == 1
+    assert not ROUTED_FIELDS & set(bodies[1])  # off: the fields are not sent at all
+    assert set(bodies[0]) <= set(src.fields("0.5.23", "GenerateReqInput"))

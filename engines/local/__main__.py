@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="/update_weights_from_disk loads only directories under this one (default: any directory)",
     )
+    p.add_argument(
+        "--enable-return-routed-experts",
+        action="store_true",
+        help="SGLang's flag: MoE models return the routed experts of requests with return_routed_experts",
+    )
     p.add_argument("--max-n", type=int, default=256, help="largest sampling_params.n a request may ask for")
     p.add_argument("--max-batch", type=int, default=4096, help="most requests one body may create (prompts x n)")
     p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (413 above)")
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer,
         api_key=api_key,
         weights_root=args.update_weights_root,
+        enable_return_routed_experts=args.enable_return_routed_experts,
         limits=Limits(
             max_n=args.max_n,
             max_batch=args.max_batch,

@@ -14,13 +14,17 @@ Contract:
 - `pause(mode)`: "abort" ends every queued and running request with abort; "in_place" freezes running requests
   with their KV; "retract" frees their KV and re-queues them first, to be recomputed from prompt + output on
   continue. Requests submitted while paused wait. `resume()` continues.
-- Weight updates (`load_tensors`) run between iterations, so no forward ever sees half-updated weights.
+- Weight updates (`load_tensors`) run between iterations, so no forward ever sees half-updated weights. Fused MoE
+  expert tensors also take their per-expert checkpoint names (`experts.{e}.gate_proj.weight`, ...), as views.
 - `release_memory(tags)` / `resume_memory(tags)` (SGLang's /release_memory_occupation and
   /resume_memory_occupation; tags kv_cache, weights, cuda_graph, none = all): release is refused unless the engine
   is idle, or paused with only waiting requests (SGLang's rule); "kv_cache" frees every lane's KV cache, the other
   tags are only recorded (nothing to free on CPU; weights are kept, where SGLang without a CPU backup loses them).
   While any tag is released nothing is scheduled: requests wait, as they do while paused, until every tag is
   resumed.
+- Routed experts (SGLang's return_routed_experts): on a MoE model (HFRunner) a request with
+  `return_routed_experts` collects the top-k experts of every token the engine feeds (prompt and generated tokens,
+  `Request.routing()`); a retracted request re-prefilled keeps its first record of each position.
 - Lanes: with `lanes` > 1 the running batch is split into that many independent row groups (own KV cache and
   sampler), stepped concurrently on a thread pool with one torch thread each. On a few CPU cores this uses every
   core without OpenMP barriers on the many small ops of a decode step. Control semantics are unchanged: lanes
@@ -56,6 +60,8 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     return_logprob: bool = True
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
     on_done: Callable[[Request], None] = lambda r: None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -63,6 +69,23 @@ class Request:
     error: str | None = None
     weight_version: str = ""
     created: float = field(default_factory=time.monotonic)
+    # MoE, with return_routed_experts on an engine that records routing: (n, L, k) int32 chunks of the experts of
+    # the fed tokens in position order (positions [0, routed_len)); a retracted request keeps its first record.
+    routed: list[torch.Tensor] = field(default_factory=list)
+    routed_len: int = 0
+
+    def add_routing(self, first: int, routes: torch.Tensor) -> None:
+        """Records of positions [first, first + len(routes)); only positions not recorded yet are kept."""
+        skip = self.routed_len - first
+        if skip < 0:
+            raise RuntimeError(f"request {self.rid}: routing of positions [{self.routed_len}, {first}) was lost")
+        if skip < routes.shape[0]:
+            self.routed.append(routes[skip:])
+            self.routed_len = first + routes.shape[0]
+
+    def routing(self) -> torch.Tensor | None:
+        """(fed tokens, L, k) int32, or None when nothing was recorded."""
+        return torch.cat(self.routed) if self.routed else None
 
 
 class _Lane:
@@ -79,14 +102,26 @@ class _Lane:
         logits = []
         if self.running:
             logits.append(self.runner.decode([r.output_ids[-1] for r in self.running]))
+            self._record(self.running)
         if new:
             logits.append(self.runner.prefill([r.prompt + r.output_ids for r in new]))
+            self._record(new)
             self.running.extend(new)
             self.admitted += len(new)
         if not logits:
             return []
         tokens, logprobs = sample(torch.cat(logits), [r.params for r in self.running], self.generator, original_logprob)
         return list(zip(self.running, tokens.tolist(), logprobs.tolist(), strict=True))
+
+    def _record(self, reqs: list[Request]) -> None:
+        """The routed experts of the tokens the runner's last call fed (MoE runners only)."""
+        routes = getattr(self.runner, "last_routing", None)
+        if routes is None:
+            return
+        for req, (first, r) in zip(reqs, routes, strict=True):
+            if req.return_routed_experts:
+                req.add_routing(first, r)
+        self.runner.last_routing = None
 
     def remove(self, row: int) -> Request:
         req = self.running[row]
@@ -132,6 +167,7 @@ class Engine:
         self.eos_ids = _eos_ids(model)
         self.weight_version = weight_version
         self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.params.update(_expert_views(model))
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._ops: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -404,6 +440,25 @@ class Engine:
         if missing:
             raise ValueError(f"{missing[0]}: no such parameter in the model")
         return weights_checksum([(n, self.params[n]) for n in names], dtype)
+
+
+def _expert_views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint names of fused MoE expert weights (transformers 5 keeps a layer's experts as 3D `gate_up_proj`
+    (E, 2I, H) and `down_proj` (E, H, I)): `experts.{e}.{gate,up,down}_proj.weight`, as views of the fused tensors,
+    so weight updates under the names HF checkpoints, SGLang and the trainers use are written in place."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if not (
+            isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3
+        ):
+            continue
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            out[f"{prefix}.{e}.gate_proj.weight"] = gate_up.data[e, :inter]
+            out[f"{prefix}.{e}.up_proj.weight"] = gate_up.data[e, inter:]
+            out[f"{prefix}.{e}.down_proj.weight"] = down.data[e]
+    return out
 
 
 def _run_op(fn: Callable[[], Any], fut: Future) -> None:

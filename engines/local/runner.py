@@ -10,7 +10,9 @@ Contract (what `engine.py` relies on):
   once) and replaces only the attention/KV plumbing: one preallocated cache per layer, (slots, kv_heads, L, D),
   rows kept dense in slots [0, B) so a decode step reads a view, never a gather; L grows by doubling.
 - `HFRunner` serves any other `AutoModelForCausalLM`: the HF forward with its own cache, rebuilt by recomputing
-  all rows whenever the set of rows changes (slow but generic and correct).
+  all rows whenever the set of rows changes (slow but generic and correct). On a mixture-of-experts model it records
+  the routed experts (engines/local/routing.py): after each call `last_routing[i]` = (first position, (n, L, k)
+  int32) of the tokens the call fed for returned row i (prefill: every token; decode: the one fed token).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+
+from engines.local.routing import RouteRecorder
 
 FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _RUNTIME_ROPE = ("dynamic", "longrope")
@@ -55,7 +59,7 @@ def make_runner(model: torch.nn.Module, capacity: int, max_len: int, kind: str =
         if not supports_fast_path(model):
             raise ValueError(f"--runner slot: model_type {model.config.model_type!r} is not supported by the fast path")
         return SlotRunner(model, capacity, max_len)
-    return HFRunner(model, capacity, max_len)
+    return HFRunner(model, capacity, max_len)  # routed-expert capture (MoE models) runs on this one
 
 
 def _is_rms_norm(module: torch.nn.Module) -> bool:
@@ -302,6 +306,12 @@ class HFRunner:
         self.cache = None
         self.mask: torch.Tensor | None = None
         self.valid = False
+        # MoE: the experts of the tokens each call fed, per returned row: (first position, (n, L, k) int32).
+        self.recorder: RouteRecorder | None = RouteRecorder(model)
+        if not self.recorder.is_moe:
+            self.recorder.remove()
+            self.recorder = None
+        self.last_routing: list[tuple[int, torch.Tensor]] | None = None
 
     @property
     def rows(self) -> int:
@@ -331,6 +341,9 @@ class HFRunner:
             mask[r, t_max - len(s) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        if self.recorder is not None:  # left padding: row r's tokens are its last len(s) positions
+            routes = self.recorder.take(len(seqs), t_max)
+            self.last_routing = [(0, routes[r, t_max - len(s) :]) for r, s in enumerate(seqs)]
         return out.logits[:, -1].float(), _out_cache(out), mask
 
     @torch.inference_mode()
@@ -351,6 +364,10 @@ class HFRunner:
         if not self.valid:
             logits, self.cache, self.mask = self._full_forward(self.seqs)
             self.valid = True
+            if self.last_routing is not None:  # only the newly fed token's routing is new
+                self.last_routing = [
+                    (len(s) - 1, r[-1:]) for s, (_, r) in zip(self.seqs, self.last_routing, strict=True)
+                ]
             return logits
         if max(len(s) for s in self.seqs) > self.max_len:
             raise ValueError(f"sequence exceeds the context length {self.max_len}")
@@ -364,6 +381,9 @@ class HFRunner:
             **{self._cache_kw: self.cache},
         )
         self.cache = _out_cache(out)
+        if self.recorder is not None:
+            routes = self.recorder.take(self.rows, 1)
+            self.last_routing = [(len(s) - 1, routes[r, 0:1]) for r, s in enumerate(self.seqs)]
         return out.logits[:, -1].float()
 
 

@@ -5,6 +5,9 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23 `entrypoints
 - POST /generate {input_ids | text, sampling_params, return_logprob, rid, ...} -> {"text"?, "output_ids",
   "meta_info": {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version",
   "output_token_logprobs": [[logprob, token_id, null], ...]}}; n > 1 (or a batch of input_ids) -> a list.
+  MoE routing (SGLang's): with `return_routed_experts` (and `routed_experts_start_len`, in [0, prompt tokens]) on a
+  server started with --enable-return-routed-experts, meta_info["routed_experts"] = base64 of int32
+  (tokens, num_hidden_layers, top_k) for the fed tokens [start, prompt + completion - 1) (engines/local/routing.py).
 - GET /health, /health_generate, /get_model_info (+ /model_info), /get_server_info (+ /server_info),
   /get_weight_version; GET|POST /flush_cache[?timeout=S]; POST /abort_request {rid, abort_all}; POST
   /pause_generation {mode}; POST /continue_generation; POST /init_weights_update_group,
@@ -58,6 +61,7 @@ import torch
 from aiohttp import web
 
 from engines.local.engine import Engine, Request
+from engines.local.routing import encode_routing
 from engines.local.sampling import SamplingParams
 from engines.local.updates import WeightReceiver
 from engines.sglang import protocol as sgl
@@ -76,6 +80,7 @@ SGLANG_SAMPLING_FIELDS = (
 PUBLIC_PREFIXES = ("/health", "/ready", "/metrics")
 # GenerateReqInput fields we accept; those we do not implement must keep their neutral value.
 _GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "rid", "stream"}
+_GENERATE_FIELDS |= {"return_routed_experts", "routed_experts_start_len"}  # MoE routing (engines/local/routing.py)
 _GENERATE_NEUTRAL: dict[str, Any] = {
     "logprob_start_len": -1,
     "top_logprobs_num": 0,
@@ -172,10 +177,13 @@ class LocalServer:
         api_key: str = "",
         weights_root: str = "",
         sglang_release: str = sgl.LATEST.release,
+        enable_return_routed_experts: bool = False,
         limits: Limits | None = None,
         **info: Any,
     ) -> None:
         self.engine = engine
+        # SGLang's --enable-return-routed-experts: without it a request's return_routed_experts returns nothing.
+        self.enable_return_routed_experts = enable_return_routed_experts
         self.model_path = model_path
         self.tokenizer = tokenizer
         self._api_key = api_key
@@ -371,7 +379,24 @@ class LocalServer:
                 else:
                     sub = rid if (single and n == 1) else f"{rid}_{i * n + j}"
                 reqs.append(Request(rid=str(sub), prompt=prompt, params=p, return_logprob=bool(rets[i])))
+        self._routing_request(body, reqs)
         return reqs, single and n == 1
+
+    def _routing_request(self, body: dict, reqs: list[Request]) -> None:
+        """return_routed_experts / routed_experts_start_len, with SGLang's scheduler checks of the start."""
+        start = body.get("routed_experts_start_len") or 0
+        if not body.get("return_routed_experts"):
+            return
+        for req in reqs:
+            if not isinstance(start, int) or start < 0:
+                raise BadRequest(f"{start=} is lower than 0. Please use a non-negative routed_experts_start_len.")
+            if start > len(req.prompt):
+                raise BadRequest(
+                    f"routed_experts_start_len={start} is higher than the number of input tokens "
+                    f"{len(req.prompt)}. Please use a smaller routed_experts_start_len."
+                )
+            req.return_routed_experts = self.enable_return_routed_experts
+            req.routed_experts_start_len = start
 
     def _check_length(self, prompt: list[int], p: SamplingParams) -> None:
         """SGLang's TokenizerManager._validate_one_request, with its messages (no auto-truncation)."""
@@ -446,6 +471,11 @@ class LocalServer:
         }
         if req.return_logprob:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(req.logprobs, req.output_ids, strict=True)]
+        routing = req.routing() if req.return_routed_experts else None
+        if routing is not None:  # SGLang: the fed tokens [start, prompt + completion - 1), base64 of int32
+            meta["routed_experts"] = encode_routing(
+                routing[req.routed_experts_start_len : len(req.prompt) + len(req.output_ids) - 1]
+            )
         out: dict[str, Any] = {"output_ids": req.output_ids, "meta_info": meta}
         if self.tokenizer is not None:
             out = {"text": self.tokenizer.decode(req.output_ids), **out}

@@ -54,6 +54,16 @@ Contract (pipeline/contracts/backend.py's TrainerBackend), one object per rank:
   the gradient as `router_aux_loss_coef` x the token-weighted mean of megatron's per-micro-batch aux losses over the
   whole mini-batch (all DP ranks; see `_router_tokens`); padding (the pipeline pad segment, empty micro-batches)
   goes through the router and counts as tokens.
+- MoE rollout routing replay (`algorithm.routing_replay = rollout`, engines/megatron/routing.py): a micro-batch's
+  `routed_experts` (the engine's top-k per token and layer) replace the routers' top-k in every forward (training,
+  `forward_logprobs`, recomputation), gate weights from the trainer's own logits; the load-balancing loss stays on
+  the trainer's own top-k. MoE metrics of `train_minibatch`: `rollout/logprob_abs_diff` and `rollout/kl_k3` (mean
+  |logprob - old_logprobs| and the k3 KL estimate over the loss tokens: the train-inference mismatch, plus the policy
+  change for stale samples) of the training forward; with records also `moe/routing_mismatch` (share of (token, layer)
+  pairs whose own top-k set differs from the record; summed over CP/SP ranks and pipeline stages),
+  `moe/routing_mismatch_tokens` (tokens with a differing layer; the largest stage's count with pp > 1), and both
+  routing modes as `*_replay` / `*_noreplay` (the other mode from one extra no-grad forward per mini-batch,
+  `algorithm.routing_mismatch_probe`).
 - Context parallelism (cp > 1): each sequence of a pack takes a slot that is a multiple of 2*cp
   (`cu_seqlens_padded`), each CP rank runs its load-balanced share of the row (chunks r and 2*cp-1-r of every slot,
   megatron/TE's THD convention) and the per-token logprobs/entropies are all-gathered over the CP group before the
@@ -66,6 +76,7 @@ Contract (pipeline/contracts/backend.py's TrainerBackend), one object per rank:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -86,6 +97,7 @@ from engines.megatron.convert import (
     megatron_to_hf_named_tensors,
 )
 from engines.megatron.cpu_compat import enable_cpu_compat
+from engines.megatron.routing import RoutingReplay
 from engines.packing import PackedMicroBatch, pack_micro_batch, packed_length, padded_micro_batch  # noqa: F401
 from engines.schedule import warmup_lr
 from pipeline.config import Config, ParallelConfig
@@ -154,6 +166,33 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     return MicroBatch(**fields)
 
 
+def _mismatch_sums(lp: torch.Tensor, mb: MicroBatch) -> dict[str, torch.Tensor]:
+    """Sums over the loss tokens of |trainer - engine logprob| and of the k3 estimate of KL(engine || trainer)
+    (r - 1 - log r with r = p_trainer / p_engine on tokens sampled from the engine), and the token count."""
+    m = mb.loss_mask.to(lp.dtype)
+    d = (lp - mb.old_logprobs.to(lp.dtype)) * m  # log r
+    k3 = (torch.exp(d) - 1 - d) * m
+    return {"_mm_abs": d.abs().sum().detach(), "_mm_k3": k3.sum().detach(), "_mm_n": m.sum().detach()}
+
+
+def _mismatch_metrics(sums: dict[str, float], suffix: str) -> dict[str, float]:
+    n = max(sums.get("_mm_n", 0.0), 1.0)
+    return {f"rollout/logprob_abs_diff{suffix}": sums.get("_mm_abs", 0.0) / n,
+            f"rollout/kl_k3{suffix}": sums.get("_mm_k3", 0.0) / n}  # fmt: skip
+
+
+def _routing_metrics(metrics: dict[str, float], suffix: str) -> dict[str, float]:
+    """Pops the raw sums out of `metrics`; the training forward's mismatch under its own name and suffixed."""
+    raw = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("_")]}
+    out = _mismatch_metrics(raw, "")
+    if suffix:
+        out.update({k + suffix: v for k, v in out.items()})
+    if "_routes" in raw:  # with routing records
+        out["moe/routing_mismatch"] = raw["_routes_flipped"] / max(raw["_routes"], 1.0)
+        out["moe/routing_mismatch_tokens"] = raw["_route_tokens_flipped"] / max(raw["_route_tokens"], 1.0)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- backend
 class MegatronBackend:
     def __init__(self, cfg: Config, rank: int, world_size: int, packing: bool = True):
@@ -178,6 +217,7 @@ class MegatronBackend:
         self.cp_rank = (rank // p.tp) % p.cp
         self.is_sync_source = self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
         self.optimizer_steps = 0
+        self._counting = False  # the training forward counts routing mismatches, other forwards do not
         self.device = torch.device("cpu")
         if torch.cuda.is_available():  # torchrun: one GPU per local rank; a Ray actor sees only its own GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -237,6 +277,15 @@ class MegatronBackend:
                 bypass_output_layer(chunk)
         self.chunks = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer()
+        # MoE: routers hooked for rollout routing replay and the routing-mismatch statistics (engines/megatron/
+        # routing.py); used only when a micro-batch carries records.
+        self.replay = RoutingReplay(self.chunks, self.tconfig) if self.arch.num_experts else None
+        self.replay_on = self.cfg.algorithm.routing_replay == "rollout"
+        bypass = self.tconfig.moe_router_fusion or self.tconfig.moe_router_load_balancing_type == "sinkhorn"
+        if self.replay is not None and bypass:  # these routings never call the top-k hook: replay would be silent
+            raise ValueError("algorithm.routing_replay: megatron's fused or sinkhorn routing bypasses its top-k hook")
+        if self.replay is not None:
+            self.replay.apply = self.replay_on
 
     def _load_hf(self, chunks: list[torch.nn.Module], weights: HFWeights) -> None:
         from megatron.core import parallel_state as ps
@@ -343,9 +392,13 @@ class MegatronBackend:
     def _forward_step(self, loss_fn: LossFn | None, data_iterator: Iterator[PackedMicroBatch], model: Any):
         packed = next(data_iterator)
         psp = _packed_seq_params(packed) if packed.cu_seqlens is not None else None
+        if self.replay is not None:
+            self.replay.set_current(packed.routed_experts, stats=self._counting)
         hidden = model(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, packed_seq_params=psp
         )  # last stage: (b, s, h) hidden states (the output layer is bypassed); other stages: activations
+        if self.replay is not None:
+            self.replay.end_forward()
         return hidden, partial(self._loss, loss_fn, packed, model)
 
     def _loss(self, loss_fn: LossFn | None, packed: PackedMicroBatch, model: Any, hidden: torch.Tensor):
@@ -356,8 +409,12 @@ class MegatronBackend:
             lp, _ = self._logprobs(packed, hidden, weight, with_entropy=False)
             return hidden.new_zeros(()), no_tokens, {"logprobs": lp.detach()}
         lp, ent = self._logprobs(packed, hidden, weight, with_entropy=True)
-        loss, metrics = loss_fn(lp, ent, _to_device(packed.mb, hidden.device))
-        return loss, no_tokens, {k: v.detach().float() for k, v in metrics.items()}
+        mb = _to_device(packed.mb, hidden.device)
+        loss, metrics = loss_fn(lp, ent, mb)
+        out = {k: v.detach().float() for k, v in metrics.items()}
+        if self.replay is not None:  # MoE: the train-inference logprob mismatch (engine_logprobs = old_logprobs)
+            out.update(_mismatch_sums(lp.detach(), mb))
+        return loss, no_tokens, out
 
     def _run(
         self, micro_batches: list[MicroBatch], loss_fn: LossFn | None
@@ -384,15 +441,17 @@ class MegatronBackend:
         if self.arch.num_experts and loss_fn is not None:
             self.tconfig.moe_aux_loss_coeff = self._aux_coeff / self._router_tokens(packed)
         iters: Any = [iter(packed) for _ in self.chunks] if len(self.chunks) > 1 else iter(packed)
-        out = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, loss_fn),
-            data_iterator=iters,
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(packed),
-            seq_length=max(pk.total_len // pk.input_ids.shape[0] for pk in packed),  # megatron divides it by cp
-            micro_batch_size=packed[0].input_ids.shape[0],
-            forward_only=loss_fn is None,
-        )
+        recompute = self.cfg.trainer.recompute and loss_fn is not None
+        with self.replay.installed(fifo=recompute) if self.replay is not None else contextlib.nullcontext():
+            out = get_forward_backward_func()(
+                forward_step_func=partial(self._forward_step, loss_fn),
+                data_iterator=iters,
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=len(packed),
+                seq_length=max(pk.total_len // pk.input_ids.shape[0] for pk in packed),  # megatron divides it by cp
+                micro_batch_size=packed[0].input_ids.shape[0],
+                forward_only=loss_fn is None,
+            )
         return out, packed[: len(micro_batches)]
 
     def _max_count_over_ep(self, n: int) -> int:
@@ -431,23 +490,95 @@ class MegatronBackend:
             result.append(self._from_last_stage(lp.float().contiguous(), ps).cpu())
         return result
 
+    def _forward_routing(self, micro_batches: list[MicroBatch], replay: bool) -> list[torch.Tensor]:
+        """forward_logprobs with the records replayed or not (`algorithm.routing_replay` is the default)."""
+        saved = self.replay_on
+        self.replay_on = replay
+        self.replay.apply = replay
+        try:
+            return self.forward_logprobs(micro_batches)
+        finally:
+            self.replay_on = saved
+            self.replay.apply = saved
+
+    def _any_recorded(self, micro_batches: list[MicroBatch]) -> bool:
+        """Whether any rank's micro-batches carry routing records (one answer for all ranks: the metrics and the
+        probe's forward are collective)."""
+        if self.replay is None:
+            return False
+        flag = torch.tensor([float(any(mb.routed_experts is not None for mb in micro_batches))], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _routing_stats(self) -> dict[str, float]:
+        """This DP replica's routing-mismatch counts: (token, layer) pairs summed over the ranks that route different
+        tokens (CP ranks; TP ranks under sequence parallelism) and over pipeline stages (different layers); tokens
+        summed over the token-splitting ranks, their flipped count the largest over stages (a lower bound of the
+        any-layer count, which would need the per-token sets of every stage)."""
+        from megatron.core import parallel_state as ps
+
+        stats = torch.tensor(self.replay.take_stats(), dtype=torch.float64, device=self.device)
+        if self.cfg.trainer.parallel.cp > 1:
+            dist.all_reduce(stats, group=ps.get_context_parallel_group())
+        if self.tconfig.sequence_parallel:
+            dist.all_reduce(stats, group=ps.get_tensor_model_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            group = ps.get_pipeline_model_parallel_group()
+            pairs, tokens = stats[:2].clone(), stats[2:].clone()
+            dist.all_reduce(pairs, group=group)
+            dist.all_reduce(tokens, op=dist.ReduceOp.MAX, group=group)
+            stats = torch.cat([pairs, tokens])
+        keys = ("_routes", "_routes_flipped", "_route_tokens", "_route_tokens_flipped")
+        return dict(zip(keys, stats.tolist(), strict=True))
+
+    def _mismatch_probe(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """Logprob mismatch of the other routing mode than the training forward's (one no-grad forward)."""
+        replay = not self.replay_on
+        lps = self._forward_routing(micro_batches, replay)
+        sums: dict[str, float] = dict.fromkeys(("_mm_abs", "_mm_k3", "_mm_n"), 0.0)
+        for lp, mb in zip(lps, micro_batches, strict=True):
+            for k, v in _mismatch_sums(lp.to(self.device), _to_device(mb, self.device)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        sums = self._reduce_metrics(sums)
+        return _mismatch_metrics(sums, "_replay" if replay else "_noreplay")
+
     def train_minibatch(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
         enable_cpu_compat()
+        recorded = self._any_recorded(micro_batches)
+        probe: dict[str, float] = {}
+        if recorded and self.cfg.algorithm.routing_mismatch_probe:
+            probe = self._mismatch_probe(micro_batches)
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self._apply_schedule()
-        out, packed = self._run(micro_batches, loss_fn)
+        if self.replay is not None:
+            self.replay.apply = self.replay_on
+            self.replay.take_stats()
+        self._counting = True
+        try:
+            out, packed = self._run(micro_batches, loss_fn)
+        finally:
+            self._counting = False
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise RuntimeError("megatron optimizer step failed (non-finite gradients)")
         self.optimizer_steps += 1
-        sums: dict[str, float] = {}
+        # every rank reports the same keys (the DP reduction sums one vector), whatever its micro-batches carried
+        moe = self.replay is not None
+        sums: dict[str, float] = dict.fromkeys(("_mm_abs", "_mm_k3", "_mm_n"), 0.0) if moe else {}
         for d in out[: len(micro_batches)]:
             for k, v in d.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        if recorded:
+            sums.update(self._routing_stats())
         metrics = self._reduce_metrics(sums)
+        if moe:
+            suffix = ("_replay" if self.replay_on else "_noreplay") if recorded else ""
+            metrics.update(_routing_metrics(metrics, suffix))
+            metrics.update(probe)
         real = sum(pk.real_tokens for pk in packed)
         padded = sum(pk.mb.input_ids.numel() for pk in packed)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0

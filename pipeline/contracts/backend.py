@@ -35,6 +35,9 @@ class MicroBatch:
     global_tokens: float = 1.0  # loss-mask tokens in the whole mini-batch, all micro-batches and DP ranks
     global_seqs: float = 1.0  # sequences in the whole mini-batch, all micro-batches and DP ranks
     max_new_tokens: int = 1  # L_max, for seq-mean-token-sum-norm
+    # (B, T, L, k) small int: the experts the engine routed token (b, t) to, per MoE layer (top-k ids; -1: no
+    # record, the trainer routes it itself). MoE rollout routing replay (engines/megatron/routing.py); None: none.
+    routed_experts: torch.Tensor | None = None
 
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())

@@ -16,7 +16,10 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: the per-token fields travel as packed arrays (pipeline/flow/transport.py)
+SCHEMA_VERSION = 3  # 2: the per-token fields travel as packed arrays (pipeline/flow/transport.py); 3: routed experts
+
+
+ROUTE_DTYPE = np.dtype("<i2")  # expert ids of the routed-experts records (-1: no record)
 
 
 class Sample(msgspec.Struct, kw_only=True):
@@ -46,6 +49,20 @@ class Sample(msgspec.Struct, kw_only=True):
     """Empty, or why the reward function failed (timeout, exception name); the sample then got the wrong-answer reward."""
     max_new_tokens: int = 0
     """L_max the sample was generated with (overlong shaping needs it)."""
+    routed_experts: bytes = b""
+    """MoE rollout routing replay (algorithm.routing_replay): the engine's top-k experts of every fed token (the
+    prompt and the response but its last token), int16 little-endian, (prompt_len + response_len - 1, routed_layers,
+    routed_topk) in C order; each token's own record, also across a resumed partial rollout. Empty: none."""
+    routed_layers: int = 0
+    """Layer axis of `routed_experts` (the model's num_hidden_layers); 0 without records."""
+    routed_topk: int = 0
+    """Top-k axis of `routed_experts`."""
+
+    def routing(self) -> np.ndarray | None:
+        """`routed_experts` as a read-only (tokens, layers, k) int16 array (a view), or None."""
+        if not self.routed_layers or not len(self.routed_experts):
+            return None
+        return np.frombuffer(self.routed_experts, ROUTE_DTYPE).reshape(-1, self.routed_layers, self.routed_topk)
 
     @property
     def response_len(self) -> int:
@@ -101,7 +118,7 @@ def as_lists(group: Group) -> Group:
     samples = [
         msgspec.structs.replace(
             s, prompt_ids=listed(s.prompt_ids), response_ids=listed(s.response_ids), logprobs=listed(s.logprobs),
-            versions=listed(s.versions),
+            versions=listed(s.versions), routed_experts=bytes(s.routed_experts),
         )
         for s in group.samples
     ]  # fmt: skip

@@ -40,7 +40,7 @@ DAPO_TEMPLATE = (
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
     'Remember to put your answer on its own line after "Answer:".'
 )
-SOURCE_OVERRIDES = ("prompt_key", "answer_key", "id_key", "template")
+SOURCE_OVERRIDES = ("prompt_key", "answer_key", "id_key", "template", "dedup")
 TEMPLATES = ("none", "dapo", "chat")
 
 
@@ -67,6 +67,11 @@ def split_source(path: str) -> tuple[str, dict[str, str]]:
 def source_config(path: str, cfg: DataConfig) -> tuple[str, DataConfig]:
     """The bare source and `cfg` with that source's overrides applied."""
     base, params = split_source(path)
+    if "dedup" in params:
+        flag = params["dedup"].lower()
+        if flag not in ("true", "false", "1", "0"):
+            raise DataError(f"{path}: dedup must be true or false; got {params['dedup']!r}")
+        params = {**params, "dedup": flag in ("true", "1")}
     if params.get("template", cfg.template) not in TEMPLATES:
         raise DataError(f"{path}: template must be one of {', '.join(TEMPLATES)}; got {params.get('template')!r}")
     return base, dataclasses.replace(cfg, **params)
@@ -290,10 +295,17 @@ def _messages(raw: Any) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ prompts
 def rows_to_prompts(rows: list[dict], cfg: DataConfig, tokenizer: Any, source: str) -> list[Prompt]:
     """Template, tokenise and check rows (see the module docstring). `cfg` carries the source's overrides."""
-    texts, answers, ids = [], [], []
+    texts, answers, ids, kept = [], [], [], []
     first_row: dict[str, int] = {}
+    seen: set[str] = set()
     for i, row in enumerate(rows):
         raw = _field(source, i, row, cfg.prompt_key, "prompt")
+        if cfg.dedup:  # before templating and tokenising: the hub's DAPO-Math-17k holds each problem ~100 times
+            key = json.dumps(raw, sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(i)
         try:
             texts.append(format_prompt(raw, cfg.template, tokenizer))
         except ValueError as e:
@@ -306,7 +318,7 @@ def rows_to_prompts(rows: list[dict], cfg: DataConfig, tokenizer: Any, source: s
         ids.append(pid)
     encoded = encode_texts(tokenizer, texts) if texts else []
     prompts = []
-    for i, (pid, text, answer, tokens) in enumerate(zip(ids, texts, answers, encoded, strict=True)):
+    for i, pid, text, answer, tokens in zip(kept, ids, texts, answers, encoded, strict=True):
         if len(tokens) > cfg.max_prompt_tokens:
             raise _row_error(
                 source, i, f"prompt has {len(tokens)} tokens > data.max_prompt_tokens = {cfg.max_prompt_tokens}"

@@ -21,6 +21,9 @@ Contract:
   aborts them and re-queues (at the front) the prompts of every group not fully generated; `resume` aborts them,
   keeps each generated prefix with its logprobs and versions, and afterwards resends prompt + prefix with
   max_new_tokens reduced by the prefix, so a sample's `versions` list is per token (old version, then new).
+  MoE routing replay (algorithm.routing_replay = rollout, a MoE model.path): each request asks for the routed
+  experts (`routed_experts_start_len` = where the tokens it has not recorded begin: 0, or for a resumed prefix its
+  last token) and the sample carries every fed token's own record (Sample.routed_experts), across resumes.
 - Tokens are tagged with the engine's reported `weight_version` (the manager's version when the engine reports a
   non-integer, e.g. SGLang's initial "default").
 - Failures: a request that raises (EngineDeadError, EngineError, anything) is retried on another live engine
@@ -53,12 +56,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
+import numpy as np
 
 from pipeline.algorithm.filters import dynamic_sampling_filter
 from pipeline.algorithm.shaping import shape_reward
 from pipeline.config import Config, layout
-from pipeline.contracts.engine_api import EngineDeadError, EngineError, GenerateClient, GenerateOutput
-from pipeline.contracts.records import Group, Prompt, Sample
+from pipeline.contracts.engine_api import (
+    EngineDeadError,
+    EngineError,
+    GenerateClient,
+    GenerateOutput,
+    routed_experts,
+)
+from pipeline.contracts.records import ROUTE_DTYPE, Group, Prompt, Sample
 from pipeline.flow.admission import AdmissionControl
 from pipeline.flow.prompt_queue import PromptQueue
 from pipeline.flow.rewards import WRONG_REWARD, RewardResult
@@ -80,6 +90,7 @@ class _Request:
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    routes: list[np.ndarray] = field(default_factory=list)  # routed-expert records of the fed tokens, in order
     finish: str = ""
     rid: str = ""
     sends: int = 0
@@ -99,6 +110,25 @@ class _GroupRun:
     samples: list[Sample | None] = field(default_factory=list)
     scored: int = 0
     abandoned: bool = False
+
+
+def route_shape(cfg: Config) -> tuple[int, int] | None:
+    """(num_hidden_layers, num_experts_per_tok) of a mixture-of-experts `model.path` when algorithm.routing_replay
+    asks for the engines' routing; None otherwise (off, a dense model or the built-in tiny one)."""
+    if cfg.algorithm.routing_replay != "rollout" or not cfg.model.path:
+        return None
+    import json
+    import os
+
+    path = os.path.join(cfg.model.path, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"algorithm.routing_replay: cannot read {path} ({e})") from e
+    hf = hf.get("text_config", hf)
+    topk = int(hf.get("num_experts_per_tok") or 0)
+    return (int(hf["num_hidden_layers"]), topk) if topk else None
 
 
 def parse_version(reported: str, default: int) -> int:
@@ -134,6 +164,8 @@ class RolloutManager:
         self.dynamic_sampling, self.overlong = layout(cfg).dynamic_sampling, cfg.algorithm.overlong
         self.sampling = {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k}
         self.max_request_retries, self.abort_timeout_s = max_request_retries, abort_timeout_s
+        # MoE rollout routing replay: (layers, top-k) of the engines' routed-expert records, None when not asked
+        self.route_shape = route_shape(cfg)
         self.queue = PromptQueue(prompts, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
         _check_shaping(self.overlong, self.L)  # fail here, not in a scoring task that would leave a group hanging
         self.sender = sender if sender is not None else GroupSender(push_address)
@@ -296,7 +328,10 @@ class RolloutManager:
         out: GenerateOutput | None = None
         err: BaseException | None = None
         try:
-            out = await self.client.generate(req.group.prompt.prompt_ids + req.ids, params, rid=rid, url=url)
+            extra = self._routing_request(req)
+            out = await self.client.generate(req.group.prompt.prompt_ids + req.ids, params, rid=rid, url=url, **extra)
+            if extra:
+                self._take_routes(req, out, url, extra["routed_experts_start_len"])
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -326,6 +361,8 @@ class RolloutManager:
         req.ids += out.output_ids
         req.logprobs += out.logprobs
         req.versions += [parse_version(out.weight_version, version)] * n
+        if self.route_shape is not None:
+            req.routes.append(out.meta_info.pop("_routes"))
         if out.finish_reason != "abort":
             req.finish, req.done = out.finish_reason, True
             self._spawn(self._score(req))
@@ -336,8 +373,45 @@ class RolloutManager:
             self._counts["resumed"] += 1
         else:  # an abort we did not ask for: start the sample over, so its tokens keep one version
             self._counts["wasted_tokens"] += len(req.ids)
-            req.ids, req.logprobs, req.versions = [], [], []
+            req.ids, req.logprobs, req.versions, req.routes = [], [], [], []
         self._push_ready(req)
+
+    def _routing_request(self, req: _Request) -> dict[str, Any]:
+        """SGLang's routed-experts fields: the first send records every token from 0; a resumed request (prompt +
+        prefix) only from the prefix's last token on, which its earlier request sampled but never fed."""
+        if self.route_shape is None:
+            return {}
+        start = len(req.group.prompt.prompt_ids) + len(req.ids) - 1 if req.ids else 0
+        return {"return_routed_experts": True, "routed_experts_start_len": start}
+
+    def _take_routes(self, req: _Request, out: GenerateOutput, url: str, start: int) -> None:
+        """Decode the answer's records (raises EngineError when missing or malformed: handled as a failed request)."""
+        layers, topk = self.route_shape
+        routes = routed_experts(out, layers, topk, start_len=start)
+        if routes is None and out.finish_reason == "abort":
+            routes = np.zeros((0, layers, topk), np.int16) if not out.output_ids else None  # None: sample unrecorded
+        elif routes is None:
+            raise EngineError(
+                f"{url}/generate: no meta_info.routed_experts although algorithm.routing_replay = rollout (is the "
+                "engine started with --enable-return-routed-experts, and the model a mixture of experts?)",
+                url,
+            )
+        out.meta_info["_routes"] = routes  # taken by _on_output; the base64 string is dropped with it
+        out.meta_info.pop("routed_experts", None)
+
+    def _sample_routes(self, req: _Request) -> dict[str, Any]:
+        """The Sample's routed-experts fields: (prompt + response - 1, L, k) int16 bytes when complete."""
+        if self.route_shape is None or not req.routes:
+            return {}
+        if any(r is None for r in req.routes):
+            self._counts["routing_incomplete"] += 1
+            return {}
+        routes = np.concatenate(req.routes) if len(req.routes) > 1 else req.routes[0]
+        if routes.shape[0] != len(req.group.prompt.prompt_ids) + len(req.ids) - 1:
+            self._counts["routing_incomplete"] += 1  # the trainer routes such a sample itself
+            return {}
+        layers, topk = self.route_shape
+        return {"routed_experts": routes.astype(ROUTE_DTYPE).tobytes(), "routed_layers": layers, "routed_topk": topk}
 
     def _on_error(self, req: _Request, url: str, err: BaseException) -> None:
         kind = (
@@ -404,6 +478,7 @@ class RolloutManager:
             acc=acc,
             reward_failed=failed,
             max_new_tokens=self.L,
+            **self._sample_routes(req),
         )
         sample.reward = shape_reward(sample, self.overlong)
         g.samples[req.index] = sample

@@ -68,6 +68,7 @@ def _collate(rows: list[_Row], global_tokens: float, global_seqs: float, max_new
             if r.in_loss:
                 loss_mask[i, p : p + n] = 1.0
     position_ids = torch.arange(T).unsqueeze(0).expand(B, T).contiguous()
+    routes = _collate_routes(rows, T)
     return MicroBatch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention_mask),
@@ -78,7 +79,25 @@ def _collate(rows: list[_Row], global_tokens: float, global_seqs: float, max_new
         global_tokens=max(global_tokens, 1.0),
         global_seqs=max(global_seqs, 1.0),
         max_new_tokens=max_new_tokens,
+        routed_experts=routes,
     )
+
+
+def _collate_routes(rows: list[_Row], T: int) -> torch.Tensor | None:
+    """(B, T, L, k) int16 routed-expert records aligned with input_ids (-1: none: the last token, padding, samples
+    without records); None when no sample has any."""
+    shapes = {(r.sample.routed_layers, r.sample.routed_topk) for r in rows if r.sample.routing() is not None}
+    if not shapes:
+        return None
+    if len(shapes) > 1:
+        raise ValueError(f"samples of one micro-batch carry routed experts of different shapes {sorted(shapes)}")
+    (L, k) = shapes.pop()
+    out = np.full((len(rows), T, L, k), -1, dtype=np.int16)
+    for i, r in enumerate(rows):
+        routes = r.sample.routing()
+        if routes is not None:
+            out[i, : routes.shape[0]] = routes
+    return torch.from_numpy(out)
 
 
 def _rows(groups: list[Group], cfg: Config) -> list[list[_Row]]:

@@ -8,7 +8,8 @@ Contract:
   version, min token version, per-sample `acc`, token count) that lets the buffer filter, order and check staleness
   without decoding the payload. The payload is a msgpack `_WireGroup`: the group's and its samples' scalar fields,
   and the four per-token fields of all samples packed back to back as raw little-endian arrays (prompt and response
-  token ids int32, logprobs float64 -- exact, versions int32) in msgpack `bin` fields; or empty (a status-only
+  token ids int32, logprobs float64 -- exact, versions int32; the MoE routed-experts records int16, with each
+  sample's layer and top-k counts among its scalars) in msgpack `bin` fields; or empty (a status-only
   frame, or a group the manager's dynamic-sampling filter dropped: only its header travels).
 - Frames whose header `schema` != SCHEMA_VERSION (a sender running other code), or that do not decode, are
   rejected: counted (`transport/rejected_schema`, `transport/rejected_malformed`), logged with the reason once
@@ -58,7 +59,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from pipeline.contracts.records import SCHEMA_VERSION, Group, Sample
+from pipeline.contracts.records import ROUTE_DTYPE, SCHEMA_VERSION, Group, Sample
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ class _WireSample(msgspec.Struct, array_like=True):
     max_new_tokens: int
     prompt_len: int
     response_len: int
+    routed_layers: int = 0
+    routed_topk: int = 0
 
 
 class _WireGroup(msgspec.Struct, kw_only=True):
@@ -176,6 +179,7 @@ class _WireGroup(msgspec.Struct, kw_only=True):
     response_ids: memoryview
     logprobs: memoryview
     versions: memoryview
+    routed_experts: memoryview = memoryview(b"")  # the samples' int16 routing records back to back
 
 
 _GROUP_DECODER = msgspec.msgpack.Decoder(_WireGroup)
@@ -193,12 +197,13 @@ def _wire(group: Group) -> _WireGroup:
         samples=[
             _WireSample(
                 x.prompt_id, x.group_id, x.index, x.finish_reason, x.reward, x.task_reward, x.acc, x.reward_failed,
-                x.max_new_tokens, len(x.prompt_ids), len(x.response_ids),
+                x.max_new_tokens, len(x.prompt_ids), len(x.response_ids), x.routed_layers, x.routed_topk,
             )
             for x in s
         ],
         prompt_ids=_packed([x.prompt_ids for x in s], _IDS), response_ids=_packed([x.response_ids for x in s], _IDS),
         logprobs=_packed([x.logprobs for x in s], _LOGPROBS), versions=_packed([x.versions for x in s], _IDS),
+        routed_experts=b"".join(bytes(x.routed_experts) for x in s),
     )  # fmt: skip
 
 
@@ -214,17 +219,28 @@ def _unwire(w: _WireGroup, arrays: bool) -> Group:
     if (len(prompts), len(responses), len(logprobs), len(versions)) != (n_p, n_r, n_r, n_r):
         raise TransportError(f"group {w.group_id}: packed token arrays do not match the samples' lengths")
     cut = (lambda a, i, j: a[i:j]) if arrays else (lambda a, i, j: a[i:j].tolist())
+    routes = memoryview(w.routed_experts)
+    route_bytes = [
+        (x.prompt_len + x.response_len - 1) * x.routed_layers * x.routed_topk * ROUTE_DTYPE.itemsize
+        if x.routed_layers else 0
+        for x in w.samples
+    ]  # fmt: skip
+    if sum(route_bytes) != routes.nbytes:
+        raise TransportError(f"group {w.group_id}: packed routed experts do not match the samples' lengths")
+    q0 = 0
     samples, p0, r0 = [], 0, 0
-    for x, p1, r1 in zip(w.samples, p_end, r_end, strict=True):
+    for x, p1, r1, nq in zip(w.samples, p_end, r_end, route_bytes, strict=True):
         samples.append(
             Sample(
                 prompt_id=x.prompt_id, group_id=x.group_id, index=x.index, prompt_ids=cut(prompts, p0, p1),
                 response_ids=cut(responses, r0, r1), logprobs=cut(logprobs, r0, r1), versions=cut(versions, r0, r1),
                 finish_reason=x.finish_reason, reward=x.reward, task_reward=x.task_reward, acc=x.acc,
                 reward_failed=x.reward_failed, max_new_tokens=x.max_new_tokens,
+                routed_experts=routes[q0 : q0 + nq] if arrays else bytes(routes[q0 : q0 + nq]),
+                routed_layers=x.routed_layers, routed_topk=x.routed_topk,
             )
         )  # fmt: skip
-        p0, r0 = p1, r1
+        p0, r0, q0 = p1, r1, q0 + nq
     return Group(
         schema=w.schema, prompt_id=w.prompt_id, group_id=w.group_id, samples=samples, answer=w.answer,
         attempt=w.attempt, epoch=w.epoch,

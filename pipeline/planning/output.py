@@ -124,7 +124,8 @@ def config_overrides(plan: Plan, model_path: str, base_max_new: int = 0) -> dict
     shared = plan.placement != "disaggregated"
     max_new = plan.seq_len - plan.prompt_len
     running = max(plan.engine_batch, 1)
-    engine_share = 0.5 if shared else float(e.tp)
+    spans = shared and e.tp > 1  # colocated engines of tp GPUs, each on the GPUs of tp trainer ranks of one node
+    engine_share = float(e.tp) if spans or not shared else 0.5
     out: dict[str, Any] = {
         "model": {"path": model_path, "tokenizer": model_path, "dtype": "bfloat16"},
         "data": {"max_prompt_tokens": plan.prompt_len},
@@ -140,7 +141,7 @@ def config_overrides(plan: Plan, model_path: str, base_max_new: int = 0) -> dict
         "trainer": {
             "backend": t.backend,
             "world_size": plan.train_gpus,
-            "gpus_per_rank": 0.5 if shared else 1.0,
+            "gpus_per_rank": 0.5 if shared and not spans else 1.0,
             "parallel": {"tp": p.tp, "pp": p.pp, "vpp": 1, "cp": p.cp, "ep": p.ep, "etp": p.etp, "dp": p.dp},
             "recompute": t.recompute,
             "distributed_optimizer": t.distributed_optimizer,
@@ -150,6 +151,8 @@ def config_overrides(plan: Plan, model_path: str, base_max_new: int = 0) -> dict
         "weight_sync": {"mode": "colocated" if shared else "disaggregated"},
         "cluster": {"address": "local" if plan.gpus <= 8 else "auto", "num_gpus": plan.gpus if plan.gpus <= 8 else 0},
     }
+    if spans and plan.gpus_per_node:
+        out["cluster"]["gpus_per_node"] = min(plan.gpus_per_node, plan.gpus)
     if plan.placement == "time-shared":
         out["weight_sync"]["release_memory"] = ["kv_cache", "weights", "cuda_graph"]
         out["weight_sync"]["every"] = 1
@@ -174,6 +177,12 @@ def _yaml_text(plan: Plan, out_dir: Path, model_path: str) -> str:
         header.append("# NOTE: this layout needs optimizer CPU offload, which trainer.* cannot express yet.")
     if plan.placement == "space-shared" and plan.gpus > 1:
         header.append("# NOTE: colocated: each GPU holds one trainer rank and one engine (0.5 + 0.5 GPU).")
+    if plan.placement == "time-shared" and plan.engine.tp > 1:
+        header.append(
+            f"# NOTE: colocated: engine j serves with tp={plan.engine.tp} on the GPUs of trainer ranks "
+            f"j*{plan.engine.tp}..j*{plan.engine.tp}+{plan.engine.tp - 1} (one node); its memory is released while "
+            "the trainer trains."
+        )
     body = OmegaConf.to_yaml(OmegaConf.create(config_overrides(plan, path, base_max_new)))
     return "\n".join(header) + f"\nbase: {rel}\n" + body
 

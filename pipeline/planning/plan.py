@@ -44,6 +44,8 @@ class Plan:
     """Why this layout, what it needs, what the config cannot express yet."""
     config_error: str = ""
     """Non-empty: the layout cannot be written as a config that validates (and why)."""
+    gpus_per_node: int = 0
+    """The request's GPUs per node (written as cluster.gpus_per_node; 0: not known)."""
 
     @property
     def useful_gen_tokens_per_s(self) -> float:

@@ -215,6 +215,7 @@ def propose(
 
 
 def _finish(r: Request, plan: Plan) -> Plan:
+    plan.gpus_per_node = r.gpus_per_node
     plan.demand = generation_demand(r.keep_rate, r.over_admission)
     plan.gen_tokens_per_s *= decode_tail_efficiency(r.staleness)
     plan.step_tokens = r.samples * r.resp

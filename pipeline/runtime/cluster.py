@@ -19,6 +19,13 @@ Contract:
   Colocated (weight_sync.mode = colocated) there is no engine group: engine i shares trainer bundle i, which
   then holds both GPU shares (e.g. 0.5 + 0.5 of one GPU). Every bundle also holds a token CPU share (Ray refuses
   all-zero bundles). Trainer rank i and engine i run in bundle i; the groups are removed at shutdown.
+- Colocated engines of tp = k > 1 GPUs (`layout(cfg).engine_span` = k): every trainer bundle is one whole GPU; engine
+  j serves on the GPUs of ranks j*k .. j*k+k-1. A Ray actor sees at most its own bundle's GPU, so (as slime does
+  for its colocated SGLang engines) a probe task in each bundle reads the GPU id Ray gave it and its node
+  (`probe_bundles`); `engine_devices` checks that each engine's k ranks share a node (a clear error otherwise) and
+  gives its CUDA_VISIBLE_DEVICES. The engine actor asks for no GPU, runs in its first rank's bundle (that node)
+  and launches the server with those devices; its memory is released while the trainer trains
+  (weight_sync.release_memory), and the weights arrive through the node's weight_sync.disk_dir.
 - Addresses across nodes: a listening host of 0.0.0.0 (engine.host, cluster.bind_host, weight_sync.master_address)
   means "every interface, advertised as the IP of the node it runs on": an engine's URL carries its node's IP, the
   trainer ranks meet at rank 0's node, the sync group at the source rank's node. The rollout actor runs on the
@@ -54,9 +61,16 @@ def advertised(host: str, node_ip: str) -> str:
 # ----------------------------------------------------------------------------------------------- actors
 @ray.remote(num_cpus=0)
 class EngineActor:
-    def __init__(self, cfg: Config, index: int, log_dir: str):
-        self.cfg, self.index, self.log_dir = cfg, index, log_dir
+    def __init__(self, cfg: Config, index: int, log_dir: str, devices: str = ""):
+        self.cfg, self.index, self.log_dir, self.devices = cfg, index, log_dir, devices
         self.proc = None
+
+    def launch_env(self) -> dict[str, str]:
+        """What the server's environment sets beyond this actor's: CUDA_VISIBLE_DEVICES of a multi-GPU colocated
+        engine (its trainer ranks' GPUs), else nothing."""
+        from engines.process import engine_env
+
+        return engine_env({}, self.devices)
 
     def start(self, model_dir: str) -> str:
         from pipeline.runtime.weight_sync.colocated import engine_args
@@ -64,7 +78,7 @@ class EngineActor:
         e = self.cfg.engine
         port = e.base_port + self.index if e.base_port else wiring.free_port(e.host)
         log_path = os.path.join(self.log_dir, f"engine{self.index}.log")
-        self.proc = wiring.launch_engine(e, model_dir, port, log_path, engine_args(self.cfg))
+        self.proc = wiring.launch_engine(e, model_dir, port, log_path, engine_args(self.cfg), devices=self.devices)
         if e.host not in ANY_HOST:
             return self.proc.url
         return f"http://{advertised(e.host, ray.util.get_node_ip_address())}:{port}"  # proc.url is the loopback
@@ -281,13 +295,61 @@ def placement_specs(cfg: Config) -> dict[str, tuple[list[dict[str, float]], str]
         return {"CPU": BUNDLE_CPU, **({"GPU": float(gpus)} if gpus else {})}
 
     engines = 0 if e.backend == "external" else e.num_engines
-    if layout(cfg).colocated:
+    lay = layout(cfg)
+    if lay.colocated and lay.engine_span > 1:
+        # a whole GPU per rank: the rank's share and the multi-GPU engine that serves on it (see engine_devices)
+        return {"trainer": ([bundle(1.0) for _ in range(t.world_size)], cfg.cluster.placement_strategy)}
+    if lay.colocated:
         shares = [t.gpus_per_rank + (e.gpus_per_engine if i < engines else 0) for i in range(t.world_size)]
         return {"trainer": ([bundle(g) for g in shares], cfg.cluster.placement_strategy)}
     specs = {"trainer": ([bundle(t.gpus_per_rank) for _ in range(t.world_size)], cfg.cluster.placement_strategy)}
     if engines:
         specs["engines"] = ([bundle(e.gpus_per_engine) for _ in range(engines)], "PACK")
     return specs
+
+
+PROBE_GPU = 0.01
+"""The GPU share the bundle probe asks for (any share makes Ray name the bundle's GPU; gone when it returns)."""
+
+
+@ray.remote(num_cpus=0, num_gpus=PROBE_GPU)
+def _bundle_gpu() -> tuple[str, list[str]]:
+    """(Ray node id, the GPU ids Ray assigned) of the bundle this task runs in."""
+    return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
+
+
+def probe_bundles(pg: Any, count: int) -> list[tuple[str, list[str]]]:
+    """Node and GPU ids of bundles 0..count-1 of `pg` (before any actor holds them)."""
+    return ray.get([
+        _bundle_gpu.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        ).remote()
+        for i in range(count)
+    ])  # fmt: skip
+
+
+def engine_devices(bundles: list[tuple[str, list[str]]], span: int, num_engines: int) -> list[tuple[str, str]]:
+    """(node id, CUDA_VISIBLE_DEVICES) of each colocated engine of `span` GPUs: engine j serves on the GPUs of
+    trainer ranks j*span .. j*span+span-1, which must be on one node (an engine's tensor parallelism is local)."""
+    out = []
+    for j in range(num_engines):
+        ranks = range(j * span, (j + 1) * span)
+        nodes = {bundles[r][0] for r in ranks}
+        if len(nodes) > 1:
+            where = ", ".join(f"rank {r} on node {bundles[r][0][:12]}" for r in ranks)
+            raise ConfigError(
+                f"cluster.placement_strategy: colocated engine {j} (engine.tp = {span}) spans trainer ranks "
+                f"{ranks.start}..{ranks.stop - 1}, which Ray placed on different nodes ({where}); use "
+                "STRICT_PACK (one node) or set cluster.gpus_per_node so that engine.tp divides it and whole nodes fill"
+            )
+        gpus = [g for r in ranks for g in bundles[r][1]]
+        if len(gpus) != span or len(set(gpus)) != span:
+            raise ConfigError(
+                f"engine.tp: colocated engine {j} needs {span} distinct GPUs from trainer ranks "
+                f"{ranks.start}..{ranks.stop - 1}; Ray gave them {gpus}"
+            )
+        out.append((nodes.pop(), ",".join(gpus)))
+    return out
 
 
 class Cluster:
@@ -302,6 +364,7 @@ class Cluster:
         self.rollout: Any = None
         self.restarts: list[int] = []
         self.groups: dict[str, Any] = {}
+        self.engine_placement: list[tuple[str, str]] = []  # (node id, CUDA_VISIBLE_DEVICES) of multi-GPU engines
         self._started_ray = False
 
     def __enter__(self) -> Cluster:
@@ -345,10 +408,20 @@ class Cluster:
                     f"satisfiable within cluster.placement_timeout_s={timeout:g}s; the cluster has "
                     f"{ray.available_resources()} available of {ray.cluster_resources()}"
                 ) from None
+        self._place_engines()
+
+    def _place_engines(self) -> None:
+        """Colocated engines of tp > 1: where each serves and on which GPUs (see `engine_devices`)."""
+        lay, e = layout(self.cfg), self.cfg.engine
+        if not (lay.colocated and lay.engine_span > 1) or e.backend == "external":
+            return
+        bundles = probe_bundles(self.groups["trainer"], self.cfg.trainer.world_size)
+        self.engine_placement = engine_devices(bundles, lay.engine_span, e.num_engines)
 
     def _in_bundle(self, group: str, index: int) -> dict[str, Any]:
         if group == "engines" and layout(self.cfg).colocated:
-            group = "trainer"  # engine i shares trainer rank i's bundle
+            group = "trainer"  # engine i shares trainer rank i's bundle; of tp = k > 1, rank i*k's
+            index *= layout(self.cfg).engine_span
         pg = self.groups.get(group)
         if pg is None:
             return {}
@@ -400,12 +473,21 @@ class Cluster:
         e = self.cfg.engine
         if e.backend == "external":
             return []
-        opts = {"num_gpus": e.gpus_per_engine} if e.gpus_per_engine else {}
-        self.engines = [
-            self._track(EngineActor.options(**opts, **self._in_bundle("engines", i)).remote(self.cfg, i, log_dir))
+        self.engines = self.create_engines(log_dir)
+        return [a.start.remote(model_dir) for a in self.engines]
+
+    def create_engines(self, log_dir: str) -> list[Any]:
+        """The engine actors, placed (not started). A multi-GPU colocated engine asks Ray for no GPU: its GPUs
+        are its trainer ranks' (self.engine_placement), handed to the server as CUDA_VISIBLE_DEVICES."""
+        e = self.cfg.engine
+        devices = [d for _, d in self.engine_placement] or [""] * e.num_engines
+        opts = {"num_gpus": e.gpus_per_engine} if e.gpus_per_engine and not self.engine_placement else {}
+        return [
+            self._track(
+                EngineActor.options(**opts, **self._in_bundle("engines", i)).remote(self.cfg, i, log_dir, devices[i])
+            )
             for i in range(e.num_engines)
         ]
-        return [a.start.remote(model_dir) for a in self.engines]
 
     def _engines_up(self, starting: list[Any]) -> list[str]:
         if self.cfg.engine.backend == "external":
@@ -515,8 +597,13 @@ def _quiet(fn: Any) -> None:
 def check_resources(cfg: Config, available: dict[str, float]) -> None:
     """Fail before starting anything when the cluster cannot hold the run."""
     t, e = cfg.trainer, cfg.engine
-    gpus = t.world_size * t.gpus_per_rank + (0 if e.backend == "external" else e.num_engines * e.gpus_per_engine)
+    gpus = sum(b.get("GPU", 0.0) for bundles, _ in placement_specs(cfg).values() for b in bundles)
     have = available.get("GPU", 0.0)
+    if gpus > have and layout(cfg).engine_span > 1:
+        raise ConfigError(
+            f"cluster: the run needs {gpus:g} GPUs (trainer.world_size={t.world_size} whole GPUs, each shared with "
+            f"an engine of engine.tp={e.tp}), the Ray cluster has {have:g}"
+        )
     if gpus > have:
         raise ConfigError(
             f"cluster: the run needs {gpus:g} GPUs (trainer.world_size={t.world_size} x trainer.gpus_per_rank="

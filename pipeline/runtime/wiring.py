@@ -4,7 +4,8 @@ Contract: the rest of `pipeline/runtime/` reaches `engines/` only through these 
 for the types and errors they share), so what the pipeline depends on is listed here:
 - `engine_client(urls, api_key, **options)`: the HTTP client of the engine API (`engines.client.EngineClient`;
   it implements `contracts.engine_api.GenerateClient` and the weight-update routes).
-- `launch_engine(engine_cfg, model_dir, port, log_path, extra_args)` starts an inference server process (engine.backend);
+- `launch_engine(engine_cfg, model_dir, port, log_path, extra_args, devices)` starts an inference server process
+  (engine.backend; `devices`: its CUDA_VISIBLE_DEVICES, "" = inherited);
   `free_port(host)` is a port that was free a moment ago.
 - `build_backend(cfg, rank, world_size)`: the trainer backend `trainer.backend` names (fsdp | megatron), a
   `contracts.backend.TrainerBackend`.
@@ -24,10 +25,12 @@ def engine_client(urls: list[str], api_key: str = "", **options: Any) -> Any:
     return EngineClient(urls, api_key=api_key, **options)
 
 
-def launch_engine(engine_cfg: Any, model_dir: str, port: int, log_path: Any, extra_args: Any = ()) -> Any:
+def launch_engine(
+    engine_cfg: Any, model_dir: str, port: int, log_path: Any, extra_args: Any = (), devices: str = ""
+) -> Any:
     from engines.process import launch_engine as launch
 
-    return launch(engine_cfg, model_dir, port, log_path, *([extra_args] if extra_args else []))
+    return launch(engine_cfg, model_dir, port, log_path, tuple(extra_args or ()), devices=devices)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

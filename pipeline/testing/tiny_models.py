@@ -1,6 +1,6 @@
 """Tiny saved models for tests and benchmarks of the engines (no hub access, built from config).
 
-`save_tiny_model(path, ...)` writes a randomly initialised Qwen2 (or Llama) causal LM with `save_pretrained`, and,
+`save_tiny_model(path, ...)` writes a randomly initialised Qwen2 (or Llama, or Qwen3-MoE: 4 experts, top-2) causal LM with `save_pretrained`, and,
 when the vocabulary has room for it, a character-level `PreTrainedTokenizerFast` (ids 0 <pad>, 1 <eos>, 2 <unk>,
 then printable ASCII). The model's eos_token_id is 1. Returns the directory.
 """
@@ -39,10 +39,12 @@ def tiny_config(
     model_type: str = "qwen2",
     tie: bool = True,
 ):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[model_type]
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3_moe": Qwen3MoeConfig}[model_type]
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}
     return cls(
+        **(moe if model_type == "qwen3_moe" else {}),
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
