@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from engines.client import EngineClient
-from engines.local.testing import build_tiny_model
 from engines.process import free_port, launch_engine
 from pipeline.config import EngineConfig
+from pipeline.testing.tiny_models import build_tiny_model
 
 MODEL = dict(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512)
 PROMPT_LEN = 32

@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from engines.megatron.testing import init_dist, save_tiny_hf, spawn, tiny_config
+from engines.megatron.launch import init_dist, spawn
 from pipeline.contracts.backend import MicroBatch
+from pipeline.testing.megatron import save_tiny_hf, tiny_config
 
 
 def _batch(n_seqs: int, max_len: int, rows: int, vocab: int, seed: int = 0) -> list[MicroBatch]:

@@ -19,7 +19,8 @@ import threading
 
 import torch
 
-from engines.megatron.testing import save_tiny_hf, spawn
+from engines.megatron.launch import spawn
+from pipeline.testing.megatron import save_tiny_hf
 from tests import test_routing_replay as rr
 
 

@@ -42,8 +42,9 @@ from typing import Any
 
 import torch
 
-from engines.megatron.testing import init_dist, spawn, tiny_config
+from engines.megatron.launch import init_dist, spawn
 from pipeline.contracts.backend import MicroBatch
+from pipeline.testing.megatron import tiny_config
 
 GIB = 1024**3
 QWEN_VOCAB = 151936

@@ -308,3 +308,23 @@ def test_the_loop_builds_the_buffer_the_simulator_tests(tmp_path, monkeypatch):
     # (max_staleness + 1) * every * batch = 24 groups may exist unconsumed under the admission rule
     assert simulated == (4, 1, 3, 24)
     assert loop == simulated
+
+
+def test_many_groups_and_a_restore_come_out_by_start_version_then_arrival(make):
+    """The buffer's indexes (by start version, stale heap) give the order a full sort by (start version, arrival)
+    gives, restored groups first within their version, and the staleness of what was handed out."""
+    buf, feed = make(batch_size=1, max_staleness=3, capacity=16)
+    versions = [1, 0, 1, 0, 2, 1, 0]
+    for i, v in enumerate(versions):
+        feed.push(group(f"a{i}", version=v))
+    settle(buf, len(versions))
+    buf.restore([group("r0", version=1), group("r1", version=0)])  # put back ahead of the arrivals
+    got = [buf.get_batch(3, 1.0)[0].group_id for _ in range(len(versions) + 2)]
+    assert got == ["r1", "a1", "a3", "a6", "r0", "a0", "a2", "a5", "a4"]
+    assert buf.metrics()["staleness/max"] == 1.0  # the last one handed out, a4, started at version 2
+    feed.push(group("old", version=0))
+    feed.push(group("new", version=1))
+    settle(buf, len(versions) + 2)
+    assert [g.group_id for g in buf.get_batch(4, 1.0)] == ["new"]  # "old" is 4 versions behind: dropped as stale
+    acc = buf.accounting()
+    assert (acc["filtered"], acc["trained"], acc["buffered"]) == (1, len(versions) + 3, 0)

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 
 from engines.client import EngineClient, EngineDeadError, EngineError, GenerateOutput
-from engines.local.testing import save_tiny_model
 from engines.process import EngineProcess, EngineStartError, free_port, launch_engine, local_command
 from pipeline.config import EngineConfig
+from pipeline.testing.tiny_models import save_tiny_model
 
 MODEL = dict(init_std=0.3, max_position=2048)
 GREEDY = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}

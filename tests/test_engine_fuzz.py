@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engines.local.server import SGLANG_SAMPLING_FIELDS
-from engines.local.testing import save_tiny_model
 from engines.process import REPO_ROOT, EngineProcess, free_port
+from pipeline.testing.tiny_models import save_tiny_model
 
 MAX_EXAMPLES = 150
 RSS_GROWTH_MB = 300

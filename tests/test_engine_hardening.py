@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engines.local.testing import save_tiny_model
 from engines.process import REPO_ROOT, EngineProcess, free_port
+from pipeline.testing.tiny_models import save_tiny_model
 
 MODEL = dict(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
 LIMITS = ["--max-n", "16", "--max-batch", "32", "--max-request-mb", "1", "--max-weights-request-mb", "2"]

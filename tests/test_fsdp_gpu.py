@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.megatron.testing import random_micro_batches, save_tiny_hf
 from pipeline.algorithm.losses import make_loss_fn
 from pipeline.config import Config
+from pipeline.testing.megatron import random_micro_batches, save_tiny_hf
 
 pytestmark = pytest.mark.gpu
 

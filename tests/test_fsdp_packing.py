@@ -9,9 +9,9 @@ import torch
 
 from engines.attention import HF_ATTENTION
 from engines.fsdp.backend import FSDPBackend
-from engines.megatron.testing import assert_same_update, save_tiny_hf, tiny_config
 from pipeline.algorithm.losses import make_loss_fn
 from pipeline.contracts.backend import MicroBatch
+from pipeline.testing.megatron import assert_same_update, save_tiny_hf, tiny_config
 
 VOCAB = 200
 # fp32 kernels differ in summation order: ~1e-6 on CPU; on CUDA (flex_attention vs SDPA's kernels) up to ~1e-5.

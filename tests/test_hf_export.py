@@ -58,7 +58,7 @@ def _trainer_at_checkpoint(run_dir: Path):
 
 
 def _micro_batch(vocab: int):
-    from engines.megatron.testing import random_micro_batches
+    from pipeline.testing.megatron import random_micro_batches
 
     return random_micro_batches(1, rows=3, vocab_size=vocab, seed=1)
 
@@ -198,7 +198,7 @@ def test_stages_sharded_in_bf16_load_as_one_model(tmp_path):
     """Two 'stages' (disjoint halves of the weights), small shards, bfloat16: one loadable model, index complete."""
     from transformers import AutoModelForCausalLM
 
-    from engines.local.testing import tiny_config
+    from pipeline.testing.tiny_models import tiny_config
 
     torch.manual_seed(0)
     src = AutoModelForCausalLM.from_config(tiny_config(tie=False)).eval()
@@ -227,8 +227,9 @@ def test_stages_sharded_in_bf16_load_as_one_model(tmp_path):
 def _fsdp_rank(rank: int, world: int, port: int, tmp: str) -> None:
     """Two fsdp ranks (FSDP2 over gloo): one step, the in-run shards, a DCP checkpoint."""
     from engines.fsdp.backend import build_backend
-    from engines.megatron.testing import init_dist, random_micro_batches
+    from engines.megatron.launch import init_dist
     from pipeline.algorithm.losses import make_loss_fn
+    from pipeline.testing.megatron import random_micro_batches
 
     init_dist(rank, world, port)
     cfg = load_config(Path(tmp) / "run" / "config.yaml")
@@ -245,9 +246,9 @@ def _fsdp_rank(rank: int, world: int, port: int, tmp: str) -> None:
 def test_fsdp_two_ranks_export_from_the_sharded_dcp(tmp_path):
     """A DCP checkpoint written by 2 FSDP ranks (sharded parameters) exports, in one process, to exactly what the
     in-run path (the weight sync's full state dict on the source rank) writes."""
-    from engines.local.testing import save_tiny_model
-    from engines.megatron.testing import spawn
+    from engines.megatron.launch import spawn
     from pipeline.config import to_yaml
+    from pipeline.testing.tiny_models import save_tiny_model
 
     save_tiny_model(tmp_path / "init", seed=2)
     cfg = load_config(TINY_CPU, ["trainer.world_size=2", f"model.path={tmp_path / 'init'}", "model.warm_start_steps=0"])

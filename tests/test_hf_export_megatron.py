@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.megatron.testing import init_dist, random_micro_batches, save_tiny_hf, spawn, tiny_config
+from engines.megatron.launch import init_dist, spawn
 from pipeline.config import to_yaml
 from pipeline.runtime import hf_export
+from pipeline.testing.megatron import random_micro_batches, save_tiny_hf, tiny_config
 
 TP, PP = 2, 2
 VOCAB = 200

@@ -21,12 +21,6 @@ from transformers import AutoModelForCausalLM
 from engines.client import EngineClient, EngineError
 from engines.local.engine import Engine, Request
 from engines.local.sampling import SamplingParams
-from engines.local.testing import (
-    build_tiny_model,
-    reference_greedy,
-    save_tiny_model,
-    teacher_forced_logprobs,
-)
 from engines.process import free_port, launch_engine
 from pipeline.config import EngineConfig
 from pipeline.contracts.weight_wire import (
@@ -35,6 +29,12 @@ from pipeline.contracts.weight_wire import (
     encode_named_tensors,
     flatten_bucket,
     weights_checksum,
+)
+from pipeline.testing.tiny_models import (
+    build_tiny_model,
+    reference_greedy,
+    save_tiny_model,
+    teacher_forced_logprobs,
 )
 
 KEY = "test-key-123"

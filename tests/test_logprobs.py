@@ -288,7 +288,8 @@ def _micro_batch(samples) -> MicroBatch:
 
 def _megatron_worker(rank, world, port, tmp):
     from engines.megatron.backend import build_backend
-    from engines.megatron.testing import init_dist, tiny_config
+    from engines.megatron.launch import init_dist
+    from pipeline.testing.megatron import tiny_config
 
     init_dist(rank, world, port)
     cfg = tiny_config()
@@ -301,8 +302,8 @@ def _megatron_worker(rank, world, port, tmp):
 
 def test_both_backends_reproduce_the_engines_logprobs_at_temperature(tmp_path):
     from engines.fsdp.backend import build_backend
-    from engines.local.testing import save_tiny_model
-    from engines.megatron.testing import spawn
+    from engines.megatron.launch import spawn
+    from pipeline.testing.tiny_models import save_tiny_model
 
     model_dir = str(save_tiny_model(tmp_path / "model", seed=4, vocab_size=128, hidden_size=32, intermediate_size=64))
     mb = _micro_batch(_engine_samples(model_dir))

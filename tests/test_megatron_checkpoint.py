@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from engines.megatron.testing import init_dist, random_micro_batches, save_tiny_hf, spawn, tiny_config
+from engines.megatron.launch import init_dist, spawn
+from pipeline.testing.megatron import random_micro_batches, save_tiny_hf, tiny_config
 
 
 def _step(backend, cfg, seed: int) -> dict:

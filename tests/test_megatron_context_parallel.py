@@ -11,7 +11,7 @@ import torch
 
 from engines.megatron.backend import pack_micro_batch, packed_length
 from engines.megatron.context_parallel import cp_partition_index, cp_slot_length, cp_unshard
-from engines.megatron.testing import random_micro_batches
+from pipeline.testing.megatron import random_micro_batches
 
 CPU = torch.device("cpu")
 

@@ -12,15 +12,9 @@ import os
 import pytest
 import torch
 
-from engines.megatron.testing import (
-    assert_same_update,
-    init_dist,
-    random_micro_batches,
-    save_tiny_hf,
-    spawn,
-    tiny_config,
-)
+from engines.megatron.launch import init_dist, spawn
 from pipeline.contracts.backend import MicroBatch
+from pipeline.testing.megatron import assert_same_update, random_micro_batches, save_tiny_hf, tiny_config
 
 AUX = 0.1  # router_aux_loss_coef: large enough to change the step visibly
 RUNS = {"aux": ("hf", 4), "uneven": ("hf_no_aux", 3)}  # name: (HF dir, micro-batches)

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from engines.megatron.testing import init_dist, random_micro_batches, save_tiny_hf, spawn, tiny_config
+from engines.megatron.launch import init_dist, spawn
+from pipeline.testing.megatron import random_micro_batches, save_tiny_hf, tiny_config
 
 
 def _logits_worker(rank: int, world_size: int, port: int, tmp: str) -> None:

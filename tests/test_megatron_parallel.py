@@ -12,13 +12,12 @@ import os
 import pytest
 import torch
 
-from engines.megatron.testing import (
+from engines.megatron.launch import init_dist, spawn
+from pipeline.testing.megatron import (
     assert_same_update,
-    init_dist,
     merge_micro_batches,
     random_micro_batches,
     save_tiny_hf,
-    spawn,
     tiny_config,
 )
 

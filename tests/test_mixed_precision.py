@@ -191,8 +191,9 @@ def test_fsdp2_bf16_matches_one_rank(tmp_path):
 
 def _megatron_worker(rank, world, port, tmp):
     from engines.megatron.backend import build_backend
-    from engines.megatron.testing import init_dist, random_micro_batches, tiny_config
+    from engines.megatron.launch import init_dist
     from pipeline.algorithm.losses import make_loss_fn
+    from pipeline.testing.megatron import random_micro_batches, tiny_config
 
     init_dist(rank, world, port)
     preset = OmegaConf.load(os.path.join(ROOT, "configs/base/dapo.yaml"))
@@ -226,7 +227,8 @@ def test_megatron_bf16_keeps_fp32_master_weights(tmp_path):
     """Megatron already does it (Float16OptimizerWithFloat16Params): the same preset settings move essentially every
     master element but megatron's zero-initialised padded vocabulary rows, and the bf16 model weights (what
     named_hf_weights reads) are the master rounded."""
-    from engines.megatron.testing import save_tiny_hf, spawn
+    from engines.megatron.launch import spawn
+    from pipeline.testing.megatron import save_tiny_hf
 
     save_tiny_hf(str(tmp_path / "hf"), "qwen2", vocab_size=200, tie=True, seed=2, layers=2)
     spawn(_megatron_worker, 1, str(tmp_path), timeout_s=120)

@@ -48,10 +48,11 @@ def _micro_batch(rows, T, vocab):
 
 def _worker(rank, world_size, port, out_path, tmp):
     """One gloo rank: every case, measured and predicted, written as JSON."""
-    from engines.megatron.testing import init_dist, save_tiny_hf, tiny_config
+    from engines.megatron.launch import init_dist
     from pipeline.algorithm.losses import make_loss_fn
     from pipeline.plan import trainer_peak_memory
     from pipeline.planning.measure import measure_step
+    from pipeline.testing.megatron import save_tiny_hf, tiny_config
 
     init_dist(rank, world_size, port)
     results = []
@@ -92,7 +93,7 @@ def _supported(backend: str, recompute: bool, dtype: str) -> bool:
 
 @pytest.fixture(scope="module")
 def measurements(tmp_path_factory):
-    from engines.megatron.testing import spawn
+    from engines.megatron.launch import spawn
 
     tmp = tmp_path_factory.mktemp("calib")
     out = tmp / "results.json"

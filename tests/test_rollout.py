@@ -350,7 +350,7 @@ def local_engine():
 
     from engines.local.engine import Engine
     from engines.local.server import LocalServer
-    from engines.local.testing import build_tiny_model
+    from pipeline.testing.tiny_models import build_tiny_model
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -381,10 +381,10 @@ def test_real_engine_resume_across_a_version_change(local_engine):
     engine's weight version changed keeps per-token versions aligned, and every logprob (prefix and continuation)
     is the model's own logprob of that token given prompt + everything before it."""
     from engines.client import EngineClient
-    from engines.local.testing import char_tokenizer, teacher_forced_logprobs
     from pipeline.contracts.records import Prompt
     from pipeline.flow.buffer import RolloutBuffer
     from pipeline.flow.rewards import RewardRunner
+    from pipeline.testing.tiny_models import char_tokenizer, teacher_forced_logprobs
 
     url, ref = local_engine
     tok = char_tokenizer()

@@ -16,9 +16,10 @@ import threading
 import pytest
 import torch
 
-from engines.megatron.testing import init_dist, save_tiny_hf, spawn, tiny_config
+from engines.megatron.launch import init_dist, spawn
 from engines.packing import pack_micro_batch, padded_micro_batch
 from pipeline.contracts.backend import MicroBatch
+from pipeline.testing.megatron import save_tiny_hf, tiny_config
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24, 25, 26, 27], [31, 32, 33, 34]]
 NEW_TOKENS = 10
@@ -265,7 +266,7 @@ def test_cpu_engine_takes_per_expert_checkpoint_names():
     """Weight sync sends HF checkpoint names (experts.{e}.gate_proj.weight, ...); transformers keeps the experts fused:
     the CPU engine writes them into the fused tensors in place."""
     from engines.local.engine import Engine
-    from engines.local.testing import build_tiny_model
+    from pipeline.testing.tiny_models import build_tiny_model
 
     model = build_tiny_model(seed=0, model_type="qwen3_moe")
     engine = Engine(model)
@@ -338,13 +339,13 @@ def test_real_engine_resume_keeps_each_tokens_routing(tmp_path):
     from engines.local.engine import Engine
     from engines.local.routing import RouteRecorder
     from engines.local.server import LocalServer
-    from engines.local.testing import char_tokenizer, save_tiny_model
     from pipeline.contracts.records import Prompt
     from pipeline.flow.buffer import RolloutBuffer
     from pipeline.flow.rewards import RewardRunner
     from pipeline.flow.rollout import RolloutManager
     from pipeline.flow.transport import GroupReceiver
     from pipeline.testing.rollout_sim import sim_config
+    from pipeline.testing.tiny_models import char_tokenizer, save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "moe", seed=0, model_type="qwen3_moe", max_position=1024, init_std=0.02)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

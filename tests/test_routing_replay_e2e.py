@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_moe_run_with_routing_replay(tmp_path):
-    from engines.local.testing import save_tiny_model
     from pipeline.config import ROUTED_EXPERTS_FLAG, load_config
     from pipeline.runtime.train import train
+    from pipeline.testing.tiny_models import save_tiny_model
 
     model = save_tiny_model(tmp_path / "moe", seed=0, model_type="qwen3_moe", max_position=512, init_std=0.02)
     cfg = load_config(

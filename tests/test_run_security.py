@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from engines.local.testing import save_tiny_model
 from engines.process import API_KEY_ENV, EngineProcess, free_port, launch_engine
 from engines.sglang.launcher import sglang_command, write_secrets_file
 from pipeline.config import ConfigError, EngineConfig, load_config, to_yaml
 from pipeline.runtime.run_security import secure_run
 from pipeline.runtime.weight_sync.colocated import engine_args
 from pipeline.runtime.weight_sync.disk import DiskStaging, private_run_root, reap_orphans
+from pipeline.testing.tiny_models import save_tiny_model
 from tests import sglang_source as src
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"

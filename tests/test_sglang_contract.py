@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 from engines.client import ADMIN_ROUTES, EngineClient, EngineError, parse_generate_output
 from engines.local.engine import Engine
 from engines.local.server import SGLANG_SAMPLING_FIELDS, LocalServer, _unknown_field
-from engines.local.testing import build_tiny_model
 from engines.process import free_port
 from engines.sglang.launcher import router_command, sglang_command
 from engines.sglang.protocol import (
@@ -44,6 +43,7 @@ from engines.sglang.protocol import (
 )
 from pipeline.config import ConfigError, EngineConfig
 from pipeline.contracts.weight_wire import encode_named_tensors
+from pipeline.testing.tiny_models import build_tiny_model
 from tests import sglang_source as src
 
 SGLANG_VERSIONS_CHECKED = ("0.5.5", "0.5.23")

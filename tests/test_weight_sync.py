@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from engines.client import EngineClient, EngineError
-from engines.local.testing import build_tiny_model, reference_greedy, save_tiny_model
 from engines.process import free_port, launch_engine
 from pipeline.config import ConfigError, EngineConfig, WeightSyncConfig
 from pipeline.contracts.weight_wire import (
@@ -45,6 +44,7 @@ from pipeline.runtime.weight_sync import (
     prepare_bucket,
 )
 from pipeline.runtime.weight_sync.disk import DiskStaging, StagedCheckpoint, check_engines_see, filesystem_type
+from pipeline.testing.tiny_models import build_tiny_model, reference_greedy, save_tiny_model
 
 MODEL = dict(init_std=0.3, max_position=256)  # vocab 128, hidden 64, 2 layers: ~90k parameters
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43]]

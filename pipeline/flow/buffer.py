@@ -39,6 +39,7 @@ Contract:
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -101,6 +102,11 @@ class RolloutBuffer:
         self.capacity = max(capacity, need)
         self._cond = threading.Condition()
         self._entries: dict[int, _Entry] = {}  # seq -> kept, not yet handed out
+        # Indexes of _entries, so that a get_batch costs what it takes, not what the buffer holds: the entries by
+        # start version (each in seq order), and a heap of (min_version, seq) whose top is the next to go stale
+        # (entries handed out or dropped stay in the heap until they surface; it is rebuilt when mostly such).
+        self._by_version: dict[int, dict[int, _Entry]] = {}
+        self._stale_heap: list[tuple[int, int]] = []
         self._seq = 0  # group frames received
         self._status: RolloutStatus | None = None
         self._counts: Counter = Counter()  # kept, trained, and drop reasons
@@ -159,7 +165,32 @@ class RolloutBuffer:
         self._counts[reason] += 1
         self._outcomes.append((seq, reason))
         if reason == "kept":
-            self._entries[seq] = _Entry(seq, meta, frame.payload)
+            self._add(_Entry(seq, meta, frame.payload))
+
+    def _add(self, e: _Entry) -> None:
+        self._entries[e.seq] = e
+        self._by_version.setdefault(e.meta.start_version, {})[e.seq] = e
+        heapq.heappush(self._stale_heap, (e.meta.min_version, e.seq))
+
+    def _remove(self, seq: int) -> _Entry:
+        e = self._entries.pop(seq)
+        same = self._by_version[e.meta.start_version]
+        del same[seq]
+        if not same:
+            del self._by_version[e.meta.start_version]
+        if len(self._stale_heap) > 2 * len(self._entries) + 64:
+            self._stale_heap = [(x.meta.min_version, q) for q, x in self._entries.items()]
+            heapq.heapify(self._stale_heap)
+        return e
+
+    def _reindex(self) -> None:
+        """Rebuild the indexes from _entries (after entries were put back out of seq order)."""
+        self._by_version, self._stale_heap = {}, []
+        for seq in sorted(self._entries):
+            e = self._entries[seq]
+            self._by_version.setdefault(e.meta.start_version, {})[seq] = e
+            self._stale_heap.append((e.meta.min_version, seq))
+        heapq.heapify(self._stale_heap)
 
     # ------------------------------------------------------------------ consumption
     def get_batch(self, trainer_version: int, timeout_s: float, size: int | None = None) -> list[Group]:
@@ -176,8 +207,9 @@ class RolloutBuffer:
                 self._drop_stale(trainer_version)
                 chosen = self._select(trainer_version, k)
                 if chosen is not None:
-                    batch = self._take(chosen, trainer_version)
-                    if batch is not None:
+                    taken = self._take(chosen, trainer_version)
+                    if taken is not None:
+                        batch, sample_versions = taken
                         break
                     continue  # a payload did not decode: it was dropped, choose again
                 remaining = deadline - time.monotonic()
@@ -186,7 +218,7 @@ class RolloutBuffer:
                 self._cond.wait(min(remaining, 0.5))
             self._taken = (trainer_version, self._taken[1] + k)
             self._cond.notify_all()  # room freed: the puller may resume
-        stale = [trainer_version - s.min_version for g in batch for s in g.samples]
+        stale = [trainer_version - v for v in sample_versions]
         self._last = {
             "staleness/mean": sum(stale) / max(len(stale), 1),
             "staleness/max": float(max(stale, default=0)),
@@ -198,27 +230,40 @@ class RolloutBuffer:
         return trainer_version - version > self.s
 
     def _drop_stale(self, trainer_version: int) -> None:
-        for seq in [q for q, e in self._entries.items() if self._stale(e.meta.min_version, trainer_version)]:
+        heap, seqs = self._stale_heap, []
+        while heap and self._stale(heap[0][0], trainer_version):
+            seq = heapq.heappop(heap)[1]
+            if seq in self._entries:
+                seqs.append(seq)
+        for seq in sorted(seqs):  # in arrival order, as the counters and logs expect
             self._drop(seq, "stale")
 
     def _drop(self, seq: int, reason: str) -> None:
-        entry = self._entries.pop(seq)
+        entry = self._remove(seq)
         self._counts["kept"] -= 1
         self._counts[reason] += 1
         self._outcomes.append((seq, reason))
         log.warning("buffer: group %s dropped (%s)", entry.meta.group_id, reason)
 
     def _select(self, v: int, k: int) -> list[_Entry] | None:
-        order = sorted(self._entries.values(), key=lambda e: (e.meta.start_version, e.seq))
-        if len(order) < k:
+        if len(self._entries) < k:
             return None
-        chosen, rest = order[:k], order[k:]
+        chosen: list[_Entry] = []  # the k oldest by (start version, seq)
+        for w in sorted(self._by_version):  # a few versions (at most max_staleness + 2 or so)
+            for e in self._by_version[w].values():
+                chosen.append(e)
+                if len(chosen) == k:
+                    break
+            if len(chosen) == k:
+                break
         pending = {w: n for w, n in self._pending().items() if n > 0 and not self._stale(w, v)}
         if not pending or chosen[-1].meta.start_version <= min(pending):
             return chosen  # nothing older is still on its way: these are the oldest there will be
         # Taking a group younger than an unresolved one: allowed only if, with every unresolved group kept, each
         # start version w still fits the groups left at trainer versions <= w + s (EDF feasibility).
-        left = Counter(e.meta.start_version for e in rest if not self._stale(e.meta.start_version, v))
+        left = Counter({w: len(es) for w, es in self._by_version.items() if not self._stale(w, v)})
+        left.subtract(e.meta.start_version for e in chosen if not self._stale(e.meta.start_version, v))
+        left = +left  # the versions of the groups after the chosen ones
         left.update(pending)
         per_version = self.E * self.B
         taken = self._taken[1] + k  # at trainer version v, this part included
@@ -232,8 +277,9 @@ class RolloutBuffer:
     def _pending(self) -> dict[int, int]:
         return dict(self._status.pending) if self._status is not None else {}
 
-    def _take(self, chosen: list[_Entry], trainer_version: int) -> list[Group] | None:
-        groups = []
+    def _take(self, chosen: list[_Entry], trainer_version: int) -> tuple[list[Group], list[int]] | None:
+        """The decoded groups and their samples' min versions, or None when one was dropped (malformed, stale)."""
+        groups, sample_versions = [], []
         for e in chosen:
             try:
                 g = decode_group(payload_buffer(e.payload), arrays=True)  # zero-copy: no per-token objects
@@ -241,16 +287,18 @@ class RolloutBuffer:
                 log.error("buffer: group %s: %s", e.meta.group_id, err)
                 self._drop(e.seq, "malformed")
                 return None
-            if self._stale(g.min_version, trainer_version):  # the header lied about min_version
+            versions = [s.min_version for s in g.samples]  # once per sample: reused for the staleness metrics
+            if self._stale(min(versions), trainer_version):  # the header lied about min_version
                 self._drop(e.seq, "stale")
                 return None
             groups.append(g)
+            sample_versions += versions
         for e in chosen:
-            del self._entries[e.seq]
+            self._remove(e.seq)
             self._outcomes.append((e.seq, "trained"))
         self._counts["kept"] -= len(chosen)
         self._counts["trained"] += len(chosen)
-        return groups
+        return groups, sample_versions
 
     def _describe(self, v: int) -> str:
         held = Counter(e.meta.start_version for e in self._entries.values())
@@ -355,6 +403,7 @@ class RolloutBuffer:
             for i, g in enumerate(groups):
                 frames = encode_group(g, start_version=g.min_version)
                 self._entries[base + i] = _Entry(base + i, group_meta(g, g.min_version), frames[1])
+            self._reindex()  # these come before the held ones: rebuild the indexes in seq order
             self._counts["kept"] = len(self._entries)
             self._cond.notify_all()
 

@@ -52,6 +52,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from itertools import accumulate
 from typing import Any
 
 import msgspec
@@ -209,8 +210,12 @@ def _wire(group: Group) -> _WireGroup:
 def _unwire(w: _WireGroup, arrays: bool) -> Group:
     prompts = np.frombuffer(w.prompt_ids, _IDS)
     responses, logprobs, versions = (np.frombuffer(b, t) for b, t in ((w.response_ids, _IDS), (w.logprobs, _LOGPROBS), (w.versions, _IDS)))  # fmt: skip
-    p_end, r_end = np.cumsum([x.prompt_len for x in w.samples]), np.cumsum([x.response_len for x in w.samples])
-    n_p, n_r = (int(p_end[-1]), int(r_end[-1])) if w.samples else (0, 0)
+    # Offsets in plain Python: for a group's 16 or so samples, faster than a numpy cumsum of a list.
+    p_end, r_end = (
+        list(accumulate(x.prompt_len for x in w.samples)),
+        list(accumulate(x.response_len for x in w.samples)),
+    )
+    n_p, n_r = (p_end[-1], r_end[-1]) if w.samples else (0, 0)
     if (len(prompts), len(responses), len(logprobs), len(versions)) != (n_p, n_r, n_r, n_r):
         raise TransportError(f"group {w.group_id}: packed token arrays do not match the samples' lengths")
     cut = (lambda a, i, j: a[i:j]) if arrays else (lambda a, i, j: a[i:j].tolist())
@@ -224,7 +229,7 @@ def _unwire(w: _WireGroup, arrays: bool) -> Group:
         raise TransportError(f"group {w.group_id}: packed routed experts do not match the samples' lengths")
     q0 = 0
     samples, p0, r0 = [], 0, 0
-    for x, p1, r1, nq in zip(w.samples, p_end.tolist(), r_end.tolist(), route_bytes, strict=True):
+    for x, p1, r1, nq in zip(w.samples, p_end, r_end, route_bytes, strict=True):
         samples.append(
             Sample(
                 prompt_id=x.prompt_id, group_id=x.group_id, index=x.index, prompt_ids=cut(prompts, p0, p1),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from typing import Any
 
 import torch
 
@@ -59,8 +60,21 @@ def _save_model(shape: dict[str, int]) -> str:
     return path
 
 
+def _one_rank_config(recompute: bool) -> Any:
+    """A one-rank trainer config (no parallelism; the optimizer settings do not change the measured memory)."""
+    from pipeline.config import Config
+
+    cfg = Config()
+    cfg.data.train_path = "synthetic:arith"
+    t = cfg.trainer
+    t.backend, t.world_size, t.recompute = "megatron", 1, recompute
+    t.parallel.tp = t.parallel.pp = t.parallel.dp = t.parallel.vpp = t.parallel.cp = 1
+    t.lr, t.warmup_steps, t.weight_decay, t.grad_clip = 1e-2, 0, 0.1, 1.0
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> None:
-    from engines.megatron.testing import free_port, init_dist, tiny_config
+    from engines.megatron.launch import free_port, init_dist
     from pipeline.algorithm.losses import make_loss_fn
     from pipeline.planning.measure import measure_step
     from pipeline.planning.memory import trainer_peak_memory
@@ -74,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     path = _save_model(SHAPES[args.shape])
     init_dist(0, 1, free_port(), backend="nccl" if cuda else "gloo")
-    cfg = tiny_config(recompute=args.recompute)
+    cfg = _one_rank_config(recompute=args.recompute)
     cfg.trainer.backend, cfg.model.dtype = args.backend, "bfloat16" if cuda else "float32"
     from transformers import AutoConfig
 

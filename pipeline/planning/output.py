@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.planning.memory import EngineSetup, Feasibility, Parallel, TrainSetup, check_feasible, setup_from_config
 from pipeline.planning.models import ModelSpec, PlanError, _canonical, load_model
-from pipeline.planning.search import Plan
+from pipeline.planning.plan import Plan
 from pipeline.planning.throughput import DECODE_BW_EFF, TRAIN_MFU
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

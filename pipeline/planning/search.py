@@ -19,7 +19,7 @@ Contract:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from pipeline.planning.memory import (
     ENGINE_RELEASED_GB,
@@ -27,7 +27,6 @@ from pipeline.planning.memory import (
     HEADROOM,
     RUNTIME_GB,
     EngineSetup,
-    Feasibility,
     Parallel,
     TrainSetup,
     check_feasible,
@@ -36,6 +35,8 @@ from pipeline.planning.memory import (
     train_memory,
 )
 from pipeline.planning.models import GPU, GPUS, GiB, ModelSpec, PlanError, load_model
+from pipeline.planning.output import validated_config
+from pipeline.planning.plan import Plan
 from pipeline.planning.throughput import (
     DEFAULT_KEEP_RATE,
     TRAIN_MFU,
@@ -78,70 +79,6 @@ class Request:
     @property
     def resp_frac(self) -> float:
         return self.resp / (self.prompt_len + self.resp)  # share of trained tokens that are response tokens
-
-
-@dataclass
-class Plan:
-    model: ModelSpec
-    gpu: GPU
-    gpus: int
-    gpu_mem: float
-    seq_len: int
-    prompt_len: int
-    placement: str
-    train_gpus: int
-    parallel: Parallel
-    train: TrainSetup
-    engine: EngineSetup
-    num_engines: int
-    feasibility: Feasibility
-    gen_tokens_per_s: float
-    """Response tokens/s the engines generate (raw, x decode-tail occupancy)."""
-    train_tokens_per_s: float
-    """Trained response tokens/s (prompt tokens are trained too but not counted)."""
-    engine_batch: int
-    alternatives: list[tuple[float, Parallel, TrainSetup, int]] = field(default_factory=list)
-    demand: float = 1.0
-    """Generated response tokens per trained one (dynamic sampling, over-admission)."""
-    sync_s: float = 0.0
-    """One weight sync, seconds (once per trainer step)."""
-    step_tokens: float = 1.0
-    """Trained response tokens per trainer step."""
-    notes: list[str] = field(default_factory=list)
-    """Why this layout, what it needs, what the config cannot express yet."""
-    config_error: str = ""
-    """Non-empty: the layout cannot be written as a config that validates (and why)."""
-    gpus_per_node: int = 0
-    """The request's GPUs per node (written as cluster.gpus_per_node; 0: not known)."""
-
-    @property
-    def useful_gen_tokens_per_s(self) -> float:
-        """Generated tokens/s that end up trained."""
-        return self.gen_tokens_per_s / self.demand
-
-    @property
-    def pipeline_tokens_per_s(self) -> float:
-        gen, train = max(self.useful_gen_tokens_per_s, 1e-9), max(self.train_tokens_per_s, 1e-9)
-        if self.placement == "disaggregated":  # generation pauses for the sync; training overlaps it
-            step = max(self.step_tokens / gen + self.sync_s, self.step_tokens / train)
-        else:  # the GPUs alternate: generate, train, sync
-            step = self.step_tokens / gen + self.step_tokens / train + self.sync_s
-        return self.step_tokens / step
-
-    @property
-    def idle_side(self) -> str:
-        """Disaggregated: which GPUs wait for the other side ("generation" or "training")."""
-        gen = self.step_tokens / max(self.useful_gen_tokens_per_s, 1e-9) + self.sync_s
-        return "generation" if gen < self.step_tokens / max(self.train_tokens_per_s, 1e-9) else "training"
-
-    @property
-    def idle_fraction(self) -> float:
-        """Disaggregated: share of the waiting side's GPU time spent idle (0 when balanced)."""
-        if self.placement != "disaggregated":
-            return 0.0
-        gen = self.step_tokens / max(self.useful_gen_tokens_per_s, 1e-9) + self.sync_s
-        train = self.step_tokens / max(self.train_tokens_per_s, 1e-9)
-        return 1 - min(gen, train) / max(gen, train)
 
 
 def _pow2(limit: int) -> list[int]:
@@ -380,8 +317,6 @@ def _time_shared(r: Request) -> Plan | None:
 
 def config_error(plan: Plan) -> str:
     """Why the plan cannot be written as a config that validates ('' when it can)."""
-    from pipeline.planning.output import validated_config
-
     try:
         validated_config(plan)
     except Exception as e:  # ConfigError / PlanError: the message is what the user needs

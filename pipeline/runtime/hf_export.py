@@ -21,7 +21,7 @@ Contract:
   in this process without a process group; megatron dist-checkpoint: the layout's world size of gloo CPU processes,
   each building its rank of the backend and loading its shard through the backend's own `load`, so every layout the
   trainer can resume is exported by the code that resumes it; the processes are started with
-  engines/megatron/testing.py's `spawn`, the repository's one gloo launcher) with the run's resolved `config.yaml`.
+  engines/megatron/launch.py's `spawn`, the repository's one gloo launcher) with the run's resolved `config.yaml`.
 - An existing output directory is replaced only when it is an earlier export (it has the index) or empty.
 """
 

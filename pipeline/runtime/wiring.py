@@ -48,12 +48,12 @@ def build_backend(cfg: Any, rank: int, world_size: int) -> Any:
 
 
 def spawn_megatron(fn: Any, world: int, *args: Any, timeout_s: float) -> None:
-    from engines.megatron.testing import spawn
+    from engines.megatron.launch import spawn
 
     spawn(fn, world, *args, timeout_s=timeout_s)
 
 
 def init_megatron_dist(rank: int, world: int, port: int) -> None:
-    from engines.megatron.testing import init_dist
+    from engines.megatron.launch import init_dist
 
     init_dist(rank, world, port)

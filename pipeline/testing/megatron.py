@@ -1,96 +1,25 @@
-"""Helpers for the megatron tests and benchmark: tiny HF checkpoints, configs, and multi-process gloo runs.
+"""Test support for the megatron (and FSDP) tests and benchmarks: tiny HF checkpoints, configs, micro-batches.
 
 Contract:
 - `save_tiny_hf(path, model_type=..., vocab_size=..., tie=..., seed=..., **config)` writes a tiny random HF causal
   LM (safetensors + config.json; `config` overrides HF config fields) with non-trivial biases and norm weights, and
   returns the model (float32, eval).
 - `tiny_config(tp, pp, dp, vpp=1, cp=1, **trainer)` returns a `Config` for the megatron backend (dropout is always 0).
-- `spawn(fn, world_size, *args, timeout_s, start_method=None)` runs `fn(rank, world_size, port, *args)` in
-  `world_size` fresh processes (a free 127.0.0.1 port for the rendezvous), and raises if one fails or the run exceeds
-  the timeout. Start method: forkserver with megatron preloaded on a machine without CUDA (fast workers); `spawn`
-  where CUDA is available, since the preloaded modules may initialise CUDA in the forkserver and a forked child
-  then cannot use it ("Cannot re-initialize CUDA in forked subprocess"). `init_dist(rank, world_size, port)` is what `fn` calls first (gloo unless told, 1 thread).
 - `assert_same_update(before, after, ref_before, ref_after, lr)` asserts that one Adam step moved every HF tensor
   as in the reference run.
 - `random_micro_batches(...)` builds right-padded MicroBatches with variable lengths, advantages and behaviour
   logprobs, deterministic in a seed.
+Multi-process gloo runs (`spawn`, `init_dist`) are product code: engines/megatron/launch.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import time
 from typing import Any
 
 import torch
 
 from pipeline.config import Config
 from pipeline.contracts.backend import MicroBatch
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_dist(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
-    import torch.distributed as dist
-
-    os.setpgrp()  # own process group: a timed-out run is killed with its helpers (megatron's checkpoint writers)
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    os.environ.update(LOCAL_RANK=str(rank))
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
-
-
-# Imported once by the forkserver, then inherited by every worker it forks: a worker starts in well under a second
-# instead of paying ~10 s of megatron/transformers imports each time.
-PRELOAD = [
-    "torch",
-    "torch.distributed",
-    "transformers",
-    "megatron.core.models.gpt",
-    "megatron.core.optimizer",
-    "megatron.core.distributed",
-    "megatron.core.pipeline_parallel",
-    "megatron.core.dist_checkpointing",
-    "engines.megatron.backend",
-    "pipeline.algorithm.losses",
-]
-
-
-def default_start_method() -> str:
-    """`spawn` where CUDA is usable (no CUDA state inherited from a forkserver), else the fast preloaded forkserver.
-
-    `torch.cuda.is_available()` does not initialise CUDA in this process (no context, so no bad fork later)."""
-    return "spawn" if torch.cuda.is_available() else "forkserver"
-
-
-def spawn(fn: Any, world_size: int, *args: Any, timeout_s: float = 120.0, start_method: str | None = None) -> None:
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    method = start_method or default_start_method()
-    if method == "forkserver":
-        multiprocessing.set_forkserver_preload(PRELOAD)
-    ctx = mp.start_processes(
-        fn, args=(world_size, free_port(), *args), nprocs=world_size, join=False, start_method=method
-    )
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(p.pid, signal.SIGKILL)
-                    p.kill()
-            raise TimeoutError(f"distributed run of {fn.__name__} exceeded {timeout_s} s")
-
 
 _EXTRA: dict[str, dict[str, Any]] = {
     "qwen3": {"head_dim": 24},
