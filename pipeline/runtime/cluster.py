@@ -68,9 +68,7 @@ class EngineActor:
     def launch_env(self) -> dict[str, str]:
         """What the server's environment sets beyond this actor's: CUDA_VISIBLE_DEVICES of a multi-GPU colocated
         engine (its trainer ranks' GPUs), else nothing."""
-        from engines.process import engine_env
-
-        return engine_env({}, self.devices)
+        return wiring.engine_env({}, self.devices)
 
     def start(self, model_dir: str) -> str:
         from pipeline.runtime.weight_sync.colocated import engine_args

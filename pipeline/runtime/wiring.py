@@ -33,6 +33,12 @@ def launch_engine(
     return launch(engine_cfg, model_dir, port, log_path, tuple(extra_args or ()), devices=devices)
 
 
+def engine_env(env: dict[str, str], devices: str = "") -> dict[str, str]:
+    from engines.process import engine_env as make
+
+    return make(env, devices)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     from engines.process import free_port as free
 
