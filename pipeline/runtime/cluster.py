@@ -38,6 +38,8 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import ray
@@ -46,6 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from pipeline.config import Config, ConfigError, engine_api_key, layout
 from pipeline.runtime import wiring
+from pipeline.runtime.signals import StartupInterrupted
 
 log = logging.getLogger("dapo")
 
@@ -59,7 +62,7 @@ def advertised(host: str, node_ip: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- actors
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_concurrency=2)  # stop() runs while start() waits for a server (shutdown in start-up)
 class EngineActor:
     def __init__(self, cfg: Config, index: int, log_dir: str, devices: str = ""):
         self.cfg, self.index, self.log_dir, self.devices = cfg, index, log_dir, devices
@@ -100,6 +103,8 @@ class EngineActor:
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
+        else:  # a server still starting: its handle comes only once healthy, so find it as our child
+            _kill_starting_servers()
 
 
 @ray.remote(num_cpus=0)
@@ -366,21 +371,8 @@ class Cluster:
         self._started_ray = False
 
     def __enter__(self) -> Cluster:
-        c = self.cfg.cluster
         if not ray.is_initialized():
-            if c.address == "local":
-                ray.init(
-                    num_cpus=c.num_cpus or None,
-                    num_gpus=c.num_gpus or None,
-                    include_dashboard=False,
-                    namespace=c.namespace,
-                    configure_logging=False,
-                    log_to_driver=True,
-                    _node_ip_address=None if c.bind_host in ANY_HOST else c.bind_host,
-                )
-            else:
-                ray.init(address=c.address, namespace=c.namespace, configure_logging=False)
-            self._started_ray = True
+            self._init_ray()
         try:
             check_resources(self.cfg, ray.cluster_resources())
             self._reserve()
@@ -388,6 +380,42 @@ class Cluster:
             self.shutdown()  # a failed start leaves neither groups nor a Ray instance of ours behind
             raise
         return self
+
+    def _init_ray(self) -> None:
+        """Start (or join) Ray. ray.init replaces the process's SIGTERM handler with its own (sys.exit): the run's
+        (pipeline/runtime/signals.py) is put back, and a SIGTERM during ray.init stops what it had started."""
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.getsignal(signal.SIGTERM) if main else None
+        try:
+            self._ray_init()
+        except BaseException as e:
+            _quiet(ray.shutdown)  # Ray's services started so far
+            if isinstance(e, SystemExit):  # Ray's handler: a SIGTERM while Ray started
+                raise StartupInterrupted(f"signal {signal.SIGTERM.value} during start-up (ray.init)") from None
+            raise
+        finally:
+            if main and old is not None:
+                signal.signal(signal.SIGTERM, old)
+        self._started_ray = True
+
+    def _ray_init(self) -> None:
+        """ray.init as cluster.address says."""
+        c = self.cfg.cluster
+        if c.address == "local":
+            # address="local": always a fresh instance of our own, never one another session left running
+            # (plain ray.init() attaches to the cluster named in /tmp/ray/ray_current_cluster if it is up)
+            ray.init(
+                address="local",
+                num_cpus=c.num_cpus or None,
+                num_gpus=c.num_gpus or None,
+                include_dashboard=False,
+                namespace=c.namespace,
+                configure_logging=False,
+                log_to_driver=True,
+                _node_ip_address=None if c.bind_host in ANY_HOST else c.bind_host,
+            )
+        else:
+            ray.init(address=c.address, namespace=c.namespace, configure_logging=False)
 
     def _reserve(self) -> None:
         """Create the placement groups and wait until Ray has placed every bundle."""
@@ -583,6 +611,19 @@ def _free_endpoint() -> tuple[str, int]:
     """This node's IP and a port free on it."""
     ip = ray.util.get_node_ip_address()
     return ip, wiring.free_port(ip)
+
+
+def _kill_starting_servers() -> None:
+    """SIGKILL the process group of each child of this worker that leads its own session (engines/process.py starts
+    every server so); start() then sees its server gone and fails, which a shutdown ignores."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            if os.getpgid(child.pid) == child.pid:
+                os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _quiet(fn: Any) -> None:

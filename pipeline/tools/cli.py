@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return _guarded(lambda: eval_main(cfg))
     from pipeline.runtime.metrics import setup_logging
+    from pipeline.runtime.signals import StartupInterrupted
     from pipeline.runtime.train import RunFailed, train
 
     setup_logging(cfg.logging.level)
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # noqa: BLE001 - a start-up failure: one short report, the traceback at DEBUG
         return _report(e, "run failed before the first step")
+    except StartupInterrupted:  # a signal during start-up: what had started is stopped; nothing was trained
+        print("dapo: stopped by a signal during start-up (before the first step); nothing was trained", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once (every process of the run is stopped)
         print(
             "dapo: stopped by a second interrupt without saving this step; continue from the last checkpoint with "
