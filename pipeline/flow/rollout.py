@@ -450,6 +450,18 @@ class RolloutManager:
         )
         log.error("rollout: %s", self._fatal)
 
+    def progress(self) -> dict[str, Any]:
+        """Totals since start, without resetting anything (unlike stats()): groups generated (pushed), kept,
+        filtered by reason, requeued, and the reward function's failures; the driver prints them while it waits."""
+        rewards = self.rewards.metrics()
+        return {
+            "generated": self._pushed,
+            "kept": self.admission.kept,
+            "filtered": {k: v for k, v in sorted(self._decisions.items()) if k != "kept"},
+            "requeued": sum(self._requeued.values()),
+            "reward_failures": int(rewards.get("reward/failed", 0)),
+        }
+
     def fatal(self) -> str:
         """Why generation cannot go on ("" while it can): an engine answered a request with a 4xx."""
         return self._fatal

@@ -275,6 +275,9 @@ class RolloutActor:
     async def stats(self) -> dict[str, Any]:
         return self.manager.stats()
 
+    async def progress(self) -> dict[str, Any]:
+        return self.manager.progress()
+
     async def state_dict(self) -> dict[str, Any]:
         return self.manager.state_dict()
 
