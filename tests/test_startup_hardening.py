@@ -119,3 +119,21 @@ def _wait_for_process(proc: subprocess.Popen, name: str, timeout: float) -> list
             pass
         time.sleep(0.1)
     pytest.fail(f"no {name} process within {timeout}s")
+
+
+@pytest.mark.slow
+def test_a_bad_data_file_is_reported_once(tmp_path):
+    """A data error inside the rollout actor's constructor: one `dapo: data error` line naming file and line, without
+    Ray's ~20-line "Exception raised in creation task" traceback from the worker."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": \n')
+    cmd = [
+        sys.executable, "-m", "pipeline.tools.cli", "train", str(TINY), "model.warm_start_steps=0", "eval.every=0",
+        f"data.train_path={bad}", f"logging.dir={tmp_path}", "logging.run_name=run",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert "creation task" not in text and "Traceback" not in text, text[-3000:]
+    errors = [ln for ln in text.splitlines() if ln.startswith("dapo: ")]
+    assert errors == [f"dapo: data error: {bad}: line 2: invalid JSON ({errors[0].rsplit('(', 1)[-1]}"], text[-3000:]

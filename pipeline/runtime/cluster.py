@@ -62,6 +62,11 @@ def advertised(host: str, node_ip: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- actors
+_CTOR_FAILURE = """Actor constructors that can fail on the run's input (trainer ranks, rollout) catch the error and
+raise it from their first method call instead: an exception in a constructor makes Ray print a ~20-line "Exception
+raised in creation task" traceback from the worker besides the driver's one-line report; a method's does not."""
+
+
 @ray.remote(num_cpus=0, max_concurrency=2)  # stop() runs while start() waits for a server (shutdown in start-up)
 class EngineActor:
     def __init__(self, cfg: Config, index: int, log_dir: str, devices: str = ""):
@@ -110,6 +115,13 @@ class EngineActor:
 @ray.remote(num_cpus=0)
 class TrainerActor:
     def __init__(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int):
+        self.sender, self.model_dir, self.failed = None, "", None
+        try:
+            self._build(cfg, rank, world_size, master_addr, master_port)
+        except Exception as e:  # raised by setup(): see _CTOR_FAILURE
+            self.failed = e
+
+    def _build(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         import torch
 
         torch.set_num_threads(cfg.trainer.threads)
@@ -126,10 +138,10 @@ class TrainerActor:
 
         self.cfg = cfg
         self.worker = TrainWorker(cfg, wiring.build_backend(cfg, rank, world_size))
-        self.sender = None
-        self.model_dir = ""
 
     def setup(self, model_dir: str) -> None:
+        if self.failed is not None:
+            raise self.failed
         self.worker.backend.setup(model_dir)
         self.model_dir = model_dir  # its config files go with a staged checkpoint (colocated_transport=disk)
 
@@ -219,6 +231,15 @@ class TrainerActor:
 @ray.remote(num_cpus=0)
 class RolloutActor:
     def __init__(self, cfg: Config, urls: list[str], model_dir: str, push_address: str):
+        self.manager: Any = None
+        self.task: asyncio.Task | None = None
+        self.failed: Exception | None = None
+        try:
+            self._build(cfg, urls, model_dir, push_address)
+        except Exception as e:  # raised by ready(): see _CTOR_FAILURE
+            self.failed = e
+
+    def _build(self, cfg: Config, urls: list[str], model_dir: str, push_address: str) -> None:
         import torch
 
         from pipeline.flow.data import load_prompts
@@ -237,7 +258,11 @@ class RolloutActor:
         a = cfg.algorithm
         rewards = RewardRunner(a.reward_fn, a.reward_timeout_s, a.reward_workers)
         self.manager = RolloutManager(cfg, client, tokenizer, prompts, push_address, rewards)
-        self.task: asyncio.Task | None = None
+
+    async def ready(self) -> None:
+        """Raises what the constructor raised (a bad data file, a tokenizer that does not load)."""
+        if self.failed is not None:
+            raise self.failed
 
     async def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.manager.run())
@@ -285,6 +310,8 @@ class RolloutActor:
         self.manager.load_state_dict(state)
 
     async def stop(self) -> None:
+        if self.manager is None:  # its constructor failed
+            return
         await self.manager.stop()
         if self.task is not None:
             self.task.cancel()
@@ -603,6 +630,7 @@ class Cluster:
         return self.rollout
 
     def launch_rollout(self, state: dict | None, version: int) -> Any:
+        ray.get(self.rollout.ready.remote())
         ray.get(self.rollout.add_engines.remote(self.live_urls))
         if state is not None:
             ray.get(self.rollout.load_state_dict.remote(state))
