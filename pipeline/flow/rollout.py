@@ -444,10 +444,7 @@ class RolloutManager:
         self._failures["request"] += 1
         if self._fatal:
             return
-        self._fatal = (
-            f"engine {url} refused a request (HTTP {getattr(err, 'status', '?')}; a request error, not an engine "
-            f"failure: not retried): {err}"
-        )
+        self._fatal = f"engine {url} refused a request (a request error, not an engine failure: not retried): {err}"
         log.error("rollout: %s", self._fatal)
 
     def progress(self) -> dict[str, Any]:

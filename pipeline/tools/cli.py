@@ -12,7 +12,8 @@
 
 Errors in the config (YAML syntax, encoding, values, missing local files) print one line naming the file or key
 path and exit with status 2, before anything starts; so do data and checkpoint errors found at start-up. Other
-start-up failures print one line with the root cause (exit 1; the traceback with logging.level=DEBUG).
+start-up failures print one line with the root cause (exit 1; the traceback with logging.level=DEBUG). SIGINT or
+SIGTERM during start-up stops what had started and exits with status 130 (later: finish the step, save, exit 0).
 """
 
 from __future__ import annotations
