@@ -272,8 +272,9 @@ class RolloutActor:
         failures must stop the run (pipeline/flow/rewards.py `RewardRunner.fatal`)."""
         if self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception():
             return repr(self.task.exception())
-        if refused := self.manager.fatal():  # an engine's 4xx: a request error, fatal to the run
-            return refused
+        refused = getattr(self.manager, "fatal", None)  # an engine's 4xx: a request error, fatal to the run
+        if refused is not None and (why := refused()):
+            return why
         fatal = getattr(self.manager.rewards, "fatal", None)
         return fatal() if fatal is not None else ""
 
