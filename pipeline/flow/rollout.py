@@ -30,6 +30,9 @@ Contract:
   (resume mode keeps its earlier prefix); after `max_request_retries` failures its group is abandoned and the
   prompt re-queued. A prompt is generated at most 1 + rollout.max_gen_rounds times per epoch; past that it ends
   as filtered (reason `max_gen_rounds`). Reward failures are contained by the reward runner. The loop never dies.
+  An engine's 4xx answer (`is_request_error`: the request is wrong, e.g. a sampling parameter out of the engine's
+  range) is no engine failure: nothing is retried or sent any more, and `fatal()` names the engine URL and its
+  message, which the driver raises (the run stops with that one error).
 - Dynamic sampling follows DAPO: a group the filter drops is a terminal outcome ("filtered by reason"); its
   prompt is not regenerated this epoch (new prompts are drawn instead). It is still sent (header only, no tokens)
   so the buffer counts it.
@@ -191,6 +194,7 @@ class RolloutManager:
         self._failures: Counter = Counter()  # request failures by kind
         self._counts: Counter = Counter()  # retries, resumed, tokens, wasted_tokens, over_admitted, internal_errors
         self._window = _Window()
+        self._fatal = ""  # an engine refused a request (4xx): the run stops (see fatal())
 
     # ------------------------------------------------------------------ orchestrator API
     async def run(self) -> None:
@@ -255,6 +259,8 @@ class RolloutManager:
 
     # ------------------------------------------------------------------ admission and dispatch
     def _schedule(self) -> None:
+        if self._fatal:  # nothing more is sent after a refused request
+            return
         if not self._stopping:
             self._cancel_hopeless()  # also during an update: in wait mode it would wait for them
         if not (self._updating or self._stopping):
@@ -414,6 +420,9 @@ class RolloutManager:
         return {"routed_experts": routes.astype(ROUTE_DTYPE).tobytes(), "routed_layers": layers, "routed_topk": topk}
 
     def _on_error(self, req: _Request, url: str, err: BaseException) -> None:
+        if is_request_error(err):  # the engine refused the request itself: every retry would be refused the same
+            self._request_refused(url, err)
+            return
         kind = (
             "engine_dead" if isinstance(err, EngineDeadError) else "engine" if isinstance(err, EngineError) else "other"
         )
@@ -429,6 +438,30 @@ class RolloutManager:
         else:
             self._counts["retries"] += 1
             self._push_ready(req)
+
+    def _request_refused(self, url: str, err: BaseException) -> None:
+        """Fatal to the run: stop generating and say why once (`fatal()`, polled by the driver)."""
+        self._failures["request"] += 1
+        if self._fatal:
+            return
+        self._fatal = f"engine {url} refused a request (a request error, not an engine failure: not retried): {err}"
+        log.error("rollout: %s", self._fatal)
+
+    def progress(self) -> dict[str, Any]:
+        """Totals since start, without resetting anything (unlike stats()): groups generated (pushed), kept,
+        filtered by reason, requeued, and the reward function's failures; the driver prints them while it waits."""
+        rewards = self.rewards.metrics()
+        return {
+            "generated": self._pushed,
+            "kept": self.admission.kept,
+            "filtered": {k: v for k, v in sorted(self._decisions.items()) if k != "kept"},
+            "requeued": sum(self._requeued.values()),
+            "reward_failures": int(rewards.get("reward/failed", 0)),
+        }
+
+    def fatal(self) -> str:
+        """Why generation cannot go on ("" while it can): an engine answered a request with a 4xx."""
+        return self._fatal
 
     async def _abort_in_flight(self) -> None:
         deadline = time.monotonic() + self.abort_timeout_s
@@ -637,6 +670,18 @@ class RolloutManager:
         self._requeued = Counter(state["requeued"])
         self._requeued["resume"] += state["in_flight"]
         self.set_version(state["version"])
+
+
+RETRYABLE_4XX = (408, 429)
+"""4xx answers that report a passing state of the engine (request timeout, too many requests), not the request."""
+
+
+def is_request_error(err: BaseException) -> bool:
+    """An engine's 4xx answer: the request is wrong (a sampling parameter out of the engine's range, a prompt too
+    long for its context, a refused limit, a wrong API key). Connection errors, timeouts and 5xx are engine
+    failures: the engine is healed and the request re-queued."""
+    status = getattr(err, "status", None)
+    return isinstance(err, EngineError) and status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX
 
 
 def _check_shaping(overlong: Any, max_new_tokens: int) -> None:

@@ -264,9 +264,13 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resume_run(cfg: Config, run_dir: Path, trainers: Any, buffer: Any) -> tuple[int, int, dict | None]:
-    """(step, version, rollout state) of the checkpoint named by checkpoint.resume, or a fresh start."""
-    found = open_resume(run_dir, cfg.checkpoint.resume)  # verified; auto skips corrupt ones
+def resume_run(
+    cfg: Config, run_dir: Path, trainers: Any, buffer: Any, found: Any = "open"
+) -> tuple[int, int, dict | None]:
+    """(step, version, rollout state) of the checkpoint named by checkpoint.resume, or a fresh start. `found`:
+    what `open_resume` returned, when the caller verified the checkpoint before starting the cluster."""
+    if isinstance(found, str):
+        found = open_resume(run_dir, cfg.checkpoint.resume)  # verified; auto skips corrupt ones
     if found is None:  # no resume, or auto and nothing saved yet
         return 0, 0, None
     path, state, buffered = found

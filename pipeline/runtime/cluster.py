@@ -38,6 +38,8 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import ray
@@ -46,6 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from pipeline.config import Config, ConfigError, engine_api_key, layout
 from pipeline.runtime import wiring
+from pipeline.runtime.signals import StartupInterrupted
 
 log = logging.getLogger("dapo")
 
@@ -59,7 +62,12 @@ def advertised(host: str, node_ip: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- actors
-@ray.remote(num_cpus=0)
+_CTOR_FAILURE = """Actor constructors that can fail on the run's input (trainer ranks, rollout) catch the error and
+raise it from their first method call instead: an exception in a constructor makes Ray print a ~20-line "Exception
+raised in creation task" traceback from the worker besides the driver's one-line report; a method's does not."""
+
+
+@ray.remote(num_cpus=0, max_concurrency=2)  # stop() runs while start() waits for a server (shutdown in start-up)
 class EngineActor:
     def __init__(self, cfg: Config, index: int, log_dir: str, devices: str = ""):
         self.cfg, self.index, self.log_dir, self.devices = cfg, index, log_dir, devices
@@ -100,11 +108,20 @@ class EngineActor:
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
+        else:  # a server still starting: its handle comes only once healthy, so find it as our child
+            _kill_starting_servers()
 
 
 @ray.remote(num_cpus=0)
 class TrainerActor:
     def __init__(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int):
+        self.sender, self.model_dir, self.failed = None, "", None
+        try:
+            self._build(cfg, rank, world_size, master_addr, master_port)
+        except Exception as e:  # raised by setup(): see _CTOR_FAILURE
+            self.failed = e
+
+    def _build(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         import torch
 
         torch.set_num_threads(cfg.trainer.threads)
@@ -121,10 +138,10 @@ class TrainerActor:
 
         self.cfg = cfg
         self.worker = TrainWorker(cfg, wiring.build_backend(cfg, rank, world_size))
-        self.sender = None
-        self.model_dir = ""
 
     def setup(self, model_dir: str) -> None:
+        if self.failed is not None:
+            raise self.failed
         self.worker.backend.setup(model_dir)
         self.model_dir = model_dir  # its config files go with a staged checkpoint (colocated_transport=disk)
 
@@ -214,6 +231,15 @@ class TrainerActor:
 @ray.remote(num_cpus=0)
 class RolloutActor:
     def __init__(self, cfg: Config, urls: list[str], model_dir: str, push_address: str):
+        self.manager: Any = None
+        self.task: asyncio.Task | None = None
+        self.failed: Exception | None = None
+        try:
+            self._build(cfg, urls, model_dir, push_address)
+        except Exception as e:  # raised by ready(): see _CTOR_FAILURE
+            self.failed = e
+
+    def _build(self, cfg: Config, urls: list[str], model_dir: str, push_address: str) -> None:
         import torch
 
         from pipeline.flow.data import load_prompts
@@ -232,7 +258,11 @@ class RolloutActor:
         a = cfg.algorithm
         rewards = RewardRunner(a.reward_fn, a.reward_timeout_s, a.reward_workers)
         self.manager = RolloutManager(cfg, client, tokenizer, prompts, push_address, rewards)
-        self.task: asyncio.Task | None = None
+
+    async def ready(self) -> None:
+        """Raises what the constructor raised (a bad data file, a tokenizer that does not load)."""
+        if self.failed is not None:
+            raise self.failed
 
     async def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.manager.run())
@@ -242,6 +272,9 @@ class RolloutActor:
         failures must stop the run (pipeline/flow/rewards.py `RewardRunner.fatal`)."""
         if self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception():
             return repr(self.task.exception())
+        refused = getattr(self.manager, "fatal", None)  # an engine's 4xx: a request error, fatal to the run
+        if refused is not None and (why := refused()):
+            return why
         fatal = getattr(self.manager.rewards, "fatal", None)
         return fatal() if fatal is not None else ""
 
@@ -268,6 +301,9 @@ class RolloutActor:
     async def stats(self) -> dict[str, Any]:
         return self.manager.stats()
 
+    async def progress(self) -> dict[str, Any]:
+        return self.manager.progress()
+
     async def state_dict(self) -> dict[str, Any]:
         return self.manager.state_dict()
 
@@ -275,6 +311,8 @@ class RolloutActor:
         self.manager.load_state_dict(state)
 
     async def stop(self) -> None:
+        if self.manager is None:  # its constructor failed
+            return
         await self.manager.stop()
         if self.task is not None:
             self.task.cancel()
@@ -366,21 +404,8 @@ class Cluster:
         self._started_ray = False
 
     def __enter__(self) -> Cluster:
-        c = self.cfg.cluster
         if not ray.is_initialized():
-            if c.address == "local":
-                ray.init(
-                    num_cpus=c.num_cpus or None,
-                    num_gpus=c.num_gpus or None,
-                    include_dashboard=False,
-                    namespace=c.namespace,
-                    configure_logging=False,
-                    log_to_driver=True,
-                    _node_ip_address=None if c.bind_host in ANY_HOST else c.bind_host,
-                )
-            else:
-                ray.init(address=c.address, namespace=c.namespace, configure_logging=False)
-            self._started_ray = True
+            self._init_ray()
         try:
             check_resources(self.cfg, ray.cluster_resources())
             self._reserve()
@@ -388,6 +413,42 @@ class Cluster:
             self.shutdown()  # a failed start leaves neither groups nor a Ray instance of ours behind
             raise
         return self
+
+    def _init_ray(self) -> None:
+        """Start (or join) Ray. ray.init replaces the process's SIGTERM handler with its own (sys.exit): the run's
+        (pipeline/runtime/signals.py) is put back, and a SIGTERM during ray.init stops what it had started."""
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.getsignal(signal.SIGTERM) if main else None
+        try:
+            self._ray_init()
+        except BaseException as e:
+            _quiet(ray.shutdown)  # Ray's services started so far
+            if isinstance(e, SystemExit):  # Ray's handler: a SIGTERM while Ray started
+                raise StartupInterrupted(f"signal {signal.SIGTERM.value} during start-up (ray.init)") from None
+            raise
+        finally:
+            if main and old is not None:
+                signal.signal(signal.SIGTERM, old)
+        self._started_ray = True
+
+    def _ray_init(self) -> None:
+        """ray.init as cluster.address says."""
+        c = self.cfg.cluster
+        if c.address == "local":
+            # address="local": always a fresh instance of our own, never one another session left running
+            # (plain ray.init() attaches to the cluster named in /tmp/ray/ray_current_cluster if it is up)
+            ray.init(
+                address="local",
+                num_cpus=c.num_cpus or None,
+                num_gpus=c.num_gpus or None,
+                include_dashboard=False,
+                namespace=c.namespace,
+                configure_logging=False,
+                log_to_driver=True,
+                _node_ip_address=None if c.bind_host in ANY_HOST else c.bind_host,
+            )
+        else:
+            ray.init(address=c.address, namespace=c.namespace, configure_logging=False)
 
     def _reserve(self) -> None:
         """Create the placement groups and wait until Ray has placed every bundle."""
@@ -570,6 +631,7 @@ class Cluster:
         return self.rollout
 
     def launch_rollout(self, state: dict | None, version: int) -> Any:
+        ray.get(self.rollout.ready.remote())
         ray.get(self.rollout.add_engines.remote(self.live_urls))
         if state is not None:
             ray.get(self.rollout.load_state_dict.remote(state))
@@ -583,6 +645,19 @@ def _free_endpoint() -> tuple[str, int]:
     """This node's IP and a port free on it."""
     ip = ray.util.get_node_ip_address()
     return ip, wiring.free_port(ip)
+
+
+def _kill_starting_servers() -> None:
+    """SIGKILL the process group of each child of this worker that leads its own session (engines/process.py starts
+    every server so); start() then sees its server gone and fails, which a shutdown ignores."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            if os.getpgid(child.pid) == child.pid:
+                os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _quiet(fn: Any) -> None:

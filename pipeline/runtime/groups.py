@@ -48,6 +48,10 @@ class RolloutHandle:
     def stats(self) -> dict[str, float]:
         return ray.get(self.actor.stats.remote())
 
+    def progress(self) -> dict:
+        """Groups generated / kept / filtered by reason / requeued, reward failures: totals, nothing reset."""
+        return ray.get(self.actor.progress.remote())
+
     def state_dict(self) -> dict:
         return ray.get(self.actor.state_dict.remote())
 

@@ -8,12 +8,16 @@ Contract:
   part is sent, a weight sync (an engine replaced while a later part is awaited; it runs after the queued
   mini-batches) sends weights the step has moved: a new version (the coordinator's `trainer_stepped`).
 - While waiting for a batch the engine group is health-checked every few seconds (a dead or hung engine stalls
-  generation) and the rollout asked whether it can go on (its error stops the run); a step followed by a weight sync trains inside `weights.released` (colocated memory release).
+  generation) and the rollout asked whether it can go on (its error stops the run); every PROGRESS_EVERY_S without
+  a batch a line says what the rollout did meanwhile (groups generated, kept, filtered by reason, requeued, reward
+  failures), so a run whose groups are all filtered is not silent. A step followed by a weight sync trains inside
+  `weights.released` (colocated memory release).
 - `step_metrics` names what a step reports (reward/*, response/*, staleness/*, time/*, perf/*, train/*).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -24,6 +28,11 @@ from pipeline.contracts.records import Group
 from pipeline.flow.trainer import make_step_batches, merge_metrics
 from pipeline.runtime.groups import TrainerGroup
 from pipeline.runtime.weight_sync.coordinator import WeightSyncCoordinator
+
+log = logging.getLogger("dapo")
+
+PROGRESS_EVERY_S = 10.0
+"""While no batch comes, a progress line (`progress_line`) this often."""
 
 StepOut = tuple[list[Group], list[dict[str, float]], float, dict[str, float]]
 
@@ -85,19 +94,35 @@ def next_batch(
     cfg: Config, buffer: Any, weights: WeightSyncCoordinator, size: int | None = None
 ) -> tuple[list[Group], dict[str, float]]:
     """Wait for the next batch (or `size` groups of it), healing the engines every few seconds meanwhile."""
-    deadline = time.monotonic() + cfg.engine.request_timeout_s
+    start = time.monotonic()
+    deadline, shown = start + cfg.engine.request_timeout_s, start
     healed: dict[str, float] = {}
     while True:
         remaining = deadline - time.monotonic()
         try:
-            timeout_s = max(min(5.0, remaining), 0.01)
+            timeout_s = max(min(5.0, remaining, PROGRESS_EVERY_S), 0.01)
             return buffer.get_batch(trainer_version=weights.version, timeout_s=timeout_s, size=size), healed
         except TimeoutError:
             if error := weights.rollout.error():  # e.g. the reward function fails on every call
                 raise RuntimeError(error) from None
             if remaining <= 5.0:
                 raise
+            if time.monotonic() - shown >= PROGRESS_EVERY_S:  # a run whose groups are all filtered is not silent
+                shown = time.monotonic()
+                log.info("%s", progress_line(shown - start, weights.rollout.progress()))
             healed.update(weights.update())
+
+
+def progress_line(waited_s: float, p: dict) -> str:
+    """`waiting for a batch (20 s): groups generated 412, kept 0, filtered 412 (all_wrong 410, all_correct 2),
+    requeued 3, reward failures 0`."""
+    filtered = p.get("filtered", {})
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(filtered.items(), key=lambda kv: -kv[1]))
+    return (
+        f"waiting for a batch ({waited_s:.0f} s): groups generated {p.get('generated', 0)}, kept {p.get('kept', 0)}, "
+        f"filtered {sum(filtered.values())}" + (f" ({detail})" if detail else "") + f", requeued "
+        f"{p.get('requeued', 0)}, reward failures {p.get('reward_failures', 0)}"
+    )
 
 
 def shard(minibatches: list[list[list]], cfg: Config) -> list[list[list]]:

@@ -49,23 +49,26 @@ class RunResult:
 def train(cfg: Config) -> RunResult:
     check_local_paths(cfg)  # missing files fail here, before Ray or any engine starts
     run_dir, lay = make_run_dir(cfg), layout(cfg)
+    resumed = checkpoint.open_resume(run_dir, cfg.checkpoint.resume)  # a bad checkpoint fails here, in seconds
     receiver = GroupReceiver(
         cfg.rollout.zmq_address or f"tcp://{cfg.cluster.bind_host}:0",
         max_message_bytes=int(cfg.cluster.zmq_max_message_mb * 2**20),
     )
     buffer = make_buffer(lay, receiver)
     # secure_run: a random engine API key and a private 0700 staging root, set in cfg before any process starts
-    with contextlib.closing(buffer), secure_run(cfg), Cluster(cfg) as cluster, StopFlag() as stop:
+    # StopFlag first: a signal during start-up (Ray, engines, trainer ranks) unwinds at once, stopping what started
+    with StopFlag() as stop, stop.startup(), contextlib.closing(buffer), secure_run(cfg), Cluster(cfg) as cluster:
         model_dir = prepare_model_dir(cfg, str(run_dir))
         cluster.start_rollout(model_dir, buffer.address)  # loads tokenizer and prompts while the rest starts
         engines, trainers = launch_groups(cfg, cluster, model_dir, str(run_dir))
-        step, version, rollout_state = checkpoint.resume_run(cfg, run_dir, trainers, buffer)
+        step, version, rollout_state = checkpoint.resume_run(cfg, run_dir, trainers, buffer, resumed)
         if version > 0:  # engines start from the initial weights: bring them to the checkpoint's
             trainers.sync(version)
         rollout = RolloutHandle(cluster.launch_rollout(rollout_state, version))
         record = RunRecord(cfg, str(run_dir), step, live_eval_or_none(cfg, engines.live_urls, model_dir))
         engines.subscribe(rollout, record.evaluator)
         weights = WeightSyncCoordinator(cfg, engines, trainers, rollout, version)
+        stop.started()  # from here a signal finishes the current step, saves and stops
         try:
             record.baseline(step, weights.version)
             while step < cfg.trainer.total_steps and not stop.requested:

@@ -12,7 +12,8 @@
 
 Errors in the config (YAML syntax, encoding, values, missing local files) print one line naming the file or key
 path and exit with status 2, before anything starts; so do data and checkpoint errors found at start-up. Other
-start-up failures print one line with the root cause (exit 1; the traceback with logging.level=DEBUG).
+start-up failures print one line with the root cause (exit 1; the traceback with logging.level=DEBUG). SIGINT or
+SIGTERM during start-up stops what had started and exits with status 130 (later: finish the step, save, exit 0).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return _guarded(lambda: eval_main(cfg))
     from pipeline.runtime.metrics import setup_logging
+    from pipeline.runtime.signals import StartupInterrupted
     from pipeline.runtime.train import RunFailed, train
 
     setup_logging(cfg.logging.level)
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # noqa: BLE001 - a start-up failure: one short report, the traceback at DEBUG
         return _report(e, "run failed before the first step")
+    except StartupInterrupted:  # a signal during start-up: what had started is stopped; nothing was trained
+        print("dapo: stopped by a signal during start-up (before the first step); nothing was trained", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once (every process of the run is stopped)
         print(
             "dapo: stopped by a second interrupt without saving this step; continue from the last checkpoint with "
