@@ -96,7 +96,9 @@ def test_boundary_values_are_accepted():
 def test_reward_module_that_does_not_exist_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^algorithm\.reward_fn: cannot import module 'no_such_reward_mod'"):
         load_config(TINY, ["algorithm.reward_fn=no_such_reward_mod:score"])
-    with pytest.raises(ConfigError, match=r"^algorithm\.reward_fn: module 'pipeline.flow.rewards' has no function 'nope'"):
+    with pytest.raises(
+        ConfigError, match=r"^algorithm\.reward_fn: module 'pipeline.flow.rewards' has no function 'nope'"
+    ):
         load_config(TINY, ["algorithm.reward_fn=pipeline.flow.rewards:nope"])
     with pytest.raises(ConfigError, match=r"^eval\.reward_fn: cannot import module"):
         load_config(TINY, ["eval.reward_fn=no_such_reward_mod:score"])

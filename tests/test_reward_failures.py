@@ -39,7 +39,9 @@ def hangs_sometimes(response: str, answer: str) -> float:
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.flow.rewards"]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.flow.rewards"
+    ]
 
 
 def test_always_raising_is_fatal_with_the_exception(caplog):

@@ -171,7 +171,7 @@ def hub_file(source: str) -> tuple[str, str] | None:
 def data_dir() -> Path:
     """$DAPO_DATA_DIR, default ../shared/data next to the repository (the offline copies)."""
     env = os.environ.get("DAPO_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"  # <repo>/../shared/data
 
 
 def local_names(source: str) -> tuple[str, ...]:

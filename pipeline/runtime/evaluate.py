@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 
 from pipeline.contracts.records import Prompt
+from pipeline.flow.data import data_dir
 
 EVAL_SETS: dict[str, tuple[str, str, str]] = {
     # name: (file under the data directory, source parameters, default scorer)
@@ -264,11 +264,6 @@ def eval_sampling(cfg: Any, eos_id: int) -> dict[str, Any]:
         "top_k": cfg.rollout.top_k,
         "stop_token_ids": [eos_id],
     }
-
-
-def data_dir() -> Path:
-    env = os.environ.get("DAPO_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def resolve_eval_set(spec: str) -> tuple[str, str, str | None]:
