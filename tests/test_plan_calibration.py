@@ -25,33 +25,12 @@ CASES = [  # (backend, hidden, layers, vocab, recompute, rows, row length, dtype
 ]
 
 
-def _micro_batch(rows, T, vocab):
-    import torch
-
-    from pipeline.contracts.backend import MicroBatch
-
-    g = torch.Generator().manual_seed(0)
-    loss_mask = torch.zeros(rows, T)
-    loss_mask[:, T // 4 :] = 1
-    return MicroBatch(
-        input_ids=torch.randint(2, vocab, (rows, T), generator=g),
-        attention_mask=torch.ones(rows, T, dtype=torch.long),
-        position_ids=torch.arange(T).expand(rows, T).contiguous(),
-        loss_mask=loss_mask,
-        old_logprobs=torch.full((rows, T), -5.0),
-        advantages=torch.randn(rows, 1, generator=g).expand(rows, T).contiguous(),
-        global_tokens=float(loss_mask.sum()),
-        global_seqs=float(rows),
-        max_new_tokens=T,
-    )
-
-
 def _worker(rank, world_size, port, out_path, tmp):
     """One gloo rank: every case, measured and predicted, written as JSON."""
     from engines.megatron.launch import init_dist
     from pipeline.algorithm.losses import make_loss_fn
     from pipeline.plan import trainer_peak_memory
-    from pipeline.planning.measure import measure_step
+    from pipeline.planning.measure import measure_step, random_micro_batch
     from pipeline.testing.megatron import save_tiny_hf, tiny_config
 
     init_dist(rank, world_size, port)
@@ -70,7 +49,7 @@ def _worker(rank, world_size, port, out_path, tmp):
             from engines.megatron.backend import MegatronBackend as Backend
         be = Backend(cfg, 0, 1)
         be.setup(path)
-        measured = measure_step(be, [_micro_batch(rows, T, vocab)], make_loss_fn(cfg.algorithm))
+        measured = measure_step(be, [random_micro_batch(rows, T, vocab, T // 4)], make_loss_fn(cfg.algorithm))
         predicted = trainer_peak_memory(hf.config, cfg, rows * T, device="cpu")
         results.append({"measured": measured["allocated"], "predicted": predicted["allocated"]})
     with open(out_path, "w") as f:

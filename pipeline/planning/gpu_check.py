@@ -23,25 +23,6 @@ SHAPES = {  # Qwen2.5 config.json fields
 }
 
 
-def _micro_batch(rows: int, T: int, vocab: int):
-    from pipeline.contracts.backend import MicroBatch
-
-    g = torch.Generator().manual_seed(0)
-    loss_mask = torch.zeros(rows, T)
-    loss_mask[:, min(256, T // 4) :] = 1
-    return MicroBatch(
-        input_ids=torch.randint(2, vocab, (rows, T), generator=g),
-        attention_mask=torch.ones(rows, T, dtype=torch.long),
-        position_ids=torch.arange(T).expand(rows, T).contiguous(),
-        loss_mask=loss_mask,
-        old_logprobs=torch.full((rows, T), -5.0),
-        advantages=torch.randn(rows, 1, generator=g).expand(rows, T).contiguous(),
-        global_tokens=float(loss_mask.sum()),
-        global_seqs=float(rows),
-        max_new_tokens=T,
-    )
-
-
 def _save_model(shape: dict[str, int]) -> str:
     """A random-weight Qwen2 checkpoint of this shape (tied embeddings, as Qwen2.5-0.5B/1.5B)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -76,7 +57,7 @@ def _one_rank_config(recompute: bool) -> Any:
 def main(argv: list[str] | None = None) -> None:
     from engines.megatron.launch import free_port, init_dist
     from pipeline.algorithm.losses import make_loss_fn
-    from pipeline.planning.measure import measure_step
+    from pipeline.planning.measure import measure_step, random_micro_batch
     from pipeline.planning.memory import trainer_peak_memory
 
     ap = argparse.ArgumentParser()
@@ -101,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     be.setup(path)
     loss_fn = make_loss_fn(cfg.algorithm)
     for tokens in [int(t) for t in args.tokens.split(",")]:
-        mbs = [_micro_batch(4, tokens // 4, SHAPES[args.shape]["vocab_size"])]
+        T = tokens // 4
+        mbs = [random_micro_batch(4, T, SHAPES[args.shape]["vocab_size"], min(256, T // 4))]
         if cuda:
             be.train_minibatch(mbs, loss_fn)
             torch.cuda.synchronize()

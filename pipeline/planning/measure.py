@@ -21,6 +21,27 @@ from typing import Any
 import torch
 
 
+def random_micro_batch(rows: int, T: int, vocab: int, response_from: int) -> Any:
+    """A seeded (rows, T) micro-batch of random tokens whose loss positions start at `response_from`: the load
+    both the CPU calibration and the GPU check measure a step on."""
+    from pipeline.contracts.backend import MicroBatch
+
+    g = torch.Generator().manual_seed(0)
+    loss_mask = torch.zeros(rows, T)
+    loss_mask[:, response_from:] = 1
+    return MicroBatch(
+        input_ids=torch.randint(2, vocab, (rows, T), generator=g),
+        attention_mask=torch.ones(rows, T, dtype=torch.long),
+        position_ids=torch.arange(T).expand(rows, T).contiguous(),
+        loss_mask=loss_mask,
+        old_logprobs=torch.full((rows, T), -5.0),
+        advantages=torch.randn(rows, 1, generator=g).expand(rows, T).contiguous(),
+        global_tokens=float(loss_mask.sum()),
+        global_seqs=float(rows),
+        max_new_tokens=T,
+    )
+
+
 def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
