@@ -151,6 +151,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, world: int, model_dir: str):
+    """`worker(rank, world, port, model_dir, q)` on `world` spawned gloo ranks; what rank 0 put on the queue."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, model_dir, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    result = q.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return result
+
+
 def _dp_worker(rank, world, port, model_dir, q):
     import torch.distributed as dist
 
@@ -179,18 +194,7 @@ def _dp_worker(rank, world, port, model_dir, q):
 
 def test_dp2_matches_dp1(tmp_path):
     model_dir = _model_dir(tmp_path)
-    ctx = mp.get_context("spawn")
-    results = []
-    for world in (1, 2):
-        q = ctx.Queue()
-        port = _free_port()
-        procs = [ctx.Process(target=_dp_worker, args=(r, world, port, model_dir, q)) for r in range(world)]
-        for p in procs:
-            p.start()
-        results.append(q.get(timeout=120))
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
+    results = [run_ranks(_dp_worker, world, model_dir) for world in (1, 2)]
     (g1, l1, w1), (g2, l2, w2) = results
     assert g1 == pytest.approx(g2, rel=1e-5)
     assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-7)

@@ -10,12 +10,11 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from engines.fsdp.backend import build_backend
 from pipeline.flow.trainer import TrainWorker, make_step_batches
-from tests.test_fsdp_trainer import _cfg, _free_port, _groups, _model_dir
+from tests.test_fsdp_trainer import _cfg, _groups, _model_dir, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -167,18 +166,7 @@ def _dp_worker(rank, world, port, model_dir, q):
 
 def test_fsdp2_bf16_matches_one_rank(tmp_path):
     model_dir = _model_dir(tmp_path)
-    ctx = mp.get_context("spawn")
-    results = []
-    for world in (1, 2):
-        q = ctx.Queue()
-        port = _free_port()
-        procs = [ctx.Process(target=_dp_worker, args=(r, world, port, model_dir, q)) for r in range(world)]
-        for p in procs:
-            p.start()
-        results.append(q.get(timeout=120))
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
+    results = [run_ranks(_dp_worker, world, model_dir) for world in (1, 2)]
     (g1, l1, moved1, d1), (g2, l2, moved2, d2) = results
     assert moved1 > 0.99 and moved2 > 0.99
     # Same bf16 forward, gradients summed in fp32 either way: equal up to bf16 reduction-order noise.
