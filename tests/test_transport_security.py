@@ -77,6 +77,8 @@ def test_forged_status_frame_is_dropped_and_not_applied(buf):
     tx = GroupSender(buf.address)
     tx.send(make_group("real"), RolloutStatus(drawn=1, pushed=1))
     assert buf.get_batch(trainer_version=3, timeout_s=5)[0].group_id == "real"
+    # PULL fair-queues between peers: the real sender's frame may be read before the forger's two
+    wait_for(lambda: buf.receiver.counters["rejected_auth"] == 2)
     assert buf.receiver.counters["rejected_auth"] == 2
     assert buf.accounting()["lost"] == 0
     tx.close(linger_ms=0)
