@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_run_improves_held_out_accuracy(tmp_path):
-    steps = 50
+    # 50 steps left too little margin: +0.06 to +0.16 over runs (the sample order of the asynchronous pipeline depends
+    # on the machine's load), and CI failed once at +0.06. After 100 steps: +0.20 and +0.26 (75-80 steps: +0.16 to +0.23).
+    steps = 100
     cfg = load_config(
         ROOT / "configs" / "tiny-cpu.yaml",
         [f"trainer.total_steps={steps}", f"eval.every={steps}", f"logging.dir={tmp_path}", "trainer.seed=1"],
@@ -24,6 +26,6 @@ def test_default_run_improves_held_out_accuracy(tmp_path):
     result = train(cfg)
     first, last = result.evals[0], result.evals[-1]
     assert (first["eval/step"], last["eval/step"], last["eval/weight_version"]) == (0, steps, steps)
-    # Measured on this machine: 0.37-0.42 -> 0.54-0.61 after 40-50 steps; each value is avg@4 over 200 prompts.
+    # Measured on this machine: 0.40-0.44 at step 0, 0.60-0.65 after 100 steps; each value is avg@4 over 200 prompts.
     assert 0.2 < first["eval/acc"] < 0.6, first
     assert last["eval/acc"] > first["eval/acc"] + 0.1, (first, last)
