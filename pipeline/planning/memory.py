@@ -51,8 +51,9 @@ ENGINE_RELEASED_GB = 1.5  # an engine that released kv_cache, weights and cuda_g
 FRAGMENTATION = 0.10  # of activations and logits: allocator slack
 HEADROOM = 0.92  # proposals keep 8% of each GPU free: the model is an estimate
 
-# Bytes per token and vocabulary entry held at the peak of the logprob/entropy computation, full path.
-# Megatron (engines/megatron/vocab_parallel.py): the logits (c) and, in fp32, z, exp(z - max), p and the product
+# Bytes per token and vocabulary entry held at the peak of the logprob/entropy computation, full path (the unchunked
+# heads this project had before engines/logprobs.py; kept for logprob_chunk = 0, which the config no longer allows).
+# Megatron (vocab-parallel head): the logits (c) and, in fp32, z, exp(z - max), p and the product
 # for the entropy in the forward; z, p, grad and the centred product in the backward: c + 5 x 4 ~ 22 B in bf16.
 # FSDP (HF head + pipeline.algorithm.losses): the logits (c), an fp32 copy divided by the temperature (saved),
 # softmax for the entropy (saved) and its product: ~14 B in bf16. The float32 rows are measured on CPU
