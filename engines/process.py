@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline.config import EngineConfig
+from pipeline.contracts.config import EngineConfig
 
 API_KEY_ENV = "DAPO_ENGINE_API_KEY"
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The pipeline modules that may name concrete engines and backends: the runtime's composition root, and `dapo plan`'s
 # GPU check, a user tool that builds the backends to measure them.
 COMPOSITION_ROOTS = {"pipeline.runtime.wiring", "pipeline.planning.gpu_check"}
-# What engines/ may import of pipeline/: the contracts, and the config sections handed to it.
-ENGINE_VISIBLE = ("pipeline.contracts", "pipeline.config")
+# What engines/ may import of pipeline/: the contracts (the config schema among them), nothing else.
+ENGINE_VISIBLE = ("pipeline.contracts",)
 
 
 def module_files() -> dict[str, Path]:
@@ -103,11 +103,11 @@ def test_pipeline_reaches_engines_only_at_the_composition_roots():
 
 
 def test_low_levels_do_not_import_high_levels():
-    """contracts import only contracts (and config); config nothing of the project; the algorithm, the flow and the
+    """contracts import only contracts; config only the contracts; the algorithm, the flow and the
     runtime only what lies below them (the flow may use the tokenizer, a leaf; the runtime never the tools)."""
     allowed = {
-        "pipeline.contracts": ("pipeline.contracts", "pipeline.config"),
-        "pipeline.config": (),
+        "pipeline.contracts": ("pipeline.contracts",),
+        "pipeline.config": ("pipeline.contracts.config",),
         "pipeline.algorithm": ("pipeline.algorithm", "pipeline.contracts", "pipeline.config"),
         "pipeline.runtime": (
             "pipeline.runtime",

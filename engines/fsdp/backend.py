@@ -38,8 +38,8 @@ from engines.attention import register_hf_attention
 from engines.logprobs import fused_logprobs, token_aligned
 from engines.packing import PackedMicroBatch, pack_micro_batch, unpack
 from engines.schedule import warmup_factor
-from pipeline.config import Config
 from pipeline.contracts.backend import LossFn, MicroBatch
+from pipeline.contracts.config import Config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -100,8 +100,8 @@ from engines.megatron.cpu_compat import enable_cpu_compat
 from engines.megatron.routing import RoutingReplay
 from engines.packing import PackedMicroBatch, pack_micro_batch, packed_length, padded_micro_batch  # noqa: F401
 from engines.schedule import warmup_lr
-from pipeline.config import Config, ParallelConfig
 from pipeline.contracts.backend import LossFn, MicroBatch
+from pipeline.contracts.config import Config, ParallelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RANK_ORDER = "tp-cp-ep-pp-dp"

@@ -43,7 +43,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from engines.attention import packed_causal_attention
 from engines.megatron.context_parallel import cp_gather, cp_partition_index
 from engines.megatron.convert import ArchInfo, arch_from_hf
-from pipeline.config import ParallelConfig
+from pipeline.contracts.config import ParallelConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "qwen3_moe")
 

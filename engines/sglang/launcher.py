@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from engines.sglang.protocol import protocol_for
-from pipeline.config import ConfigError, EngineConfig
+from pipeline.contracts.config import ConfigError, EngineConfig
 
 
 def installed_release() -> str:
