@@ -113,9 +113,10 @@ def test_close_from_another_loop_ends_the_private_loops_probe(engine, caplog):
 
 
 def test_a_task_failing_after_its_caller_gave_up_is_not_reported_unretrieved(caplog):
-    """The weight-sync sender cancels the futures of engines that miss its deadline. A task that fails even so (the
-    cancellation landing as the request failed, or turned into a connection error on the way out) has nobody to
-    read its exception: the client consumes it."""
+    """What the suite's teardown printed: the weight-sync sender's deadline and the client's request timeout were
+    both 4 s; the sender cancelled the probe's future as aiohttp's timer fired, aiohttp turned the cancellation into
+    TimeoutError (client.py: EngineError "/server_info: no answer within 4s"), and nobody read that exception. The
+    stand-in coroutine fails on cancellation in the same way, deterministically; the client consumes the exception."""
     caplog.set_level(logging.DEBUG, logger="asyncio")
     url = "http://127.0.0.1:9"
     started = threading.Event()
