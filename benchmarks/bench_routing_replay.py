@@ -27,8 +27,12 @@ from pipeline.testing.moe import micro_batch, rollout, single_worker
 
 
 def run(quick: bool = False) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-r3-") as tmp:
+        return _measure(tmp, quick)
+
+
+def _measure(tmp: str, quick: bool) -> dict:
     n_prompts, new_tokens = (4, 12) if quick else (16, 24)
-    tmp = tempfile.mkdtemp(prefix="bench-r3-")
     trainer_dir = os.path.join(tmp, "trainer")
     model = save_tiny_hf(trainer_dir, "qwen3_moe", tie=False, seed=1, layers=4, num_experts=16, num_experts_per_tok=4)
     with torch.no_grad():  # the trainer starts from the weights the bf16 engine holds
