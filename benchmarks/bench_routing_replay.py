@@ -8,41 +8,31 @@ and of tokens whose trainer top-k differs from the engine's, and the mean / max 
 over the response tokens in both modes (tests/test_routing_replay.py has the constructed-tie variant that the README
 table also reports).
 
-Run: .venv/bin/python -m benchmarks.bench_routing_replay
+Quick mode (--quick): 4 prompts x 12 tokens, same model.
+
+Run: .venv/bin/python -m benchmarks.bench_routing_replay [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
-import threading
 
 import torch
 
 from engines.megatron.launch import spawn
 from pipeline.testing.megatron import save_tiny_hf
-from tests import test_routing_replay as rr
+from pipeline.testing.moe import micro_batch, rollout, single_worker
 
 
-def _rollout(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[dict]:
-    from engines.local.engine import Engine, Request
-    from engines.local.sampling import SamplingParams
-
-    engine = Engine(model, max_running=8, seed=0).start()
-    done, out = threading.Semaphore(0), []
-    params = SamplingParams.from_json({"max_new_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True})
-    for i, p in enumerate(prompts):
-        engine.submit(Request(rid=str(i), prompt=p, params=params, return_routed_experts=True,
-                              on_done=lambda r: (out.append(r), done.release())))  # fmt: skip
-    for _ in prompts:
-        assert done.acquire(timeout=600)
-    engine.stop()
-    out.sort(key=lambda r: int(r.rid))
-    return [{"prompt": r.prompt, "output": r.output_ids, "logprobs": r.logprobs, "routing": r.routing()} for r in out]
+def run(quick: bool = False) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-r3-") as tmp:
+        return _measure(tmp, quick)
 
 
-def main() -> None:
-    tmp = tempfile.mkdtemp(prefix="bench-r3-")
+def _measure(tmp: str, quick: bool) -> dict:
+    n_prompts, new_tokens = (4, 12) if quick else (16, 24)
     trainer_dir = os.path.join(tmp, "trainer")
     model = save_tiny_hf(trainer_dir, "qwen3_moe", tie=False, seed=1, layers=4, num_experts=16, num_experts_per_tok=4)
     with torch.no_grad():  # the trainer starts from the weights the bf16 engine holds
@@ -51,20 +41,37 @@ def main() -> None:
     model.save_pretrained(trainer_dir)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 200, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(16)]  # fmt: skip
-    samples = _rollout(model.to(torch.bfloat16), prompts, 24)
+               for _ in range(n_prompts)]  # fmt: skip
+    samples = rollout(model.to(torch.bfloat16), prompts, new_tokens, max_running=8, timeout_s=600)
     torch.save(samples, os.path.join(tmp, "samples.pt"))
-    spawn(rr._single_worker, 1, tmp, timeout_s=600)
+    spawn(single_worker, 1, tmp, timeout_s=600)
     res = torch.load(os.path.join(tmp, "single.pt"))
-    mb = rr.micro_batch(samples)
+    mb = micro_batch(samples)
     mask = mb.loss_mask.bool()
     replay, own = res["step"]["metrics"], res["step_off"]["metrics"]
-    print(f"response tokens: {int(mask.sum())}")
+    out: dict = {
+        "response_tokens": int(mask.sum()),
+        "routing_mismatch": own["moe/routing_mismatch"],
+        "routing_mismatch_tokens": own["moe/routing_mismatch_tokens"],
+    }
+    print(f"response tokens: {out['response_tokens']}")
     print(f"routes flipped without replay: {own['moe/routing_mismatch']:.2%} of (token, layer), "
           f"{own['moe/routing_mismatch_tokens']:.2%} of tokens")  # fmt: skip
-    for name, lp, m in (("without replay", res["lp_own"], own), ("with replay", res["lp_replay"], replay)):
+    for key, name, lp, m in (("noreplay", "without replay", res["lp_own"], own),
+                             ("replay", "with replay", res["lp_replay"], replay)):  # fmt: skip
         d = (lp - mb.old_logprobs)[mask].abs()
+        out |= {f"dlogp_mean_{key}": float(d.mean()), f"dlogp_max_{key}": float(d.max()),
+                f"kl_k3_{key}": m["rollout/kl_k3"]}  # fmt: skip
         print(f"{name:15s} |dlogp| mean {d.mean():.2e} max {d.max():.2e}  KL k3 {m['rollout/kl_k3']:.2e}")
+    # The headline: how much of the train-inference KL replay removes (>1: replay helps).
+    out["kl_k3_noreplay_over_replay_ratio"] = out["kl_k3_noreplay"] / max(out["kl_k3_replay"], 1e-30)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="4 prompts x 12 tokens instead of 16 x 24")
+    run(p.parse_args().quick)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ Contract (routes and fields checked against sglang 0.5.5 and 0.5.23; see tests/t
   must send per-tensor broadcasts), /begin_weight_update and /end_weight_update where a session exists (no-ops
   answering success on releases without one). Generation needs no negotiation.
 - Sync callers (a trainer thread) use `run_sync(coro)` / `submit(coro)`, which run on a private event loop.
+- `close()` / `close_sync()` cancel and await every task `submit` started that is still running (a version probe to
+  an engine that went away, say) before the sessions close: no task is left pending or with an unretrieved
+  exception, and the caller waiting on such a task gets `EngineError` naming the engine URL and route. A task whose
+  caller gave up (cancelled its future) and that fails anyway has its exception consumed (logged at debug).
 """
 
 from __future__ import annotations
@@ -131,6 +135,9 @@ class EngineClient:
         self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
         self._bg_loop: asyncio.AbstractEventLoop | None = None
         self._bg_thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task] = set()  # started by submit(), on the private loop; close() ends them
+        self._closing: set[asyncio.Task] = set()  # those close() cancelled: they fail with an EngineError
+        self._ending = False  # close() is cancelling them: a request cut short on the private loop names its URL
 
     def __repr__(self) -> str:  # never shows the API key
         keys = f"api_key={'***' if self._headers else ''!r}, admin_api_key={'***' if self._admin_headers else ''!r}"
@@ -242,6 +249,12 @@ class EngineClient:
                 ) from e
             except TimeoutError as e:
                 raise EngineError(f"{url}{path}: no answer within {timeout.total:.0f}s", url) from e
+            except asyncio.CancelledError:
+                if not (self._ending and _running_in(self._bg_loop)):
+                    raise  # the caller's own cancellation stays one
+                raise EngineError(
+                    f"{url}{path}: the engine client was closed before the engine answered", url
+                ) from None
         raise AssertionError("unreachable")
 
     async def _on_all(self, path: str, body: Any = None, method: str = "POST", parse: str = "json") -> dict[str, Any]:
@@ -542,8 +555,43 @@ class EngineClient:
             return self._bg_loop
 
     def submit(self, coro: Awaitable[Any]) -> concurrent.futures.Future:
-        """Run a coroutine of this client on its private loop; returns a concurrent future."""
-        return asyncio.run_coroutine_threadsafe(coro, self._background_loop())  # type: ignore[arg-type]
+        """Run a coroutine of this client on its private loop; returns a concurrent future. close() ends it."""
+        return asyncio.run_coroutine_threadsafe(self._tracked(coro), self._background_loop())
+
+    async def _tracked(self, coro: Awaitable[Any]) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        # A caller that cancelled its future no longer reads the task's outcome (asyncio then copies nothing into
+        # the future): consume a late failure here, or asyncio reports "Task exception was never retrieved".
+        task.add_done_callback(_consume_task)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if task not in self._closing:
+                raise
+            task.uncancel()  # close() cut it short where no request was in flight (between two, in a fan-out)
+            what = getattr(coro, "__qualname__", type(coro).__name__)
+            raise EngineError(f"{what}: the engine client was closed before it finished") from None
+        finally:
+            self._tasks.discard(task)
+            self._closing.discard(task)
+
+    async def _end_tasks(self, grace_s: float = 5.0) -> None:
+        """Cancel the tasks submit() started on this (the private) loop and wait for them, but not for the caller."""
+        mine = {t for t in self._tasks if t is not asyncio.current_task() and not t.done()}
+        if not mine:
+            return
+        self._closing |= mine
+        self._ending = True
+        try:
+            for task in mine:
+                task.cancel()
+            _, stuck = await asyncio.wait(mine, timeout=grace_s)
+        finally:
+            self._ending = False
+        if stuck:
+            log.warning("engine client closed with %d task(s) still running: %s", len(stuck), stuck)
 
     def run_sync(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
         """Blocking call for non-async code (e.g. weight sync from a trainer thread)."""
@@ -551,10 +599,15 @@ class EngineClient:
 
     async def close(self) -> None:
         current = asyncio.get_running_loop()
+        bg = self._bg_loop
+        if bg is current:
+            await self._end_tasks()
+        elif bg is not None and not bg.is_closed() and bg.is_running():
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._end_tasks(), bg))
         for loop, session in list(self._sessions.items()):
             if loop is current:
                 await session.close()
-            elif loop is self._bg_loop and not loop.is_closed():
+            elif loop is bg and not loop.is_closed():
                 await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(session.close(), loop))
         self._sessions.clear()
         self._stop_background()
@@ -578,7 +631,12 @@ class EngineClient:
         loop.close()
 
 
-def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+def _consume_task(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("engine client task %s ended in %r", task.get_name(), task.exception())
+
+
+def _running_in(loop: asyncio.AbstractEventLoop | None) -> bool:
     try:
         return asyncio.get_running_loop() is loop
     except RuntimeError:

@@ -11,7 +11,6 @@ EP=2 equals EP=1 with replay; the metrics; the routing survives packing (and CP 
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ import torch
 from engines.megatron.launch import init_dist, spawn
 from engines.packing import pack_micro_batch, padded_micro_batch
 from pipeline.contracts.backend import MicroBatch
-from pipeline.testing.megatron import save_tiny_hf, tiny_config
+from pipeline.testing.megatron import save_tiny_hf
+from pipeline.testing.moe import megatron_backend, micro_batch, rollout, single_worker, train_step
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24, 25, 26, 27], [31, 32, 33, 34]]
 NEW_TOKENS = 10
@@ -35,89 +35,16 @@ def _tie_routers(model: torch.nn.Module, perturb: float, seed: int) -> None:
 
 
 def _rollout(model: torch.nn.Module) -> list[dict]:
-    """Generate with the CPU engine, recording the routed experts (what SGLang returns for the sample)."""
-    from engines.local.engine import Engine, Request
-    from engines.local.sampling import SamplingParams
-
-    engine = Engine(model, max_running=2, seed=0).start()  # 2 rows: requests join a running batch
-    done, out = threading.Semaphore(0), []
-    params = SamplingParams.from_json({"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "ignore_eos": True})
-    for i, p in enumerate(PROMPTS):
-        engine.submit(Request(rid=str(i), prompt=p, params=params, return_routed_experts=True,
-                              on_done=lambda r: (out.append(r), done.release())))  # fmt: skip
-    for _ in PROMPTS:
-        assert done.acquire(timeout=60)
-    engine.stop()
-    out.sort(key=lambda r: int(r.rid))
-    return [{"prompt": r.prompt, "output": r.output_ids, "logprobs": r.logprobs, "routing": r.routing()} for r in out]
-
-
-def micro_batch(samples: list[dict], routing: bool = True) -> MicroBatch:
-    """Right-padded (B, T) MicroBatch of the rollouts; routed_experts -1 where nothing was recorded."""
-    B, T = len(samples), max(len(s["prompt"]) + len(s["output"]) for s in samples)
-    L, k = samples[0]["routing"].shape[1:]
-    ids = torch.zeros(B, T, dtype=torch.long)
-    att, mask, old = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T), torch.zeros(B, T)
-    routes = torch.full((B, T, L, k), -1, dtype=torch.int16)
-    for b, s in enumerate(samples):
-        P, n = len(s["prompt"]), len(s["prompt"]) + len(s["output"])
-        ids[b, :n] = torch.tensor(s["prompt"] + s["output"])
-        att[b, :n] = 1
-        mask[b, P:n] = 1.0
-        old[b, P:n] = torch.tensor(s["logprobs"])
-        routes[b, : n - 1] = s["routing"]  # the fed tokens: all but the last
-    total = float(mask.sum())
-    adv = torch.linspace(-1, 1, B).unsqueeze(1).expand(B, T) * mask
-    return MicroBatch(
-        input_ids=ids, attention_mask=att, position_ids=torch.arange(T).expand(B, T).contiguous(), loss_mask=mask,
-        old_logprobs=old, advantages=adv.contiguous(), global_tokens=total, global_seqs=float(B),
-        max_new_tokens=NEW_TOKENS, routed_experts=routes if routing else None,
-    )  # fmt: skip
-
-
-def _backend(tmp: str, rank: int, world: int, ep: int = 1, replay: str = "rollout", pp: int = 1, **trainer):
-    from engines.megatron.backend import build_backend
-
-    cfg = tiny_config(1, pp, world // pp, **trainer)
-    cfg.trainer.parallel.ep = ep
-    cfg.algorithm.routing_replay = replay
-    backend = build_backend(cfg, rank, world)
-    backend.setup(os.path.join(tmp, "trainer"))
-    return backend, cfg
-
-
-def _step(backend, cfg, mbs: list[MicroBatch]) -> dict:
-    from pipeline.algorithm.losses import make_loss_fn
-
-    metrics = backend.train_minibatch(mbs, make_loss_fn(cfg.algorithm))
-    return {"metrics": metrics, "after": {k: v.clone() for k, v in backend.named_hf_weights()}}
-
-
-def _single_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
-    init_dist(rank, world_size, port)
-    samples = torch.load(os.path.join(tmp, "samples.pt"))
-    mb = micro_batch(samples)
-    out: dict = {}
-    backend, cfg = _backend(tmp, rank, 1)
-    out["lp_replay"] = backend.forward_logprobs([mb])[0]
-    backend.replay_on = backend.replay.apply = False
-    out["lp_own"] = backend.forward_logprobs([mb])[0]
-    backend.replay_on = backend.replay.apply = True
-    out["step"] = _step(backend, cfg, [mb])
-    backend, cfg = _backend(tmp, rank, 1, recompute=True)
-    out["step_recompute"] = _step(backend, cfg, [mb])
-    backend, cfg = _backend(tmp, rank, 1, replay="off")
-    out["step_off"] = _step(backend, cfg, [mb])
-    torch.save(out, os.path.join(tmp, "single.pt"))
+    return rollout(model, PROMPTS, NEW_TOKENS, max_running=2, timeout_s=60)
 
 
 def _ep_worker(rank: int, world_size: int, port: int, tmp: str, ep: int, pp: int = 1) -> None:
     init_dist(rank, world_size, port)
     samples = torch.load(os.path.join(tmp, "samples.pt"))
     mbs = [micro_batch(samples[:2]), micro_batch(samples[2:])]
-    backend, cfg = _backend(tmp, rank, world_size, ep=ep, pp=pp)
+    backend, cfg = megatron_backend(tmp, rank, world_size, ep=ep, pp=pp)
     mine = mbs[backend.dp_rank :: backend.dp_size]
-    out = {"lp": backend.forward_logprobs(mine), **_step(backend, cfg, mine)}
+    out = {"lp": backend.forward_logprobs(mine), **train_step(backend, cfg, mine)}
     torch.save(out, os.path.join(tmp, f"ep{ep}_pp{pp}_{rank}.pt"))
 
 
@@ -133,7 +60,7 @@ def runs(tmp_path_factory):
     trainer_model.save_pretrained(os.path.join(tmp, "trainer"))
     samples = _rollout(engine_model)
     torch.save(samples, os.path.join(tmp, "samples.pt"))
-    spawn(_single_worker, 1, tmp, timeout_s=120)
+    spawn(single_worker, 1, tmp, timeout_s=120)
     spawn(_ep_worker, 1, tmp, 1, timeout_s=60)
     spawn(_ep_worker, 2, tmp, 2, timeout_s=60)
     spawn(_ep_worker, 2, tmp, 1, 2, timeout_s=60)

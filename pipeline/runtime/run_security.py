@@ -15,6 +15,10 @@ driver then hands to every actor:
   their checkpoints. Removed when the context exits (a crashed run's root is reaped by the next run). When
   weight_sync.disk_dir is not a directory and the run does not stage weights on disk (not colocated disk), the
   system temporary directory is used instead.
+- On exit both fields get back the values they had on entry: the caller's `cfg` holds no removed staging root and no
+  spent key, so a second run in the same process from the same `cfg` gets a fresh root under the configured
+  directory and a fresh key (it used to fail with colocated disk staging: "weight_sync.disk_dir: ... is not a
+  directory").
 - `RunSecurity.generated_key` tells whether the key was made here (for tests and the start-up log line).
 """
 
@@ -50,6 +54,16 @@ def _stages_on_disk(cfg: Config) -> bool:
 
 @contextlib.contextmanager
 def secure_run(cfg: Config) -> Iterator[RunSecurity]:
+    given_key, given_dir = cfg.engine.api_key, cfg.weight_sync.disk_dir
+    try:
+        with _secured(cfg) as security:
+            yield security
+    finally:
+        cfg.engine.api_key, cfg.weight_sync.disk_dir = given_key, given_dir
+
+
+@contextlib.contextmanager
+def _secured(cfg: Config) -> Iterator[RunSecurity]:
     generated = False
     if cfg.engine.backend in LAUNCHED_BACKENDS and not engine_api_key(cfg):
         cfg.engine.api_key = secrets.token_urlsafe(32)
