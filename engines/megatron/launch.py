@@ -6,9 +6,13 @@ Contract:
   the timeout. Start method: forkserver with megatron preloaded on a machine without CUDA (fast workers); `spawn`
   where CUDA is available, since the preloaded modules may initialise CUDA in the forkserver and a forked child
   then cannot use it ("Cannot re-initialize CUDA in forked subprocess").
+- The rendezvous port is held from the start: `spawn` opens the run's TCPStore on port 0 in the launching process and
+  passes its port, so no other process can take the port between choosing and binding it (a free port chosen,
+  closed and bound later by rank 0 could be lost to another process on a busy machine).
 - `init_dist(rank, world_size, port, backend="gloo")` is what `fn` calls first: its own process group (so a timed-out
-  run is killed with its helpers), 1 CPU thread, the torch.distributed rendezvous on 127.0.0.1:port.
-- `free_port()` -> a free 127.0.0.1 TCP port.
+  run is killed with its helpers), 1 CPU thread, the torch.distributed rendezvous through the store on
+  127.0.0.1:port.
+- `free_port()` -> a free 127.0.0.1 TCP port (for callers that bind it themselves).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import os
 import signal
 import socket
 import time
+from datetime import timedelta
 from typing import Any
 
 import torch
+
+STORE_TIMEOUT_S = 300.0  # how long a rank waits for the others at the rendezvous
 
 
 def free_port() -> int:
@@ -36,7 +43,8 @@ def init_dist(rank: int, world_size: int, port: int, backend: str = "gloo") -> N
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.update(LOCAL_RANK=str(rank))
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
 # Imported once by the forkserver, then inherited by every worker it forks: a worker starts in well under a second
@@ -65,13 +73,16 @@ def default_start_method() -> str:
 def spawn(fn: Any, world_size: int, *args: Any, timeout_s: float = 120.0, start_method: str | None = None) -> None:
     import multiprocessing
 
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
     method = start_method or default_start_method()
     if method == "forkserver":
         multiprocessing.set_forkserver_preload(PRELOAD)
+    # the store (the rendezvous server) lives here, bound before any worker starts, until the run ends
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
     ctx = mp.start_processes(
-        fn, args=(world_size, free_port(), *args), nprocs=world_size, join=False, start_method=method
+        fn, args=(world_size, store.port, *args), nprocs=world_size, join=False, start_method=method
     )
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
