@@ -26,6 +26,7 @@ SUITE = (
     ("loss", "benchmarks.bench_loss", "vectorised DAPO loss+backward vs per-sample loop"),
     ("megatron", "benchmarks.bench_megatron", "trainer tokens/s (megatron backend)"),
     ("trainer", "benchmarks.bench_trainer", "both trainer backends: tokens/s, MFU, peak memory, logprob forward"),
+    ("routing_replay", "benchmarks.bench_routing_replay", "MoE trainer-vs-engine KL without vs with routing replay"),
 )
 
 
