@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -180,7 +182,13 @@ def test_eval_main_on_a_local_engine(tmp_path, capsys, monkeypatch):
         f"logging.dir={tmp_path}", "logging.run_name=ev", "engine.startup_timeout_s=120",
         "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.warm_start_steps=0",
     ])  # fmt: skip
+    before = {t.ident for t in threading.enumerate()}
     assert eval_main(cfg) == 0
+    # the reward runners' worker threads end with the command (an in-process `dapo eval` left 4 of them running)
+    deadline = time.monotonic() + 5
+    while [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("reward-")]:
+        assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]
+        time.sleep(0.05)
     out = capsys.readouterr().out.strip().splitlines()
     lines = [json.loads(x) for x in out if x.startswith("{")]
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())

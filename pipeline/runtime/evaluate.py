@@ -316,6 +316,8 @@ def eval_main(cfg: Any) -> int:
             prompts = load_prompts(cfg.data, tokenizer, path=source, seed=cfg.trainer.seed)
         except DataError as e:
             print(f"dapo eval: {e}")
+            for _, _, runner in work:
+                runner.close()
             return 2
         a = cfg.algorithm
         runner = RewardRunner(cfg.eval.reward_fn or scorer or a.reward_fn, a.reward_timeout_s, a.reward_workers)
@@ -323,8 +325,14 @@ def eval_main(cfg: Any) -> int:
     sampling = eval_sampling(cfg, tokenizer.eos_token_id)
     from pipeline.runtime.run_security import secure_run
 
-    with secure_run(cfg):  # a random API key for the engines launched here, a private staging root
-        results = asyncio.run(_eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, engine_api_key(cfg)))
+    try:
+        with secure_run(cfg):  # a random API key for the engines launched here, a private staging root
+            results = asyncio.run(
+                _eval_on_engines(cfg, model_dir, run_dir, work, tokenizer, sampling, engine_api_key(cfg))
+            )
+    finally:
+        for _, _, runner in work:
+            runner.close()  # its worker threads (an in-process `dapo eval` left them running)
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
     table = eval_table(results)
     (run_dir / "eval.md").write_text(table + "\n")
