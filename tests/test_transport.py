@@ -138,3 +138,63 @@ def test_send_times_out_when_nobody_reads():
     finally:
         tx.close(linger_ms=0)
         sink.close(linger=0)
+
+
+def test_large_payloads_are_kept_in_pooled_memory_and_the_slab_comes_back_when_the_group_is_gone(pair):
+    from pipeline.flow.transport import POOLED_MIN_BYTES, PayloadPool, decode_batch_group
+
+    pool = PayloadPool(max_free_bytes=2**30)
+    tx, rx = pair
+    rx._pool = pool
+    g = make_group("big", n_tokens=8_000)  # 2 samples x 8000 tokens x 16 bytes: ~256 KB > POOLED_MIN_BYTES
+    tx.send(g)
+    frame = rx.recv_frame(timeout_ms=5000)
+    assert isinstance(frame.payload, memoryview) and frame.payload.readonly
+    assert frame.payload.nbytes >= POOLED_MIN_BYTES and pool.counters == {"copied": 1, "reused": 0}
+    back, mins = decode_batch_group(frame.payload)
+    assert mins == [3, 3] and not back.samples[0].response_ids.flags.writeable
+    assert back.samples[1].response_ids.tolist() == g.samples[1].response_ids
+    del frame
+    assert pool.free_bytes == 0  # the decoded group's arrays still view the slab
+    keep = back.samples[0].logprobs
+    del back
+    assert pool.free_bytes == 0 and keep[1] == -0.125
+    del keep
+    slab = pool.free_bytes
+    assert slab >= g_bytes(g) and slab <= 1.125 * g_bytes(g) + 1  # one slab, its size class at most 12.5% larger
+    tx.send(make_group("again", n_tokens=8_000))
+    again = rx.recv_frame(timeout_ms=5000)  # same size class: the slab is reused
+    assert pool.counters == {"copied": 2, "reused": 1} and pool.free_bytes == 0
+    assert decode_group(again.payload).group_id == "again"
+
+
+def g_bytes(g: Group) -> int:
+    return len(encode_group(g)[1])
+
+
+def test_pool_keeps_at_most_max_free_bytes_and_small_payloads_stay_in_zmq_frames(pair):
+    from pipeline.flow.transport import PayloadPool
+
+    pool = PayloadPool(max_free_bytes=300_000)
+    views = [pool.copy(bytes(200_000)) for _ in range(3)]
+    assert all(bytes(v) == bytes(200_000) for v in views)
+    del views
+    assert 200_000 <= pool.free_bytes <= 300_000  # one slab kept, two freed
+    tx, rx = pair
+    rx._pool = pool
+    tx.send(make_group("small"))
+    frame = rx.recv_frame(timeout_ms=5000)
+    assert isinstance(frame.payload, zmq.Frame) and pool.counters["copied"] == 3
+
+
+def test_decode_batch_group_gives_each_samples_min_version_and_minus_one_without_tokens():
+    from pipeline.flow.transport import decode_batch_group
+
+    g = make_group("v", accs=(True, False, True), version=5, n_tokens=4)
+    g.samples[0].versions = [9, 6, 7, 8]
+    g.samples[1].response_ids, g.samples[1].logprobs, g.samples[1].versions = [], [], []
+    back, mins = decode_batch_group(encode_group(g)[1])
+    assert mins == [6, -1, 5]
+    assert [s.min_version for s in back.samples] == mins
+    assert back.samples[1].response_ids.size == 0 and back.samples[2].versions.tolist() == [5, 5, 5, 6]
+    assert decode_group(encode_group(g)[1]) == g  # the list form is unchanged

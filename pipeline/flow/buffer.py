@@ -56,6 +56,7 @@ from pipeline.flow.transport import (
     GroupReceiver,
     RolloutStatus,
     TransportError,
+    decode_batch_group,
     decode_group,
     encode_group,
     group_meta,
@@ -100,7 +101,12 @@ class RolloutBuffer:
                 need,
             )
         self.capacity = max(capacity, need)
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # held groups or the manager's status changed; room freed
+        # wait_received's own condition, woken only when a target it waits for is reached: waking it on every
+        # burst of frames made the puller and the waiter trade the GIL per burst.
+        self._arrival = threading.Condition(self._lock)
+        self._awaited: list[int] = []
         self._entries: dict[int, _Entry] = {}  # seq -> kept, not yet handed out
         # Indexes of _entries, so that a get_batch costs what it takes, not what the buffer holds: the entries by
         # start version (each in seq order), and a heap of (min_version, seq) whose top is the next to go stale
@@ -148,6 +154,8 @@ class RolloutBuffer:
                         if frame is not None:
                             self._ingest(frame)
                     self._cond.notify_all()
+                    if self._awaited and self._seq >= min(self._awaited):
+                        self._arrival.notify_all()
 
     def _ingest(self, frame: Frame) -> None:
         h = frame.header
@@ -281,13 +289,12 @@ class RolloutBuffer:
         """The decoded groups and their samples' min versions, or None when one was dropped (malformed, stale)."""
         groups, sample_versions = [], []
         for e in chosen:
-            try:
-                g = decode_group(payload_buffer(e.payload), arrays=True)  # zero-copy: no per-token objects
+            try:  # zero-copy: no per-token objects; the samples' min versions in one numpy call
+                g, versions = decode_batch_group(payload_buffer(e.payload))
             except TransportError as err:
                 log.error("buffer: group %s: %s", e.meta.group_id, err)
                 self._drop(e.seq, "malformed")
                 return None
-            versions = [s.min_version for s in g.samples]  # once per sample: reused for the staleness metrics
             if self._stale(min(versions), trainer_version):  # the header lied about min_version
                 self._drop(e.seq, "stale")
                 return None
@@ -340,12 +347,16 @@ class RolloutBuffer:
         """Block until `n` group frames have arrived (e.g. the manager's `pushed` at a checkpoint)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._seq < n:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.5))
-            return True
+            self._awaited.append(n)
+            try:
+                while self._seq < n:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._arrival.wait(min(remaining, 0.5))
+                return True
+            finally:
+                self._awaited.remove(n)
 
     def metrics(self) -> dict[str, float]:
         with self._cond:
@@ -413,6 +424,7 @@ class RolloutBuffer:
             self._counts = Counter(state["counts"])
             self._counts["kept"] = len(self._entries)
             self._seq = int(state["received"])
+            self._arrival.notify_all()
 
     def close(self) -> None:
         with self._cond:
