@@ -74,6 +74,7 @@ class _Entry:
     seq: int
     meta: GroupMeta
     payload: Any
+    wire: Any = None  # the payload decoded structurally at reception (Frame.wire), or None: decoded when taken
 
 
 class RolloutBuffer:
@@ -173,7 +174,7 @@ class RolloutBuffer:
         self._counts[reason] += 1
         self._outcomes.append((seq, reason))
         if reason == "kept":
-            self._add(_Entry(seq, meta, frame.payload))
+            self._add(_Entry(seq, meta, frame.payload, frame.wire))
 
     def _add(self, e: _Entry) -> None:
         self._entries[e.seq] = e
@@ -290,7 +291,7 @@ class RolloutBuffer:
         groups, sample_versions = [], []
         for e in chosen:
             try:  # zero-copy: no per-token objects; the samples' min versions in one numpy call
-                g, versions = decode_batch_group(payload_buffer(e.payload))
+                g, versions = decode_batch_group(e.payload, e.wire)
             except TransportError as err:
                 log.error("buffer: group %s: %s", e.meta.group_id, err)
                 self._drop(e.seq, "malformed")

@@ -40,7 +40,7 @@ Contract:
   blocks (frames that meet a full pipe wait in an ordered outbox; `flush()` / `await drain()` push them on), so an
   asyncio loop is never stalled by backpressure. `close()` lingers `linger_ms` to deliver what is queued.
 - `GroupReceiver(bind_address="tcp://127.0.0.1:0")`: PULL, binds (port 0 picks a free port; `address` is the bound
-  endpoint), RCVHWM. `recv(timeout_ms) -> Group | None` decodes fully (status frames update `last_status`,
+  endpoint), RCVHWM (`DEFAULT_RCVHWM`). `recv(timeout_ms) -> Group | None` decodes fully (status frames update `last_status`,
   header-only groups are skipped); `recv_frame(timeout_ms) -> Frame | None` returns header + undecoded payload.
   One thread at a time may use a receiver (ZMQ sockets are not thread-safe).
 """
@@ -65,7 +65,13 @@ from pipeline.contracts.records import ROUTE_DTYPE, SCHEMA_VERSION, Group, Sampl
 log = logging.getLogger(__name__)
 
 DEFAULT_HWM = 64
-"""Messages queued per socket side before backpressure (a 16k-token group is ~4 MB)."""
+"""Messages the sender's socket queues before backpressure (a 16k-token group is ~4 MB)."""
+DEFAULT_RCVHWM = 1000
+"""Messages the receiver's socket queues (ZMQ's default). Not 64: when a burst fills the receiving pipe, libzmq
+stops and restarts reading the TCP stream every few messages, measured at +40-50 us of its I/O thread's CPU per
+0.3 MB message (~1.7x what the raw receive costs), which caps ingestion at ~0.6 of raw ZMQ exactly when the buffer
+falls behind. Memory stays bounded by the admission rule: the manager never has more kept groups unconsumed than the
+buffer's capacity (pipeline/flow/buffer.py), so the buffer does not stop pulling and the queue only absorbs bursts."""
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 """ZMQ_MAXMSGSIZE of the receiver: the largest frame a sender may push (a 16 x 16k-token group is ~4 MB)."""
 _MAX_COUNTER = 2**53
@@ -142,11 +148,13 @@ class _SchemaOnly(msgspec.Struct):
 
 
 class Frame(msgspec.Struct):
-    """A received message: its header and the undecoded payload (bytes or a zero-copy zmq.Frame buffer)."""
+    """A received message: its header, its payload (bytes, a zmq.Frame, or a read-only memoryview of pooled memory:
+    see `PayloadPool`), and for a group with a payload, the payload decoded structurally by `validate_frame`."""
 
     header: FrameHeader
     payload: Any = b""
     nbytes: int = 0
+    wire: Any = None
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -307,10 +315,11 @@ def decode_group(payload: Any, arrays: bool = False) -> Group:
     return _unwire(_decode_wire(payload), arrays)[0]
 
 
-def decode_batch_group(payload: Any) -> tuple[Group, list[int]]:
-    """`decode_group(payload, arrays=True)` and each sample's min version (-1 for a sample without tokens), which
-    the buffer checks against the staleness bound: computed here for the whole group at once."""
-    return _unwire(_decode_wire(payload), True)
+def decode_batch_group(payload: Any, wire: Any = None, arrays: bool = True) -> tuple[Group, list[int]]:
+    """`decode_group(payload, arrays)` and each sample's min version (-1 for a sample without tokens), which the
+    buffer checks against the staleness bound: computed here for the whole group at once. `wire`: the payload
+    already decoded by `validate_frame` (`Frame.wire`), which is then not decoded again."""
+    return _unwire(_decode_wire(payload_buffer(payload)) if wire is None else wire, arrays)
 
 
 def _decode_wire(payload: Any) -> _WireGroup:
@@ -355,18 +364,6 @@ def decode_header(raw: Any) -> FrameHeader:
     return header
 
 
-class _GroupProbe(msgspec.Struct, kw_only=True):
-    """A payload's structure: its ids and samples' scalars; the packed token arrays are skipped, not read."""
-
-    schema: int
-    prompt_id: str
-    group_id: str
-    samples: list[_WireSample]
-
-
-_GROUP_PROBE = msgspec.msgpack.Decoder(_GroupProbe)
-
-
 def split_endpoint(endpoint: str) -> tuple[str, str]:
     """`<address>#<token>` -> (address, token); no `#`: (endpoint, "")."""
     address, _, token = endpoint.partition("#")
@@ -384,43 +381,46 @@ def authenticate(parts: list, token: bytes) -> list | None:
 def _check_status(status: RolloutStatus) -> None:
     values = [status.version, status.drawn, status.pushed, status.requeued, status.gave_up, status.in_flight]
     values += [*status.pending.keys(), *status.pending.values()]
-    if any(not 0 <= v < _MAX_COUNTER for v in values):
+    if min(values) < 0 or max(values) >= _MAX_COUNTER:
         raise TransportError("status counters must be non-negative integers below 2**53")
 
 
-def validate_frame(header: FrameHeader, payload: Any) -> None:
-    """TransportError when an (authenticated, decodable) frame is inconsistent; see the module contract."""
+def validate_frame(header: FrameHeader, payload: Any) -> _WireGroup | None:
+    """TransportError when an (authenticated, decodable) frame is inconsistent (see the module contract); else, for
+    a group with a payload, the payload decoded structurally (`_WireGroup`: its scalars, and its packed per-token
+    arrays as memoryviews of the payload), which the buffer keeps so that nothing is decoded twice."""
     if header.status is not None:
         _check_status(header.status)
     if header.kind != "group":
         if len(payload):
             raise TransportError("status frame with a payload")
-        return
+        return None
     meta = header.group
     if meta.n_tokens < 0 or meta.attempt < 0 or meta.epoch < 0 or min(meta.start_version, meta.min_version) < -1:
         raise TransportError(f"group {meta.group_id!r}: negative counters in its header")
     if not meta.has_payload:
         if len(payload):
             raise TransportError(f"group {meta.group_id!r}: header says no payload, but one came")
-        return
+        return None
     try:
-        probe = _GROUP_PROBE.decode(payload_buffer(payload))
+        wire = _GROUP_DECODER.decode(payload_buffer(payload))
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         try:  # name a schema mismatch even when the payload's shape changed too
-            probe = _SchemaOnly(schema=_PROBE_DECODER.decode(payload_buffer(payload)).schema, group_id="?")
+            wire = _SchemaOnly(schema=_PROBE_DECODER.decode(payload_buffer(payload)).schema, group_id="?")
         except (msgspec.DecodeError, msgspec.ValidationError):
-            probe = None
-        if probe is None or probe.schema == SCHEMA_VERSION:
+            wire = None
+        if wire is None or wire.schema == SCHEMA_VERSION:
             raise TransportError(f"group {meta.group_id!r}: payload is not a Group: {e}") from None
-    if probe.schema != SCHEMA_VERSION:
+    if wire.schema != SCHEMA_VERSION:
         raise TransportError(
-            f"group {meta.group_id!r}: payload schema {probe.schema} != SCHEMA_VERSION {SCHEMA_VERSION} (sender and "
+            f"group {meta.group_id!r}: payload schema {wire.schema} != SCHEMA_VERSION {SCHEMA_VERSION} (sender and "
             "receiver run different code versions)"
         )
-    if (probe.group_id, probe.prompt_id) != (meta.group_id, meta.prompt_id):
-        raise TransportError(f"group {meta.group_id!r}: payload is group {probe.group_id!r} of {probe.prompt_id!r}")
-    if [sm.acc for sm in probe.samples] != list(meta.accs):
+    if (wire.group_id, wire.prompt_id) != (meta.group_id, meta.prompt_id):
+        raise TransportError(f"group {meta.group_id!r}: payload is group {wire.group_id!r} of {wire.prompt_id!r}")
+    if [sm.acc for sm in wire.samples] != meta.accs:
         raise TransportError(f"group {meta.group_id!r}: header accs do not match the payload's samples")
+    return wire
 
 
 def _size_class(n: int) -> int:
@@ -557,7 +557,7 @@ class GroupSender:
         except zmq.Again:
             return False
         self.frames_sent += 1
-        self.bytes_sent += sum(len(f) for f in frames)
+        self.bytes_sent += sum(map(len, frames))
         return True
 
     def flush(self) -> bool:
@@ -586,6 +586,8 @@ class GroupSender:
 
     def send_frames(self, frames: list[bytes], timeout_ms: int | None = None) -> None:
         """Blocking send of an encoded message (after the outbox); TimeoutError past timeout_ms."""
+        if not self._outbox and self._try_send(frames):  # the common case: room in the pipe, nothing queued before
+            return
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         self._outbox.append(frames)
         while not self.flush():
@@ -615,7 +617,7 @@ class GroupReceiver:
     def __init__(
         self,
         bind_address: str = "tcp://127.0.0.1:0",
-        hwm: int = DEFAULT_HWM,
+        hwm: int = DEFAULT_RCVHWM,
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         pool: PayloadPool | None = PAYLOAD_POOL,
@@ -686,16 +688,16 @@ class GroupReceiver:
                 self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
                 continue
             payload = parts[1] if len(parts[1]) else b""
+            if self._pool is not None and len(payload) >= POOLED_MIN_BYTES:  # before decoding: the wire's views
+                payload = self._pool.copy(payload.buffer)  # must point into the copy, so ZMQ's message is freed now
             try:
-                validate_frame(header, payload)
+                wire = validate_frame(header, payload)
             except TransportError as e:
                 self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
                 continue
-            if self._pool is not None and len(payload) >= POOLED_MIN_BYTES:  # checked: worth keeping, so copy it
-                payload = self._pool.copy(payload.buffer)
             if header.status is not None:
                 self.last_status = header.status
-            return Frame(header, payload, nbytes)
+            return Frame(header, payload, nbytes, wire)
 
     def recv(self, timeout_ms: int = 0) -> Group | None:
         """Next group (fully decoded); status frames and header-only groups are consumed on the way."""
@@ -707,7 +709,7 @@ class GroupReceiver:
             if frame.header.kind != "group" or not frame.header.group.has_payload:
                 continue
             try:
-                return decode_group(payload_buffer(frame.payload))
+                return decode_batch_group(frame.payload, frame.wire, arrays=False)[0]
             except TransportError as e:
                 self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
 
