@@ -5,18 +5,20 @@ Contract:
   sync period and capacity all come from the run's `pipeline.config.Layout`.
 - A background thread pulls frames from a `GroupReceiver`, counts each group by the dynamic-sampling decision the
   manager made and sent in the frame header (`drop_reason`: the filter is decided once, in the rollout; a header
-  without payload and without a reason counts as `no_payload`) and keeps the kept groups with their payload still
-  encoded (decoded only when handed out). It stops pulling while `capacity` kept groups are held, so ZMQ's
+  without payload and without a reason counts as `no_payload`) and keeps the kept groups with their payload (in the
+  transport's recycled payload memory) and its structural decode from validation (`Frame.wire`); the samples and
+  their arrays are made only when handed out, and whatever wakes on arrivals is woken once per burst of frames
+  (`wait_received` only when its target is reached). It stops pulling while `capacity` kept groups are held, so ZMQ's
   high-water marks push back on the senders. The capacity is raised to (max_staleness + 1) * sync_every *
   batch_size when smaller: the admission rule lets that many kept groups exist unconsumed, and fewer would let a
   full buffer block the frame of an older group it has to hand out first.
 - `get_batch(trainer_version, timeout_s, size=batch_size)` returns EXACTLY `size` groups whose samples all satisfy
   trainer_version - sample.min_version <= max_staleness, their per-token fields numpy views of the received
-  frames (`decode_group(arrays=True)`: no per-token Python objects). `size` < batch_size hands a step's batch out
-  in parts (the loop streams mini-batches: it trains the first while the last are still generating); the bound
-  and the EDF check below count groups, so parts and whole batches give the same groups in the same order. Groups
-  already too stale are dropped first (reason
-  `stale`, a terminal "filtered" outcome; with the manager's admission rule this does not happen in steady state).
+  payloads (`decode_batch_group`: no per-token Python objects, the samples' min versions in one numpy call).
+  `size` < batch_size hands a step's batch out in parts (the loop streams mini-batches: it trains the first while
+  the last are still generating); the bound and the EDF check below count groups, so parts and whole batches give
+  the same groups in the same order. Groups already too stale are dropped first (reason `stale`, a terminal
+  "filtered" outcome; with the manager's admission rule this does not happen in steady state).
   The batch is the `size` oldest groups (by start version, then arrival), returned at once unless taking a
   group younger than a still-unresolved older one (known from the manager's status) could make some group miss
   its deadline (earliest-deadline-first feasibility, worst case every unresolved group that may still be kept --

@@ -27,21 +27,29 @@ Contract:
   frame is disconnected by ZMQ before the frame is buffered.
 - Validation of decoded frames (`validate_frame`), after authentication: status counters must be non-negative
   integers below 2**53; a group header's fields must be consistent (accs per sample, n_tokens >= 0); a header-only
-  group must have an empty payload, any other a payload that is structurally a `_WireGroup` whose ids, sample count and
-  per-sample `acc` match the header (a probe decoder reads the scalars and skips the packed arrays). The element types inside the token lists are checked when the payload is
-  decoded (the buffer drops such a group as malformed). A frame failing any check is counted
+  group must have an empty payload, any other a payload that decodes as a `_WireGroup` (typed: every scalar, the
+  packed arrays as `bin`) whose schema, ids, sample count and per-sample `acc` match the header. That decode is
+  kept with the frame (`Frame.wire`: scalars, and memoryviews of the payload) and reused when the group is handed
+  out, so a payload is decoded once. The packed arrays' lengths are checked against the samples' when the group is
+  handed out (the buffer drops such a group as malformed). A frame failing any check is counted
   (`transport/rejected_malformed`) and dropped, never kept, and its status is not applied.
-- Arrays end to end: `decode_group(payload, arrays=True)` (what the buffer hands the trainer) makes no per-token
-  Python object: each sample's fields are numpy views of the payload's bytes (zero-copy: msgspec decodes `bin` into
-  memoryviews of the received frame), and the trainer collates them with numpy slices. `arrays=False` gives lists
-  (`recv`, checkpoints). The payload is decoded late, when a group is handed out: ingestion runs at ZMQ speed and
-  never pays for groups that are filtered or dropped. See benchmarks/bench_transport.py.
+- Memory: a payload of POOLED_MIN_BYTES or more that passed authentication is copied out of ZMQ's message into a
+  recycled slab of the process-wide `PayloadPool` (`PAYLOAD_POOL`), and ZMQ's message is freed at once; the slab
+  returns to the pool when the last view of it is gone. The receiver also asks glibc to keep freed memory
+  (`keep_freed_memory`). Why: a buffer keeps what it receives; without this each kept message lands in pages new from
+  the kernel and pays a page fault per 4 KiB (measured ~70 per 0.3 MB message, twice the raw receive time).
+- Arrays end to end: `decode_group(payload, arrays=True)` and `decode_batch_group` (what the buffer hands the
+  trainer) make no per-token Python object: each sample's fields are read-only numpy views of the payload's bytes
+  (msgspec decodes `bin` into memoryviews of the pooled copy or the received frame), and the trainer collates them
+  with numpy slices; `decode_batch_group` also gives the samples' min versions in one numpy call. `arrays=False`
+  gives lists (`recv`, checkpoints). See benchmarks/bench_transport.py.
 - `GroupSender(address)`: PUSH, connects, SNDHWM. `send(group)` blocks (up to `timeout_ms`); `post(frames)` never
   blocks (frames that meet a full pipe wait in an ordered outbox; `flush()` / `await drain()` push them on), so an
   asyncio loop is never stalled by backpressure. `close()` lingers `linger_ms` to deliver what is queued.
 - `GroupReceiver(bind_address="tcp://127.0.0.1:0")`: PULL, binds (port 0 picks a free port; `address` is the bound
-  endpoint), RCVHWM (`DEFAULT_RCVHWM`). `recv(timeout_ms) -> Group | None` decodes fully (status frames update `last_status`,
-  header-only groups are skipped); `recv_frame(timeout_ms) -> Frame | None` returns header + undecoded payload.
+  endpoint), RCVHWM (`DEFAULT_RCVHWM`). `recv(timeout_ms) -> Group | None` decodes fully (status frames update
+  `last_status`, header-only groups are skipped); `recv_frame(timeout_ms) -> Frame | None` returns the header, the
+  payload and its structural decode.
   One thread at a time may use a receiver (ZMQ sockets are not thread-safe).
 """
 
