@@ -5,8 +5,8 @@ Contract:
   sync period and capacity all come from the run's `pipeline.config.Layout`.
 - A background thread pulls frames from a `GroupReceiver`, counts each group by the dynamic-sampling decision the
   manager made and sent in the frame header (`drop_reason`: the filter is decided once, in the rollout; a header
-  without payload and without a reason counts as `no_payload`) and keeps the kept groups with their payload (in the
-  transport's recycled payload memory) and its structural decode from validation (`Frame.wire`); the samples and
+  without payload and without a reason counts as `no_payload`) and keeps the kept groups with their payload (the
+  received frame, zero-copy) and its structural decode from validation (`Frame.wire`); the samples and
   their arrays are made only when handed out, and whatever wakes on arrivals is woken once per burst of frames
   (`wait_received` only when its target is reached). It stops pulling while `capacity` kept groups are held, so ZMQ's
   high-water marks push back on the senders. The capacity is raised to (max_staleness + 1) * sync_every *

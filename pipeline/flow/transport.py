@@ -33,14 +33,14 @@ Contract:
   out, so a payload is decoded once. The packed arrays' lengths are checked against the samples' when the group is
   handed out (the buffer drops such a group as malformed). A frame failing any check is counted
   (`transport/rejected_malformed`) and dropped, never kept, and its status is not applied.
-- Memory: a payload of POOLED_MIN_BYTES or more that passed authentication is copied out of ZMQ's message into a
-  recycled slab of the process-wide `PayloadPool` (`PAYLOAD_POOL`), and ZMQ's message is freed at once; the slab
-  returns to the pool when the last view of it is gone. The receiver also asks glibc to keep freed memory
-  (`keep_freed_memory`). Why: a buffer keeps what it receives; without this each kept message lands in pages new from
-  the kernel and pays a page fault per 4 KiB (measured ~70 per 0.3 MB message, twice the raw receive time).
+- Memory: the receiver keeps a kept payload in ZMQ's own message (zero-copy), and asks glibc once per process to keep
+  freed memory for reuse (`keep_freed_memory`). Why: a buffer keeps what it receives, so ZMQ's I/O thread mallocs
+  every message while earlier ones are still held; with glibc's default thresholds that memory is new from the
+  kernel each time and pays a page fault per 4 KiB (measured ~70 per 0.3 MB message, the whole raw receive time
+  again); with the memory of consumed groups reused, none.
 - Arrays end to end: `decode_group(payload, arrays=True)` and `decode_batch_group` (what the buffer hands the
   trainer) make no per-token Python object: each sample's fields are read-only numpy views of the payload's bytes
-  (msgspec decodes `bin` into memoryviews of the pooled copy or the received frame), and the trainer collates them
+  (msgspec decodes `bin` into memoryviews of the received frame), and the trainer collates them
   with numpy slices; `decode_batch_group` also gives the samples' min versions in one numpy call. `arrays=False`
   gives lists (`recv`, checkpoints). See benchmarks/bench_transport.py.
 - `GroupSender(address)`: PUSH, connects, SNDHWM. `send(group)` blocks (up to `timeout_ms`); `post(frames)` never
@@ -58,9 +58,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-import threading
 import time
-import weakref
 from collections import deque
 from typing import Any
 
@@ -83,11 +81,6 @@ buffer's capacity (pipeline/flow/buffer.py), so the buffer does not stop pulling
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 """ZMQ_MAXMSGSIZE of the receiver: the largest frame a sender may push (a 16 x 16k-token group is ~4 MB)."""
 _MAX_COUNTER = 2**53
-POOLED_MIN_BYTES = 64 * 1024
-"""Kept payloads at least this large are copied into recycled memory (`PayloadPool`); smaller ones stay in ZMQ's
-frame (their first-touch cost is a page or two)."""
-DEFAULT_POOL_BYTES = 2**30
-"""Idle slabs the process-wide payload pool keeps for reuse; beyond this, returned slabs are freed."""
 
 
 class TransportError(RuntimeError):
@@ -156,8 +149,8 @@ class _SchemaOnly(msgspec.Struct):
 
 
 class Frame(msgspec.Struct):
-    """A received message: its header, its payload (bytes, a zmq.Frame, or a read-only memoryview of pooled memory:
-    see `PayloadPool`), and for a group with a payload, the payload decoded structurally by `validate_frame`."""
+    """A received message: its header, its payload (bytes or a zero-copy zmq.Frame), and for a group with a payload,
+    the payload decoded structurally by `validate_frame`."""
 
     header: FrameHeader
     payload: Any = b""
@@ -431,86 +424,20 @@ def validate_frame(header: FrameHeader, payload: Any) -> _WireGroup | None:
     return wire
 
 
-def _size_class(n: int) -> int:
-    """`n` rounded up to a multiple of 1/8 of its power of two (slabs of similar payloads are interchangeable, at
-    most 12.5% slack)."""
-    step = 1 << max(n.bit_length() - 4, 0)
-    return -(-n // step) * step
-
-
-class PayloadPool:
-    """Recycled memory for the payloads a buffer keeps.
-
-    `copy(data)` puts the bytes into a slab taken from the pool (or a new one) and returns a read-only memoryview of
-    them; the slab comes back when that view and everything made from it (the decoded group's numpy arrays,
-    msgspec's memoryviews) are gone, from whichever thread drops the last one. Why copy: a buffer keeps what it
-    receives, and ZMQ allocates every large message afresh, so kept messages land in memory new from the kernel and
-    pay a page fault per 4 KiB page -- measured as much again as the whole raw receive at 1k-token groups -- while a
-    memcpy into warm memory costs about a sixth of it, and ZMQ's own message, freed at once, is reused warm by its
-    I/O thread. Slabs are grouped in size classes (`_size_class`); at most `max_free_bytes` of idle slabs are kept.
-    """
-
-    def __init__(self, max_free_bytes: int = DEFAULT_POOL_BYTES):
-        self.max_free_bytes = max_free_bytes
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._free_bytes = 0
-        self._out: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(weakref) -> (weakref, its slab)
-        # Re-entrant: a slab may come back through a weakref callback run by the garbage collector inside a locked
-        # section of the same thread.
-        self._lock = threading.RLock()
-        self.counters = {"copied": 0, "reused": 0}
-
-    @property
-    def free_bytes(self) -> int:
-        return self._free_bytes
-
-    def copy(self, data: Any) -> memoryview:
-        """A read-only copy of the bytes of `data` (a buffer) in pooled memory."""
-        src = memoryview(data).cast("B")
-        size = _size_class(src.nbytes)
-        with self._lock:
-            free = self._free.get(size)
-            slab = free.pop() if free else None
-            if slab is not None:
-                self._free_bytes -= size
-                self.counters["reused"] += 1
-            self.counters["copied"] += 1
-        if slab is None:
-            slab = np.empty(size, np.uint8)
-        view = slab[: src.nbytes]
-        memoryview(view)[:] = src
-        ref = weakref.ref(view, self._returned)
-        self._out[id(ref)] = (ref, slab)
-        return memoryview(view).toreadonly()
-
-    def clear(self) -> None:
-        """Free the idle slabs (slabs in use come back later as usual)."""
-        with self._lock:
-            self._free, self._free_bytes = {}, 0
-
-    def _returned(self, ref: weakref.ref) -> None:
-        _, slab = self._out.pop(id(ref))
-        with self._lock:
-            if self._free_bytes + slab.nbytes <= self.max_free_bytes:
-                self._free.setdefault(slab.nbytes, []).append(slab)
-                self._free_bytes += slab.nbytes
-
-
-PAYLOAD_POOL = PayloadPool()
-"""The process's pool: buffers come and go (a run, a benchmark's repetitions), the warm memory stays."""
-
 _MALLOC_TUNED = False
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # <malloc.h>
 
 
 def keep_freed_memory() -> bool:
     """Once per process (glibc only; elsewhere a no-op returning False): let malloc keep freed memory for reuse
-    instead of handing it back to the kernel (M_TRIM_THRESHOLD 512 MiB, M_MMAP_THRESHOLD 32 MiB, its maximum).
+    instead of handing it back to the kernel: M_MMAP_THRESHOLD 32 MiB (its maximum: messages up to that size come
+    from the heap, not from a fresh mmap each), M_TOP_PAD 64 MiB (a thread's arena keeps that much when trimming, so
+    its 64 MiB heaps are not unmapped when they empty), M_TRIM_THRESHOLD 1 GiB (the main heap).
 
-    Why: ZMQ's I/O thread mallocs every received message (a 16 x 1k-token group is 0.3 MB); the receiver copies a
-    kept payload into the pool and frees the message at once, but with glibc's default thresholds the freed message
-    goes back to the kernel (munmap, or a trim of the arena's top) whenever several are queued, and the next one is
-    faulted in again page by page (measured: 5-20 faults per message, where the raw receive loop takes none). The
-    cost: the process's heap does not shrink below its high-water mark (the buffer's process holds up to its
+    Why: ZMQ's I/O thread mallocs every received message and the buffer holds it until the trainer takes the group,
+    so with glibc's defaults each held message lands in memory new from the kernel and is faulted in page by page
+    (measured: ~70 faults per 0.3 MB message; with this, under one once the memory of consumed groups is reused).
+    The cost: the process's heap does not shrink below its high-water mark (the buffer's process holds up to its
     capacity of groups anyway)."""
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -521,13 +448,12 @@ def keep_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1 and libc.mallopt(m_trim_threshold, 512 * 2**20) == 1
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        settings = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TOP_PAD, 64 * 2**20), (_M_TRIM_THRESHOLD, 2**30))
+        _MALLOC_TUNED = all(mallopt(option, value) == 1 for option, value in settings)
     except (OSError, AttributeError):
         return False
-    _MALLOC_TUNED = ok
-    return ok
+    return _MALLOC_TUNED
 
 
 def _context() -> zmq.Context:
@@ -628,12 +554,11 @@ class GroupReceiver:
         hwm: int = DEFAULT_RCVHWM,
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        pool: PayloadPool | None = PAYLOAD_POOL,
+        tune_malloc: bool = True,
     ):
-        """`token`: the senders' credential (default: a fresh random one; see `sender_endpoint`). `pool`: where
-        payloads of POOLED_MIN_BYTES or more are copied once they passed every check (None: kept in ZMQ's frames)."""
-        self._pool = pool
-        if pool is not None:
+        """`token`: the senders' credential (default: a fresh random one; see `sender_endpoint`). `tune_malloc`:
+        call `keep_freed_memory` (process-wide)."""
+        if tune_malloc:
             keep_freed_memory()
         self._token = token if token is not None else secrets.token_urlsafe(32)
         if not self._token or "#" in self._token:
@@ -696,8 +621,6 @@ class GroupReceiver:
                 self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
                 continue
             payload = parts[1] if len(parts[1]) else b""
-            if self._pool is not None and len(payload) >= POOLED_MIN_BYTES:  # before decoding: the wire's views
-                payload = self._pool.copy(payload.buffer)  # must point into the copy, so ZMQ's message is freed now
             try:
                 wire = validate_frame(header, payload)
             except TransportError as e:
