@@ -222,6 +222,10 @@ def _wire(group: Group) -> _WireGroup:
     )  # fmt: skip
 
 
+_SAMPLE_TEMPLATE = Sample(prompt_id="", group_id="", index=0, prompt_ids=[], response_ids=[], logprobs=[], versions=[])
+"""Every field of a decoded sample is set on a copy of this one, except `routed_experts` when it is empty (b"")."""
+
+
 def _unwire(w: _WireGroup, arrays: bool) -> tuple[Group, list[int]]:
     """The group (per-token fields numpy views of `w`'s buffers, or lists) and each sample's min version (-1: no
     tokens), computed for the whole group in one numpy call rather than one reduction per sample."""
@@ -256,16 +260,17 @@ def _unwire(w: _WireGroup, arrays: bool) -> tuple[Group, list[int]]:
     samples, p0, q0 = [], 0, 0
     for x, p_len, r0, r_len, nq in zip(wire, p_lens, r_starts, r_lens, route_bytes, strict=True):
         p1, r1 = p0 + p_len, r0 + r_len
-        samples.append(
-            Sample(
-                prompt_id=x.prompt_id, group_id=x.group_id, index=x.index, prompt_ids=prompts[p0:p1],
-                response_ids=responses[r0:r1], logprobs=logprobs[r0:r1], versions=versions[r0:r1],
-                finish_reason=x.finish_reason, reward=x.reward, task_reward=x.task_reward, acc=x.acc,
-                reward_failed=x.reward_failed, max_new_tokens=x.max_new_tokens,
-                routed_experts=routes[q0 : q0 + nq] if arrays else bytes(routes[q0 : q0 + nq]),
-                routed_layers=x.routed_layers, routed_topk=x.routed_topk,
-            )
-        )  # fmt: skip
+        # A copy of a template with its fields set: half the cost of Sample's 16-keyword __init__ (a group's
+        # samples are made at every get_batch).
+        s = _SAMPLE_TEMPLATE.__copy__()
+        s.prompt_id, s.group_id, s.index, s.finish_reason = x.prompt_id, x.group_id, x.index, x.finish_reason
+        s.reward, s.task_reward, s.acc, s.reward_failed = x.reward, x.task_reward, x.acc, x.reward_failed
+        s.max_new_tokens, s.routed_layers, s.routed_topk = x.max_new_tokens, x.routed_layers, x.routed_topk
+        s.prompt_ids, s.response_ids = prompts[p0:p1], responses[r0:r1]
+        s.logprobs, s.versions = logprobs[r0:r1], versions[r0:r1]
+        if nq:
+            s.routed_experts = routes[q0 : q0 + nq] if arrays else bytes(routes[q0 : q0 + nq])
+        samples.append(s)
         p0, q0 = p1, q0 + nq
     group = Group(
         schema=w.schema, prompt_id=w.prompt_id, group_id=w.group_id, samples=samples, answer=w.answer,
