@@ -385,9 +385,12 @@ def authenticate(parts: list, token: bytes) -> list | None:
 
 
 def _check_status(status: RolloutStatus) -> None:
-    values = [status.version, status.drawn, status.pushed, status.requeued, status.gave_up, status.in_flight]
-    values += [*status.pending.keys(), *status.pending.values()]
-    if min(values) < 0 or max(values) >= _MAX_COUNTER:
+    counts = (status.version, status.drawn, status.pushed, status.requeued, status.gave_up, status.in_flight)
+    pending = status.pending
+    low, high = min(counts), max(counts)
+    if pending:
+        low, high = min(low, *pending, *pending.values()), max(high, *pending, *pending.values())
+    if low < 0 or high >= _MAX_COUNTER:
         raise TransportError("status counters must be non-negative integers below 2**53")
 
 
@@ -597,19 +600,30 @@ class GroupReceiver:
             self._warned.add(kind)
             log.error("GroupReceiver(%s): %s (counted in transport/%s)", self.address, reason, kind)
 
+    def _recv_parts(self) -> list[zmq.Frame]:
+        """The frames of the next message, zero-copy; zmq.Again when none is queued. Frame by frame with `more`, not
+        recv_multipart, whose RCVMORE getsockopt per part costs more than the receive (multipart messages are
+        delivered whole, so the parts after the first are there)."""
+        part = self._sock.recv(zmq.NOBLOCK, copy=False)
+        parts = [part]
+        while part.more:
+            part = self._sock.recv(0, copy=False)
+            parts.append(part)
+        return parts
+
     def recv_frame(self, timeout_ms: int = 0) -> Frame | None:
         """Next usable message (header decoded, payload not), or None when none arrives within timeout_ms."""
         deadline = None
         while True:
             try:
-                parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                parts = self._recv_parts()
             except zmq.Again:  # nothing queued: wait (a poll per message would double the syscalls)
                 deadline = deadline or time.monotonic() + timeout_ms / 1000
                 remaining = max(0, int((deadline - time.monotonic()) * 1000))
                 if not self._sock.poll(remaining, zmq.POLLIN):
                     return None
                 continue
-            nbytes = sum(len(p) for p in parts)
+            nbytes = sum(map(len, parts))
             self.counters["frames"] += 1
             self.counters["bytes"] += nbytes
             authentic = authenticate(parts, self._token_bytes)
