@@ -494,8 +494,12 @@ class GroupSender:
         return len(self._outbox)
 
     def _try_send(self, frames: list[bytes]) -> bool:
-        try:
-            self._sock.send_multipart(self._token + list(frames), flags=zmq.NOBLOCK, copy=len(frames[1]) < 65536)
+        sock, parts = self._sock, (*self._token, *frames)
+        last = len(parts) - 1
+        try:  # part by part (send_multipart's checks per part cost more than the sends); a multipart message is
+            # accepted whole or not at all, so only the first part can meet a full pipe. Large parts zero-copy.
+            for i, part in enumerate(parts):
+                sock.send(part, zmq.NOBLOCK | zmq.SNDMORE if i < last else zmq.NOBLOCK, copy=len(part) < 65536)
         except zmq.Again:
             return False
         self.frames_sent += 1
