@@ -5,11 +5,10 @@ Contract:
   sync period and capacity all come from the run's `pipeline.config.Layout`.
 - A background thread pulls frames from a `GroupReceiver`, counts each group by the dynamic-sampling decision the
   manager made and sent in the frame header (`drop_reason`: the filter is decided once, in the rollout; a header
-  without payload and without a reason counts as `no_payload`) and keeps the kept groups with their payload (the
-  received frame, zero-copy) and its structural decode from validation (`Frame.wire`); the samples and
-  their arrays are made only when handed out, and whatever wakes on arrivals is woken once per burst of frames
-  (`wait_received` only when its target is reached). It stops pulling while `capacity` kept groups are held, so ZMQ's
-  high-water marks push back on the senders. The capacity is raised to (max_staleness + 1) * sync_every *
+  without payload and without a reason counts as `no_payload`) and keeps the kept groups with their payload still
+  encoded (the received frame, zero-copy; decoded only when handed out). Waiters are woken once per burst of
+  frames (`wait_received` only when its target is reached). It stops pulling while `capacity` kept groups are
+  held, so ZMQ's high-water marks push back on the senders. The capacity is raised to (max_staleness + 1) * sync_every *
   batch_size when smaller: the admission rule lets that many kept groups exist unconsumed, and fewer would let a
   full buffer block the frame of an older group it has to hand out first.
 - `get_batch(trainer_version, timeout_s, size=batch_size)` returns EXACTLY `size` groups whose samples all satisfy
@@ -80,7 +79,6 @@ class _Entry:
     seq: int
     meta: GroupMeta
     payload: Any
-    wire: Any = None  # the payload decoded structurally at reception (Frame.wire), or None: decoded when taken
 
 
 class RolloutBuffer:
@@ -184,7 +182,7 @@ class RolloutBuffer:
         self._counts[reason] += 1
         self._outcomes.append((seq, reason))
         if reason == "kept":
-            self._add(_Entry(seq, meta, frame.payload, frame.wire))
+            self._add(_Entry(seq, meta, frame.payload))
 
     def _add(self, e: _Entry) -> None:
         self._entries[e.seq] = e
@@ -301,7 +299,7 @@ class RolloutBuffer:
         groups, sample_versions = [], []
         for e in chosen:
             try:  # zero-copy: no per-token objects; the samples' min versions in one numpy call
-                g, versions = decode_batch_group(e.payload, e.wire)
+                g, versions = decode_batch_group(e.payload)
             except TransportError as err:
                 log.error("buffer: group %s: %s", e.meta.group_id, err)
                 self._drop(e.seq, "malformed")

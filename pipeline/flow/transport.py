@@ -27,11 +27,10 @@ Contract:
   frame is disconnected by ZMQ before the frame is buffered.
 - Validation of decoded frames (`validate_frame`), after authentication: status counters must be non-negative
   integers below 2**53; a group header's fields must be consistent (accs per sample, n_tokens >= 0); a header-only
-  group must have an empty payload, any other a payload that decodes as a `_WireGroup` (typed: every scalar, the
-  packed arrays as `bin`) whose schema, ids, sample count and per-sample `acc` match the header. That decode is
-  kept with the frame (`Frame.wire`: scalars, and memoryviews of the payload) and reused when the group is handed
-  out, so a payload is decoded once. The packed arrays' lengths are checked against the samples' when the group is
-  handed out (the buffer drops such a group as malformed). A frame failing any check is counted
+  group must have an empty payload, any other a payload that is structurally a `_WireGroup` whose schema, ids, sample
+  count and per-sample `acc` match the header (a probe decoder reads the scalars, typed, and skips the packed
+  arrays). The packed arrays' lengths are checked against the samples' when the group is decoded (the buffer drops
+  such a group as malformed). A frame failing any check is counted
   (`transport/rejected_malformed`) and dropped, never kept, and its status is not applied.
 - Memory: the receiver keeps a kept payload in ZMQ's own message (zero-copy), and asks glibc once per process to keep
   freed memory for reuse (`keep_freed_memory`). Why: a buffer keeps what it receives, so ZMQ's I/O thread mallocs
@@ -87,7 +86,7 @@ class TransportError(RuntimeError):
     """A frame that cannot be used (wrong schema, does not decode); the message says which and why."""
 
 
-class RolloutStatus(msgspec.Struct, kw_only=True):
+class RolloutStatus(msgspec.Struct, kw_only=True, gc=False):
     """The manager's accounting at the moment a frame was queued (a consistent cut: frames are ordered)."""
 
     version: int = 0
@@ -107,7 +106,7 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     pipeline/flow/admission.py), by start version (the version they were admitted under)."""
 
 
-class GroupMeta(msgspec.Struct, kw_only=True):
+class GroupMeta(msgspec.Struct, kw_only=True, gc=False):
     """What the buffer needs to know about a group before (or instead of) decoding it."""
 
     prompt_id: str
@@ -129,7 +128,7 @@ class GroupMeta(msgspec.Struct, kw_only=True):
     once, at the manager, and the buffer counts the reason it reads here."""
 
 
-class FrameHeader(msgspec.Struct, kw_only=True):
+class FrameHeader(msgspec.Struct, kw_only=True, gc=False):
     schema: int = SCHEMA_VERSION
     kind: str = "group"
     """group | status"""
@@ -148,16 +147,18 @@ class _SchemaOnly(msgspec.Struct):
     group_id: str
 
 
-class Frame(msgspec.Struct):
-    """A received message: its header, its payload (bytes or a zero-copy zmq.Frame), and for a group with a payload,
-    the payload decoded structurally by `validate_frame`."""
+class Frame(msgspec.Struct, gc=False):
+    """A received message: its header and the undecoded payload (bytes or a zero-copy zmq.Frame)."""
 
     header: FrameHeader
     payload: Any = b""
     nbytes: int = 0
-    wire: Any = None
 
 
+# The frame structs above are `gc=False` (never tracked by Python's cycle collector; they cannot form cycles: trees
+# of scalars, lists and buffers): a buffer holds thousands of them, and in a process that imported torch and Ray
+# (hundreds of thousands of tracked objects) every full collection they triggered cost more than their ingestion
+# (bench_transport at 1k tokens: ingest 0.65 of raw ZMQ with them tracked, 0.82-0.88 with the collector off).
 _ENCODER = msgspec.msgpack.Encoder()
 _HEADER_DECODER = msgspec.msgpack.Decoder(FrameHeader)
 _PROBE_DECODER = msgspec.msgpack.Decoder(_SchemaProbe)
@@ -182,7 +183,7 @@ class _WireSample(msgspec.Struct, array_like=True):
     routed_topk: int = 0
 
 
-class _WireGroup(msgspec.Struct, kw_only=True):
+class _WireGroup(msgspec.Struct, kw_only=True, gc=False):
     schema: int
     prompt_id: str
     group_id: str
@@ -321,11 +322,10 @@ def decode_group(payload: Any, arrays: bool = False) -> Group:
     return _unwire(_decode_wire(payload), arrays)[0]
 
 
-def decode_batch_group(payload: Any, wire: Any = None, arrays: bool = True) -> tuple[Group, list[int]]:
-    """`decode_group(payload, arrays)` and each sample's min version (-1 for a sample without tokens), which the
-    buffer checks against the staleness bound: computed here for the whole group at once. `wire`: the payload
-    already decoded by `validate_frame` (`Frame.wire`), which is then not decoded again."""
-    return _unwire(_decode_wire(payload_buffer(payload)) if wire is None else wire, arrays)
+def decode_batch_group(payload: Any) -> tuple[Group, list[int]]:
+    """`decode_group(payload, arrays=True)` and each sample's min version (-1 for a sample without tokens), which the
+    buffer checks against the staleness bound: computed here for the whole group at once."""
+    return _unwire(_decode_wire(payload_buffer(payload)), True)
 
 
 def _decode_wire(payload: Any) -> _WireGroup:
@@ -370,6 +370,21 @@ def decode_header(raw: Any) -> FrameHeader:
     return header
 
 
+class _GroupProbe(msgspec.Struct, kw_only=True, gc=False):
+    """A payload's structure: its ids and samples' scalars (typed); the packed token arrays are skipped, not read.
+    Why not the full `_WireGroup` decode, kept for when the group is handed out: its five memoryviews per group are
+    objects Python's cycle collector tracks, and a buffer holding thousands of them in a process that imported torch
+    made full collections cost more than ingestion (1k-token groups: ingest 0.60 of raw ZMQ vs 0.83-0.85 probing)."""
+
+    schema: int
+    prompt_id: str
+    group_id: str
+    samples: list[_WireSample]
+
+
+_GROUP_PROBE = msgspec.msgpack.Decoder(_GroupProbe)
+
+
 def split_endpoint(endpoint: str) -> tuple[str, str]:
     """`<address>#<token>` -> (address, token); no `#`: (endpoint, "")."""
     address, _, token = endpoint.partition("#")
@@ -394,42 +409,39 @@ def _check_status(status: RolloutStatus) -> None:
         raise TransportError("status counters must be non-negative integers below 2**53")
 
 
-def validate_frame(header: FrameHeader, payload: Any) -> _WireGroup | None:
-    """TransportError when an (authenticated, decodable) frame is inconsistent (see the module contract); else, for
-    a group with a payload, the payload decoded structurally (`_WireGroup`: its scalars, and its packed per-token
-    arrays as memoryviews of the payload), which the buffer keeps so that nothing is decoded twice."""
+def validate_frame(header: FrameHeader, payload: Any) -> None:
+    """TransportError when an (authenticated, decodable) frame is inconsistent; see the module contract."""
     if header.status is not None:
         _check_status(header.status)
     if header.kind != "group":
         if len(payload):
             raise TransportError("status frame with a payload")
-        return None
+        return
     meta = header.group
     if meta.n_tokens < 0 or meta.attempt < 0 or meta.epoch < 0 or min(meta.start_version, meta.min_version) < -1:
         raise TransportError(f"group {meta.group_id!r}: negative counters in its header")
     if not meta.has_payload:
         if len(payload):
             raise TransportError(f"group {meta.group_id!r}: header says no payload, but one came")
-        return None
+        return
     try:
-        wire = _GROUP_DECODER.decode(payload_buffer(payload))
+        probe = _GROUP_PROBE.decode(payload_buffer(payload))
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         try:  # name a schema mismatch even when the payload's shape changed too
-            wire = _SchemaOnly(schema=_PROBE_DECODER.decode(payload_buffer(payload)).schema, group_id="?")
+            probe = _SchemaOnly(schema=_PROBE_DECODER.decode(payload_buffer(payload)).schema, group_id="?")
         except (msgspec.DecodeError, msgspec.ValidationError):
-            wire = None
-        if wire is None or wire.schema == SCHEMA_VERSION:
+            probe = None
+        if probe is None or probe.schema == SCHEMA_VERSION:
             raise TransportError(f"group {meta.group_id!r}: payload is not a Group: {e}") from None
-    if wire.schema != SCHEMA_VERSION:
+    if probe.schema != SCHEMA_VERSION:
         raise TransportError(
-            f"group {meta.group_id!r}: payload schema {wire.schema} != SCHEMA_VERSION {SCHEMA_VERSION} (sender and "
+            f"group {meta.group_id!r}: payload schema {probe.schema} != SCHEMA_VERSION {SCHEMA_VERSION} (sender and "
             "receiver run different code versions)"
         )
-    if (wire.group_id, wire.prompt_id) != (meta.group_id, meta.prompt_id):
-        raise TransportError(f"group {meta.group_id!r}: payload is group {wire.group_id!r} of {wire.prompt_id!r}")
-    if [sm.acc for sm in wire.samples] != meta.accs:
+    if (probe.group_id, probe.prompt_id) != (meta.group_id, meta.prompt_id):
+        raise TransportError(f"group {meta.group_id!r}: payload is group {probe.group_id!r} of {probe.prompt_id!r}")
+    if [sm.acc for sm in probe.samples] != meta.accs:
         raise TransportError(f"group {meta.group_id!r}: header accs do not match the payload's samples")
-    return wire
 
 
 _MALLOC_TUNED = False
@@ -645,13 +657,13 @@ class GroupReceiver:
                 continue
             payload = parts[1] if len(parts[1]) else b""
             try:
-                wire = validate_frame(header, payload)
+                validate_frame(header, payload)
             except TransportError as e:
                 self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
                 continue
             if header.status is not None:
                 self.last_status = header.status
-            return Frame(header, payload, nbytes, wire)
+            return Frame(header, payload, nbytes)
 
     def recv(self, timeout_ms: int = 0) -> Group | None:
         """Next group (fully decoded); status frames and header-only groups are consumed on the way."""
@@ -663,7 +675,7 @@ class GroupReceiver:
             if frame.header.kind != "group" or not frame.header.group.has_payload:
                 continue
             try:
-                return decode_batch_group(frame.payload, frame.wire, arrays=False)[0]
+                return decode_group(payload_buffer(frame.payload))
             except TransportError as e:
                 self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
 
