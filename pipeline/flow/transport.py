@@ -59,6 +59,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from itertools import accumulate
 from typing import Any
 
 import msgspec
@@ -247,15 +248,15 @@ def _unwire(w: _WireGroup, arrays: bool) -> tuple[Group, list[int]]:
     ]  # fmt: skip
     if sum(route_bytes) != routes.nbytes or min(route_bytes, default=0) < 0:
         raise TransportError(f"group {w.group_id}: packed routed experts do not match the samples' lengths")
-    r_starts, r0 = [], 0
-    for n in r_lens:
-        r_starts.append(r0)
-        r0 += n
-    filled = [i for i, n in enumerate(r_lens) if n]
-    mins = [-1] * len(wire)
-    if filled:  # reduceat over the non-empty samples only (an empty segment would read its neighbour)
-        for i, m in zip(filled, np.minimum.reduceat(versions, [r_starts[i] for i in filled]).tolist(), strict=True):
-            mins[i] = m
+    r_starts = [0, *accumulate(r_lens)][:-1]
+    if 0 not in r_lens:  # the common case: every sample has tokens
+        mins = np.minimum.reduceat(versions, r_starts).tolist() if wire else []
+    else:  # reduceat over the non-empty samples only (an empty segment would read its neighbour)
+        filled = [i for i, n in enumerate(r_lens) if n]
+        mins = [-1] * len(wire)
+        if filled:
+            for i, m in zip(filled, np.minimum.reduceat(versions, [r_starts[i] for i in filled]).tolist(), strict=True):
+                mins[i] = m
     if not arrays:
         prompts, responses, logprobs, versions = (a.tolist() for a in (prompts, responses, logprobs, versions))
     samples, p0, q0 = [], 0, 0
