@@ -176,3 +176,19 @@ def test_decode_batch_group_gives_each_samples_min_version_and_minus_one_without
     assert [s.min_version for s in back.samples] == mins
     assert back.samples[1].response_ids.size == 0 and back.samples[2].versions.tolist() == [5, 5, 5, 6]
     assert decode_group(encode_group(g)[1]) == g  # the list form is unchanged
+
+
+def test_decoded_samples_share_no_mutable_field_and_every_field_round_trips():
+    # samples are decoded as copies of one template with their fields set: a field the decoder forgot would keep the
+    # template's value, shared by every sample of every group
+    g = make_group("t", accs=(True, False, True))
+    g.samples[2].finish_reason, g.samples[2].reward_failed, g.samples[1].task_reward = "length", "TimeoutError", 0.5
+    for arrays in (False, True):
+        back = decode_group(encode_group(g)[1], arrays=arrays)
+        for field in Sample.__struct_fields__:
+            values = [getattr(s, field) for s in back.samples]
+            expected = [getattr(s, field) for s in g.samples]
+            got = [v.tolist() if hasattr(v, "tolist") else bytes(v) if isinstance(v, memoryview) else v for v in values]
+            assert got == expected, field
+            if isinstance(values[0], list | dict | set | bytearray):
+                assert values[0] is not values[1], f"samples share their {field}"
