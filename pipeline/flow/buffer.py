@@ -6,17 +6,18 @@ Contract:
 - A background thread pulls frames from a `GroupReceiver`, counts each group by the dynamic-sampling decision the
   manager made and sent in the frame header (`drop_reason`: the filter is decided once, in the rollout; a header
   without payload and without a reason counts as `no_payload`) and keeps the kept groups with their payload still
-  encoded (decoded only when handed out). It stops pulling while `capacity` kept groups are held, so ZMQ's
-  high-water marks push back on the senders. The capacity is raised to (max_staleness + 1) * sync_every *
+  encoded (the received frame, zero-copy; decoded only when handed out). Waiters are woken once per burst of
+  frames (`wait_received` only when its target is reached). It stops pulling while `capacity` kept groups are
+  held, so ZMQ's high-water marks push back on the senders. The capacity is raised to (max_staleness + 1) * sync_every *
   batch_size when smaller: the admission rule lets that many kept groups exist unconsumed, and fewer would let a
   full buffer block the frame of an older group it has to hand out first.
 - `get_batch(trainer_version, timeout_s, size=batch_size)` returns EXACTLY `size` groups whose samples all satisfy
   trainer_version - sample.min_version <= max_staleness, their per-token fields numpy views of the received
-  frames (`decode_group(arrays=True)`: no per-token Python objects). `size` < batch_size hands a step's batch out
-  in parts (the loop streams mini-batches: it trains the first while the last are still generating); the bound
-  and the EDF check below count groups, so parts and whole batches give the same groups in the same order. Groups
-  already too stale are dropped first (reason
-  `stale`, a terminal "filtered" outcome; with the manager's admission rule this does not happen in steady state).
+  payloads (`decode_batch_group`: no per-token Python objects, the samples' min versions in one numpy call).
+  `size` < batch_size hands a step's batch out in parts (the loop streams mini-batches: it trains the first while
+  the last are still generating); the bound and the EDF check below count groups, so parts and whole batches give
+  the same groups in the same order. Groups already too stale are dropped first (reason `stale`, a terminal
+  "filtered" outcome; with the manager's admission rule this does not happen in steady state).
   The batch is the `size` oldest groups (by start version, then arrival), returned at once unless taking a
   group younger than a still-unresolved older one (known from the manager's status) could make some group miss
   its deadline (earliest-deadline-first feasibility, worst case every unresolved group that may still be kept --
@@ -56,6 +57,7 @@ from pipeline.flow.transport import (
     GroupReceiver,
     RolloutStatus,
     TransportError,
+    decode_batch_group,
     decode_group,
     encode_group,
     group_meta,
@@ -66,9 +68,13 @@ log = logging.getLogger(__name__)
 
 _OUTCOME_LOG = 100_000  # recent frame outcomes kept to compute counters at a checkpoint cut
 _BURST = 64  # most frames ingested per lock acquisition
+_DRAIN_PAUSE_S = 0.0005
+"""After draining the socket, the puller sleeps this long before waiting again, so that it wakes once per few
+frames rather than once per frame when it keeps up (each wake is a poll, a futex and the GIL: ~10 us of CPU);
+half a millisecond of latency on groups that take seconds to generate."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     seq: int
     meta: GroupMeta
@@ -100,7 +106,12 @@ class RolloutBuffer:
                 need,
             )
         self.capacity = max(capacity, need)
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # held groups or the manager's status changed; room freed
+        # wait_received's own condition, woken only when a target it waits for is reached: waking it on every
+        # burst of frames made the puller and the waiter trade the GIL per burst.
+        self._arrival = threading.Condition(self._lock)
+        self._awaited: list[int] = []
         self._entries: dict[int, _Entry] = {}  # seq -> kept, not yet handed out
         # Indexes of _entries, so that a get_batch costs what it takes, not what the buffer holds: the entries by
         # start version (each in seq order), and a heap of (min_version, seq) whose top is the next to go stale
@@ -148,6 +159,12 @@ class RolloutBuffer:
                         if frame is not None:
                             self._ingest(frame)
                     self._cond.notify_all()
+                    if self._awaited and self._seq >= min(self._awaited):
+                        self._arrival.notify_all()
+                if frames[-1] is None and _DRAIN_PAUSE_S:  # drained: let a few frames queue up before the next wake
+                    time.sleep(_DRAIN_PAUSE_S)
+                    if self._awaited and self._seq >= min(self._awaited):
+                        self._arrival.notify_all()
 
     def _ingest(self, frame: Frame) -> None:
         h = frame.header
@@ -281,13 +298,12 @@ class RolloutBuffer:
         """The decoded groups and their samples' min versions, or None when one was dropped (malformed, stale)."""
         groups, sample_versions = [], []
         for e in chosen:
-            try:
-                g = decode_group(payload_buffer(e.payload), arrays=True)  # zero-copy: no per-token objects
+            try:  # zero-copy: no per-token objects; the samples' min versions in one numpy call
+                g, versions = decode_batch_group(e.payload)
             except TransportError as err:
                 log.error("buffer: group %s: %s", e.meta.group_id, err)
                 self._drop(e.seq, "malformed")
                 return None
-            versions = [s.min_version for s in g.samples]  # once per sample: reused for the staleness metrics
             if self._stale(min(versions), trainer_version):  # the header lied about min_version
                 self._drop(e.seq, "stale")
                 return None
@@ -340,12 +356,16 @@ class RolloutBuffer:
         """Block until `n` group frames have arrived (e.g. the manager's `pushed` at a checkpoint)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._seq < n:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.5))
-            return True
+            self._awaited.append(n)
+            try:
+                while self._seq < n:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._arrival.wait(min(remaining, 0.5))
+                return True
+            finally:
+                self._awaited.remove(n)
 
     def metrics(self) -> dict[str, float]:
         with self._cond:
@@ -413,6 +433,7 @@ class RolloutBuffer:
             self._counts = Counter(state["counts"])
             self._counts["kept"] = len(self._entries)
             self._seq = int(state["received"])
+            self._arrival.notify_all()
 
     def close(self) -> None:
         with self._cond:
