@@ -165,14 +165,21 @@ def test_held_messages_reuse_the_memory_of_consumed_ones_instead_of_faulting_in_
     assert faults < 60 * 10, f"{faults} page faults for 60 held messages (~70 each would mean fresh memory)"
 
 
-def test_decode_batch_group_gives_each_samples_min_version_and_minus_one_without_tokens():
-    from pipeline.flow.transport import decode_batch_group
-
+def test_received_frame_gives_each_samples_min_version_and_minus_one_without_tokens():
     g = make_group("v", accs=(True, False, True), version=5, n_tokens=4)
     g.samples[0].versions = [9, 6, 7, 8]
     g.samples[1].response_ids, g.samples[1].logprobs, g.samples[1].versions = [], [], []
-    back, mins = decode_batch_group(encode_group(g)[1])
-    assert mins == [6, -1, 5]
+    rx = GroupReceiver()
+    tx = GroupSender(rx.sender_endpoint)
+    try:
+        tx.send(g)
+        frame = rx.recv_frame(timeout_ms=5000)
+    finally:
+        tx.close(linger_ms=0)
+        rx.close()
+    mins = frame.min_versions.tolist()
+    assert mins == [6, -1, 5] and frame.header.group.min_version == -1  # the group min counts the empty sample
+    back = decode_group(frame.payload, arrays=True)
     assert [s.min_version for s in back.samples] == mins
     assert back.samples[1].response_ids.size == 0 and back.samples[2].versions.tolist() == [5, 5, 5, 6]
     assert decode_group(encode_group(g)[1]) == g  # the list form is unchanged

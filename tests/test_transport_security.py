@@ -137,6 +137,22 @@ def test_header_only_group_with_a_payload_and_status_with_payload_are_rejected()
         rx.close()
 
 
+def test_header_min_version_that_disagrees_with_the_samples_is_rejected_at_the_socket(buf):
+    # the buffer orders and drops groups by the header's min_version: a header claiming newer tokens than the payload
+    # holds would slip a too-stale group past the staleness bound (formerly caught only when the group was decoded)
+    g = make_group("liar")  # versions are all 3
+    tx = GroupSender(buf.address)
+    meta = msgspec.structs.replace(group_meta(g), min_version=7)
+    head = msgspec.msgpack.encode(FrameHeader(kind="group", group=meta, status=RolloutStatus(drawn=1, pushed=1)))
+    tx.send_frames([head, encode_group(g)[1]])
+    tx.send(make_group("honest"), RolloutStatus(drawn=2, pushed=2))
+    wait_for(lambda: buf.receiver.counters["frames"] == 2)
+    assert buf.receiver.counters["rejected_malformed"] == 1
+    assert [x.group_id for x in buf.get_batch(trainer_version=3, timeout_s=5)] == ["honest"]
+    assert buf.accounting()["lost"] == 1  # pushed by the manager, never kept: counted, not silently gone
+    tx.close(linger_ms=0)
+
+
 def test_oversized_message_is_cut_off_by_zmq():
     rx = GroupReceiver(max_message_bytes=64 * 1024)
     tx = GroupSender(rx.sender_endpoint)

@@ -13,7 +13,8 @@ Contract:
   full buffer block the frame of an older group it has to hand out first.
 - `get_batch(trainer_version, timeout_s, size=batch_size)` returns EXACTLY `size` groups whose samples all satisfy
   trainer_version - sample.min_version <= max_staleness, their per-token fields numpy views of the received
-  payloads (`decode_batch_group`: no per-token Python objects, the samples' min versions in one numpy call).
+  payloads (`decode_group(arrays=True)`: no per-token Python objects; the samples' min versions were computed on
+  receipt).
   `size` < batch_size hands a step's batch out in parts (the loop streams mini-batches: it trains the first while
   the last are still generating); the bound and the EDF check below count groups, so parts and whole batches give
   the same groups in the same order. Groups already too stale are dropped first (reason `stale`, a terminal
@@ -48,6 +49,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.algorithm.filters import DROP_REASONS
 from pipeline.config import Layout
 from pipeline.contracts.records import Group
@@ -57,7 +60,6 @@ from pipeline.flow.transport import (
     GroupReceiver,
     RolloutStatus,
     TransportError,
-    decode_batch_group,
     decode_group,
     encode_group,
     group_meta,
@@ -79,6 +81,8 @@ class _Entry:
     seq: int
     meta: GroupMeta
     payload: Any
+    min_versions: np.ndarray
+    """The samples' min token versions (checked against meta.min_version when the frame was received)."""
 
 
 class RolloutBuffer:
@@ -182,7 +186,7 @@ class RolloutBuffer:
         self._counts[reason] += 1
         self._outcomes.append((seq, reason))
         if reason == "kept":
-            self._add(_Entry(seq, meta, frame.payload))
+            self._add(_Entry(seq, meta, frame.payload, frame.min_versions))
 
     def _add(self, e: _Entry) -> None:
         self._entries[e.seq] = e
@@ -295,20 +299,18 @@ class RolloutBuffer:
         return dict(self._status.pending) if self._status is not None else {}
 
     def _take(self, chosen: list[_Entry], trainer_version: int) -> tuple[list[Group], list[int]] | None:
-        """The decoded groups and their samples' min versions, or None when one was dropped (malformed, stale)."""
+        """The decoded groups and their samples' min versions, or None when one was dropped (malformed).
+        (The header's min_version, which _drop_stale went by, was checked against the samples' on receipt.)"""
         groups, sample_versions = [], []
         for e in chosen:
-            try:  # zero-copy: no per-token objects; the samples' min versions in one numpy call
-                g, versions = decode_batch_group(e.payload)
+            try:  # zero-copy: no per-token objects
+                g = decode_group(e.payload, arrays=True)
             except TransportError as err:
                 log.error("buffer: group %s: %s", e.meta.group_id, err)
                 self._drop(e.seq, "malformed")
                 return None
-            if self._stale(min(versions), trainer_version):  # the header lied about min_version
-                self._drop(e.seq, "stale")
-                return None
             groups.append(g)
-            sample_versions += versions
+            sample_versions += e.min_versions.tolist()
         for e in chosen:
             self._remove(e.seq)
             self._outcomes.append((e.seq, "trained"))
@@ -422,7 +424,8 @@ class RolloutBuffer:
             base = min(min(self._entries, default=0), 0) - len(groups)
             for i, g in enumerate(groups):
                 frames = encode_group(g, start_version=g.min_version)
-                self._entries[base + i] = _Entry(base + i, group_meta(g, g.min_version), frames[1])
+                mins = np.array([x.min_version for x in g.samples], np.int32)
+                self._entries[base + i] = _Entry(base + i, group_meta(g, g.min_version), frames[1], mins)
             self._reindex()  # these come before the held ones: rebuild the indexes in seq order
             self._counts["kept"] = len(self._entries)
             self._cond.notify_all()

@@ -28,19 +28,22 @@ Contract:
 - Validation of decoded frames (`validate_frame`), after authentication: status counters must be non-negative
   integers below 2**53; a group header's fields must be consistent (accs per sample, n_tokens >= 0); a header-only
   group must have an empty payload, any other a payload that is structurally a `_WireGroup` whose schema, ids, sample
-  count and per-sample `acc` match the header (a probe decoder reads the scalars, typed, and skips the packed
-  arrays). The packed arrays' lengths are checked against the samples' when the group is decoded (the buffer drops
-  such a group as malformed). A frame failing any check is counted
+  count and per-sample `acc` match the header (a probe decoder reads the scalars, typed, and the packed versions,
+  skipping the other packed arrays), whose packed versions match the samples' lengths, and whose samples' min token
+  version equals the header's `min_version` (what the buffer orders and drops groups by: checked here, at the
+  socket, while the frame is fresh in cache; the per-sample mins are kept with the frame for the staleness metrics).
+  The other packed arrays' lengths are checked when the group is decoded (the buffer drops such a group as
+  malformed). A frame failing any check is counted
   (`transport/rejected_malformed`) and dropped, never kept, and its status is not applied.
 - Memory: the receiver keeps a kept payload in ZMQ's own message (zero-copy), and asks glibc once per process to keep
   freed memory for reuse (`keep_freed_memory`). Why: a buffer keeps what it receives, so ZMQ's I/O thread mallocs
   every message while earlier ones are still held; with glibc's default thresholds that memory is new from the
   kernel each time and pays a page fault per 4 KiB (measured ~70 per 0.3 MB message, the whole raw receive time
   again); with the memory of consumed groups reused, none.
-- Arrays end to end: `decode_group(payload, arrays=True)` and `decode_batch_group` (what the buffer hands the
-  trainer) make no per-token Python object: each sample's fields are read-only numpy views of the payload's bytes
+- Arrays end to end: `decode_group(payload, arrays=True)` (what the buffer hands the trainer) makes no per-token
+  Python object: each sample's fields are read-only numpy views of the payload's bytes
   (msgspec decodes `bin` into memoryviews of the received frame), and the trainer collates them
-  with numpy slices; `decode_batch_group` also gives the samples' min versions in one numpy call. `arrays=False`
+  with numpy slices. `arrays=False`
   gives lists (`recv`, checkpoints). See benchmarks/bench_transport.py.
 - `GroupSender(address)`: PUSH, connects, SNDHWM. `send(group)` blocks (up to `timeout_ms`); `post(frames)` never
   blocks (frames that meet a full pipe wait in an ordered outbox; `flush()` / `await drain()` push them on), so an
@@ -48,7 +51,7 @@ Contract:
 - `GroupReceiver(bind_address="tcp://127.0.0.1:0")`: PULL, binds (port 0 picks a free port; `address` is the bound
   endpoint), RCVHWM (`DEFAULT_RCVHWM`). `recv(timeout_ms) -> Group | None` decodes fully (status frames update
   `last_status`, header-only groups are skipped); `recv_frame(timeout_ms) -> Frame | None` returns the header, the
-  payload and its structural decode.
+  payload and its samples' min versions.
   One thread at a time may use a receiver (ZMQ sockets are not thread-safe).
 """
 
@@ -154,6 +157,9 @@ class Frame(msgspec.Struct, gc=False):
     header: FrameHeader
     payload: Any = b""
     nbytes: int = 0
+    min_versions: Any = None
+    """A group payload's per-sample min token versions (int32 array, -1 for a sample without tokens), computed at
+    validation while the frame is fresh in cache; None for a status frame or a header-only group."""
 
 
 # The frame structs above are `gc=False` (never tracked by Python's cycle collector; they cannot form cycles: trees
@@ -228,9 +234,23 @@ _SAMPLE_TEMPLATE = Sample(prompt_id="", group_id="", index=0, prompt_ids=[], res
 """Every field of a decoded sample is set on a copy of this one, except `routed_experts` when it is empty (b"")."""
 
 
-def _unwire(w: _WireGroup, arrays: bool) -> tuple[Group, list[int]]:
-    """The group (per-token fields numpy views of `w`'s buffers, or lists) and each sample's min version (-1: no
-    tokens), computed for the whole group in one numpy call rather than one reduction per sample."""
+def sample_min_versions(versions: np.ndarray, r_lens: list[int]) -> np.ndarray:
+    """Each sample's min token version (-1 for a sample without tokens) from a group's packed versions, in one numpy
+    call rather than one reduction per sample."""
+    mins = np.full(len(r_lens), -1, np.int32)
+    starts = [0, *accumulate(r_lens)][:-1]
+    if 0 not in r_lens:  # the common case: every sample has tokens
+        if r_lens:
+            mins[:] = np.minimum.reduceat(versions, starts)
+    else:  # reduceat over the non-empty samples only (an empty segment would read its neighbour)
+        filled = [i for i, n in enumerate(r_lens) if n]
+        if filled:
+            mins[filled] = np.minimum.reduceat(versions, [starts[i] for i in filled])
+    return mins
+
+
+def _unwire(w: _WireGroup, arrays: bool) -> Group:
+    """The group, its per-token fields numpy views of `w`'s buffers, or lists."""
     prompts, responses = np.frombuffer(w.prompt_ids, _IDS), np.frombuffer(w.response_ids, _IDS)
     logprobs, versions = np.frombuffer(w.logprobs, _LOGPROBS), np.frombuffer(w.versions, _IDS)
     wire = w.samples
@@ -249,14 +269,6 @@ def _unwire(w: _WireGroup, arrays: bool) -> tuple[Group, list[int]]:
     if sum(route_bytes) != routes.nbytes or min(route_bytes, default=0) < 0:
         raise TransportError(f"group {w.group_id}: packed routed experts do not match the samples' lengths")
     r_starts = [0, *accumulate(r_lens)][:-1]
-    if 0 not in r_lens:  # the common case: every sample has tokens
-        mins = np.minimum.reduceat(versions, r_starts).tolist() if wire else []
-    else:  # reduceat over the non-empty samples only (an empty segment would read its neighbour)
-        filled = [i for i, n in enumerate(r_lens) if n]
-        mins = [-1] * len(wire)
-        if filled:
-            for i, m in zip(filled, np.minimum.reduceat(versions, [r_starts[i] for i in filled]).tolist(), strict=True):
-                mins[i] = m
     if not arrays:
         prompts, responses, logprobs, versions = (a.tolist() for a in (prompts, responses, logprobs, versions))
     samples, p0, q0 = [], 0, 0
@@ -278,7 +290,7 @@ def _unwire(w: _WireGroup, arrays: bool) -> tuple[Group, list[int]]:
         schema=w.schema, prompt_id=w.prompt_id, group_id=w.group_id, samples=samples, answer=w.answer,
         attempt=w.attempt, epoch=w.epoch,
     )  # fmt: skip
-    return group, mins
+    return group
 
 
 def group_meta(
@@ -320,13 +332,7 @@ def encode_status(status: RolloutStatus) -> list[bytes]:
 def decode_group(payload: Any, arrays: bool = False) -> Group:
     """Payload bytes -> Group, its per-token fields lists or (arrays=True) zero-copy read-only numpy views;
     TransportError when it does not decode or has another schema."""
-    return _unwire(_decode_wire(payload), arrays)[0]
-
-
-def decode_batch_group(payload: Any) -> tuple[Group, list[int]]:
-    """`decode_group(payload, arrays=True)` and each sample's min version (-1 for a sample without tokens), which the
-    buffer checks against the staleness bound: computed here for the whole group at once."""
-    return _unwire(_decode_wire(payload_buffer(payload)), True)
+    return _unwire(_decode_wire(payload_buffer(payload)), arrays)
 
 
 def _decode_wire(payload: Any) -> _WireGroup:
@@ -381,6 +387,7 @@ class _GroupProbe(msgspec.Struct, kw_only=True, gc=False):
     prompt_id: str
     group_id: str
     samples: list[_WireSample]
+    versions: memoryview
 
 
 _GROUP_PROBE = msgspec.msgpack.Decoder(_GroupProbe)
@@ -410,21 +417,22 @@ def _check_status(status: RolloutStatus) -> None:
         raise TransportError("status counters must be non-negative integers below 2**53")
 
 
-def validate_frame(header: FrameHeader, payload: Any) -> None:
-    """TransportError when an (authenticated, decodable) frame is inconsistent; see the module contract."""
+def validate_frame(header: FrameHeader, payload: Any) -> np.ndarray | None:
+    """TransportError when an (authenticated, decodable) frame is inconsistent; see the module contract. For a group
+    with a payload: its samples' min token versions (checked against the header's `min_version`)."""
     if header.status is not None:
         _check_status(header.status)
     if header.kind != "group":
         if len(payload):
             raise TransportError("status frame with a payload")
-        return
+        return None
     meta = header.group
     if meta.n_tokens < 0 or meta.attempt < 0 or meta.epoch < 0 or min(meta.start_version, meta.min_version) < -1:
         raise TransportError(f"group {meta.group_id!r}: negative counters in its header")
     if not meta.has_payload:
         if len(payload):
             raise TransportError(f"group {meta.group_id!r}: header says no payload, but one came")
-        return
+        return None
     try:
         probe = _GROUP_PROBE.decode(payload_buffer(payload))
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -443,6 +451,18 @@ def validate_frame(header: FrameHeader, payload: Any) -> None:
         raise TransportError(f"group {meta.group_id!r}: payload is group {probe.group_id!r} of {probe.prompt_id!r}")
     if [sm.acc for sm in probe.samples] != meta.accs:
         raise TransportError(f"group {meta.group_id!r}: header accs do not match the payload's samples")
+    r_lens = [sm.response_len for sm in probe.samples]
+    versions = np.frombuffer(probe.versions, _IDS)
+    if len(versions) != sum(r_lens) or min(r_lens, default=0) < 0:
+        raise TransportError(f"group {meta.group_id!r}: packed versions do not match the samples' lengths")
+    mins = sample_min_versions(versions, r_lens)
+    if (int(mins.min()) if len(mins) else -1) != meta.min_version:
+        # the buffer orders and drops groups by the header's min_version: a wrong one would bypass the bound
+        raise TransportError(
+            f"group {meta.group_id!r}: header min_version {meta.min_version} != its samples' "
+            f"{int(mins.min()) if len(mins) else -1}"
+        )
+    return mins
 
 
 _MALLOC_TUNED = False
@@ -658,13 +678,13 @@ class GroupReceiver:
                 continue
             payload = parts[1] if len(parts[1]) else b""
             try:
-                validate_frame(header, payload)
+                mins = validate_frame(header, payload)
             except TransportError as e:
                 self._reject("rejected_schema" if "schema" in str(e) else "rejected_malformed", str(e))
                 continue
             if header.status is not None:
                 self.last_status = header.status
-            return Frame(header, payload, nbytes)
+            return Frame(header, payload, nbytes, mins)
 
     def recv(self, timeout_ms: int = 0) -> Group | None:
         """Next group (fully decoded); status frames and header-only groups are consumed on the way."""
