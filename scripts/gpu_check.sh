@@ -89,11 +89,16 @@ setup() {
         cat "${f%.part-*}".part-* >"$joined/$base"
     done
     for f in "$WHL_DIR"/*.whl "$joined"/*.whl; do wheels+=("$f"); done
+    if ((DRY)); then # the wheels are built for the GPU machine's Python: list them, check the imports of this one
+        echo "dry run: would install ${#wheels[@]} wheels into $SITE: ${wheels[*]##*/}"
+        wheels=()
+    fi
     echo "installing ${#wheels[@]} wheels into $SITE"
     if ((${#wheels[@]})); then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade "${wheels[@]}"
     fi
     for f in "$WHL_DIR"/*.tar.xz "$joined"/*.tar.xz; do
+        ((DRY)) && echo "dry run: would extract $f" && continue
         echo "extracting $f into $SITE"
         # Python's tarfile (lzma) rather than tar -J: a minimal machine may have no xz binary.
         "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$f" "$SITE"
