@@ -1,7 +1,6 @@
 """The shared trainer step on the torch backend: batch building, one optimizer step, DP=2 (FSDP2, gloo) == DP=1."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engines.fsdp.backend import build_backend
+from engines.megatron.launch import init_dist, rendezvous
 from pipeline.config import load_config
 from pipeline.contracts.records import Group, Sample
 from pipeline.flow.trainer import TrainWorker, make_step_batches, merge_metrics
@@ -145,18 +145,12 @@ def test_streamed_minibatches_equal_the_whole_step(tmp_path):
     assert any(not torch.equal(w1[k], v) for k, v in initial.items())  # it trained
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(worker, world: int, model_dir: str):
     """`worker(rank, world, port, model_dir, q)` on `world` spawned gloo ranks; what rank 0 put on the queue."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, model_dir, q)) for r in range(world)]
+    store = rendezvous()  # held until the ranks have joined
+    procs = [ctx.Process(target=worker, args=(r, world, store.port, model_dir, q)) for r in range(world)]
     for p in procs:
         p.start()
     result = q.get(timeout=120)
@@ -169,8 +163,7 @@ def run_ranks(worker, world: int, model_dir: str):
 def _dp_worker(rank, world, port, model_dir, q):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_dist(rank, world, port)  # 1 thread, the rendezvous the parent holds
     cfg = _cfg(
         **{
             "trainer.batch_size": 2,

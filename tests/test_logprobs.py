@@ -7,7 +7,6 @@ tokens it sampled."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import weakref
 
@@ -18,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from engines.logprobs import fused_logprobs, token_aligned
+from engines.megatron.launch import init_dist, rendezvous
 from pipeline.algorithm.losses import logprobs_from_logits, token_entropy_from_logits
 from pipeline.config import Config, validate
 from pipeline.contracts.backend import MicroBatch
@@ -139,17 +139,12 @@ def test_bad_arguments_and_config_key():
 
 
 # --------------------------------------------------------------------------------------------------- TP=2
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tp_worker(rank, world, port, q):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_dist(rank, world, port)  # 1 thread, the rendezvous the parent holds
     h, w, t, g_lp, g_ent = _data()
     t[0], t[1] = 7, 8  # one target on each rank's slice (rows 0-7, 8-15)
     hh = h.clone().requires_grad_(True)
@@ -166,8 +161,8 @@ def _tp_worker(rank, world, port, q):
 
 def test_tp2_equals_tp1():
     ctx = mp.get_context("spawn")
-    q, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_tp_worker, args=(r, 2, port, q)) for r in range(2)]
+    q, store = ctx.Queue(), rendezvous()  # held until the ranks have joined
+    procs = [ctx.Process(target=_tp_worker, args=(r, 2, store.port, q)) for r in range(2)]
     for p in procs:
         p.start()
     out = dict((r[0], r[1:]) for r in (q.get(timeout=120), q.get(timeout=120)))

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from engines.fsdp.backend import build_backend
+from engines.megatron.launch import init_dist
 from pipeline.flow.trainer import TrainWorker, make_step_batches
 from tests.test_fsdp_trainer import _cfg, _groups, _model_dir, run_ranks
 
@@ -145,8 +146,7 @@ def test_recompute_changes_nothing(tmp_path):
 def _dp_worker(rank, world, port, model_dir, q):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_dist(rank, world, port)  # 1 thread, the rendezvous the parent holds
     cfg = _preset_cfg(world, **{"trainer.recompute": world > 1})  # DP=2 also runs FSDP2 + checkpointing
     backend = build_backend(cfg, rank, world)
     backend.setup(model_dir)

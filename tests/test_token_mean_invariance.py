@@ -4,13 +4,13 @@ DP = 2 (two gloo processes whose gradients are all-reduced with SUM), for a tiny
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engines.megatron.launch import init_dist, rendezvous
 from pipeline.algorithm.losses import AGGREGATIONS, logprobs_from_logits, policy_loss
 from pipeline.config import AlgorithmConfig
 from pipeline.contracts.backend import MicroBatch
@@ -129,15 +129,8 @@ def test_mean_of_micro_batch_means_would_differ():
     assert (g_local - g1).abs().max() > 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dp_worker(rank: int, world: int, port: int, out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_dist(rank, world, port)  # 1 thread, the rendezvous the parent holds
     try:
         rows = make_rows()
         gt, gs = global_counts(rows)  # the whole mini-batch's counts, on every rank
@@ -158,7 +151,8 @@ def test_data_parallel_invariance(tmp_path):
     loss_single, g_single = accumulate_grads(build_model(), [rows], AlgorithmConfig(), *global_counts(rows))
     out = str(tmp_path / "dp.pt")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_dp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    store = rendezvous()  # held until the ranks have joined
+    mp.spawn(_dp_worker, args=(2, store.port, out), nprocs=2, join=True)
     got = torch.load(out)
     assert got["loss"] == pytest.approx(loss_single, abs=1e-12)
     torch.testing.assert_close(got["grad"], g_single, atol=1e-9, rtol=0)

@@ -12,7 +12,8 @@ Contract:
 - `init_dist(rank, world_size, port, backend="gloo")` is what `fn` calls first: its own process group (so a timed-out
   run is killed with its helpers), 1 CPU thread, the torch.distributed rendezvous through the store on
   127.0.0.1:port.
-- `free_port()` -> a free 127.0.0.1 TCP port (for callers that bind it themselves).
+- `rendezvous()` -> that store, for callers that start the ranks themselves (tests); `free_port()` -> a free
+  127.0.0.1 TCP port (for callers that bind it themselves).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendezvous() -> Any:
+    """The rendezvous server of a run's ranks, bound now on a free 127.0.0.1 port (`.port`): keep it referenced until
+    the ranks have joined (`init_dist(rank, world_size, store.port)`)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
 
 
 def init_dist(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
@@ -73,14 +82,12 @@ def default_start_method() -> str:
 def spawn(fn: Any, world_size: int, *args: Any, timeout_s: float = 120.0, start_method: str | None = None) -> None:
     import multiprocessing
 
-    import torch.distributed as dist
     import torch.multiprocessing as mp
 
     method = start_method or default_start_method()
     if method == "forkserver":
         multiprocessing.set_forkserver_preload(PRELOAD)
-    # the store (the rendezvous server) lives here, bound before any worker starts, until the run ends
-    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
+    store = rendezvous()  # lives here, bound before any worker starts, until the run ends
     ctx = mp.start_processes(
         fn, args=(world_size, store.port, *args), nprocs=world_size, join=False, start_method=method
     )
