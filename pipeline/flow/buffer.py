@@ -35,8 +35,9 @@ Contract:
 - Checkpoints: `state_dict(pushed)` / `snapshot(pushed)` give the counters and the buffered groups as of the
   manager's cut `pushed` (the manager's state_dict()["pushed"]), waiting for in-transit frames; groups that arrive
   later are in the manager's saved in-flight list and are regenerated on resume. `restore` + `load_state_dict`.
-- Metrics (namespaced): buffer/*, filter/* (kept, dropped, drop_<reason>), staleness/* (last batch),
-  transport/*, accounting/*.
+- Metrics (namespaced): buffer/* (with the last get_batch's staleness and wait: buffer/staleness_mean,
+  buffer/staleness_max, buffer/wait_s; the step's own staleness/* over all its parts is the runtime's), filter/*
+  (kept, dropped, drop_<reason>), transport/*, accounting/*.
 """
 
 from __future__ import annotations
@@ -241,8 +242,8 @@ class RolloutBuffer:
             self._cond.notify_all()  # room freed: the puller may resume
         stale = [trainer_version - v for v in sample_versions]
         self._last = {
-            "staleness/mean": sum(stale) / max(len(stale), 1),
-            "staleness/max": float(max(stale, default=0)),
+            "buffer/staleness_mean": sum(stale) / max(len(stale), 1),
+            "buffer/staleness_max": float(max(stale, default=0)),
             "buffer/wait_s": time.monotonic() - t0,
         }
         return batch
