@@ -83,6 +83,23 @@ def settle(buf: RolloutBuffer, received: int) -> None:
     assert buf.wait_received(received, 5.0)
 
 
+def test_puller_survives_a_waiter_that_has_not_woken_yet(make):
+    # A wait_received target reached while its waiter has not yet re-taken the lock (still listed as awaited): the
+    # puller notified it a second time after its drain pause without holding the lock, and died of the
+    # RuntimeError; nothing was received after that.
+    buf, feed = make(batch_size=1, capacity=8)
+    with buf._cond:
+        buf._awaited.append(1)  # the state between the puller's notify and the waiter's wake-up
+    feed.push(group("a"))
+    settle(buf, 1)
+    time.sleep(0.05)  # past the drain pause
+    with buf._cond:
+        buf._awaited.remove(1)
+    feed.push(group("b"))
+    settle(buf, 2)
+    assert [g.group_id for g in buf.get_batch(0, 1.0, size=1) + buf.get_batch(0, 1.0, size=1)] == ["a", "b"]
+
+
 def test_filter_counts_by_reason_and_batches_are_exact(make):
     buf, feed = make(batch_size=2)
     for i, accs in enumerate([MIXED, ALL_RIGHT, MIXED, ALL_WRONG, ALL_WRONG, MIXED, MIXED, MIXED]):

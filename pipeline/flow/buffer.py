@@ -168,8 +168,6 @@ class RolloutBuffer:
                         self._arrival.notify_all()
                 if frames[-1] is None and _DRAIN_PAUSE_S:  # drained: let a few frames queue up before the next wake
                     time.sleep(_DRAIN_PAUSE_S)
-                    if self._awaited and self._seq >= min(self._awaited):
-                        self._arrival.notify_all()
 
     def _ingest(self, frame: Frame) -> None:
         h = frame.header
