@@ -286,11 +286,10 @@ def _unwire(w: _WireGroup, arrays: bool) -> Group:
             s.routed_experts = routes[q0 : q0 + nq] if arrays else bytes(routes[q0 : q0 + nq])
         samples.append(s)
         p0, q0 = p1, q0 + nq
-    group = Group(
+    return Group(
         schema=w.schema, prompt_id=w.prompt_id, group_id=w.group_id, samples=samples, answer=w.answer,
         attempt=w.attempt, epoch=w.epoch,
     )  # fmt: skip
-    return group
 
 
 def group_meta(
@@ -378,10 +377,11 @@ def decode_header(raw: Any) -> FrameHeader:
 
 
 class _GroupProbe(msgspec.Struct, kw_only=True, gc=False):
-    """A payload's structure: its ids and samples' scalars (typed); the packed token arrays are skipped, not read.
-    Why not the full `_WireGroup` decode, kept for when the group is handed out: its five memoryviews per group are
-    objects Python's cycle collector tracks, and a buffer holding thousands of them in a process that imported torch
-    made full collections cost more than ingestion (1k-token groups: ingest 0.60 of raw ZMQ vs 0.83-0.85 probing)."""
+    """A payload's structure: its ids, samples' scalars (typed) and packed versions (for the min versions, not kept);
+    the other packed arrays are skipped, not read. Why not the full `_WireGroup` decode, kept for when the group is
+    handed out: its five memoryviews per group are objects Python's cycle collector tracks, and a buffer holding
+    thousands of them in a process that imported torch made full collections cost more than ingestion (1k-token
+    groups: ingest 0.60 of raw ZMQ vs 0.83-0.85 probing)."""
 
     schema: int
     prompt_id: str
@@ -456,11 +456,11 @@ def validate_frame(header: FrameHeader, payload: Any) -> np.ndarray | None:
     if len(versions) != sum(r_lens) or min(r_lens, default=0) < 0:
         raise TransportError(f"group {meta.group_id!r}: packed versions do not match the samples' lengths")
     mins = sample_min_versions(versions, r_lens)
-    if (int(mins.min()) if len(mins) else -1) != meta.min_version:
+    group_min = int(mins.min()) if len(mins) else -1
+    if group_min != meta.min_version:
         # the buffer orders and drops groups by the header's min_version: a wrong one would bypass the bound
         raise TransportError(
-            f"group {meta.group_id!r}: header min_version {meta.min_version} != its samples' "
-            f"{int(mins.min()) if len(mins) else -1}"
+            f"group {meta.group_id!r}: header min_version {meta.min_version} != its samples' {group_min}"
         )
     return mins
 
