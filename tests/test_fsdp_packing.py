@@ -11,7 +11,7 @@ from engines.attention import HF_ATTENTION
 from engines.fsdp.backend import FSDPBackend
 from pipeline.algorithm.losses import make_loss_fn
 from pipeline.contracts.backend import MicroBatch
-from pipeline.testing.megatron import assert_same_update, save_tiny_hf, tiny_config
+from pipeline.testing.megatron import assert_same_update, micro_batches, save_tiny_hf, tiny_config
 
 VOCAB = 200
 # fp32 kernels differ in summation order: ~1e-6 on CPU; on CUDA (flex_attention vs SDPA's kernels) up to ~1e-5.
@@ -20,31 +20,7 @@ LAYOUTS = [[1, 17, 5], [2, 24], [9, 1, 1, 13]]  # rows of each micro-batch, righ
 
 
 def _micro_batches(seed: int = 3) -> list[MicroBatch]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for lengths in LAYOUTS:
-        rows, T = len(lengths), max(lengths)
-        ids = torch.zeros(rows, T, dtype=torch.long)
-        att = torch.zeros(rows, T, dtype=torch.long)
-        loss_mask = torch.zeros(rows, T)
-        for r, n in enumerate(lengths):
-            ids[r, :n] = torch.randint(1, VOCAB, (n,), generator=g)
-            att[r, :n] = 1
-            loss_mask[r, max(n // 3, 1) : n] = 1.0
-        out.append(
-            MicroBatch(
-                input_ids=ids,
-                attention_mask=att,
-                position_ids=torch.arange(T).expand(rows, T).contiguous(),
-                loss_mask=loss_mask,
-                old_logprobs=(-torch.rand(rows, T, generator=g) * 3 - 2.5) * loss_mask,
-                advantages=torch.randn(rows, 1, generator=g).expand(rows, T) * loss_mask,
-            )
-        )
-    total = float(sum(mb.loss_mask.sum() for mb in out))
-    for mb in out:
-        mb.global_tokens, mb.global_seqs = total, float(sum(len(x) for x in LAYOUTS))
-    return out
+    return micro_batches(LAYOUTS, VOCAB, torch.Generator().manual_seed(seed))
 
 
 def _backend(model_dir: str, packing: bool, dtype: str = "float32") -> FSDPBackend:

@@ -91,18 +91,23 @@ def tiny_config(tp: int = 1, pp: int = 1, dp: int = 1, vpp: int = 1, cp: int = 1
 def random_micro_batches(
     n: int, rows: int, vocab_size: int, seed: int = 0, min_len: int = 4, max_len: int = 24
 ) -> list[MicroBatch]:
-    """n right-padded micro-batches of `rows` sequences; prompt = first third, response = the rest."""
+    """n right-padded micro-batches of `rows` sequences of random lengths; see `micro_batches`."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(min_len, max_len + 1, (n, rows), generator=g)
+    lengths = torch.randint(min_len, max_len + 1, (n, rows), generator=g).tolist()
+    return micro_batches(lengths, vocab_size, g)
+
+
+def micro_batches(lengths: list[list[int]], vocab_size: int, g: torch.Generator) -> list[MicroBatch]:
+    """One right-padded micro-batch per entry of `lengths` (its rows' sequence lengths): random tokens from `g`,
+    prompt = first third, response = the rest; global token and sequence counts over all of them."""
     total_tokens = 0.0
     out = []
-    for i in range(n):
-        T = int(lengths[i].max())
+    for row_lengths in lengths:
+        rows, T = len(row_lengths), max(row_lengths)
         ids = torch.zeros(rows, T, dtype=torch.long)
         att = torch.zeros(rows, T, dtype=torch.long)
         loss_mask = torch.zeros(rows, T)
-        for r in range(rows):
-            L = int(lengths[i, r])
+        for r, L in enumerate(row_lengths):
             ids[r, :L] = torch.randint(1, vocab_size, (L,), generator=g)
             att[r, :L] = 1
             loss_mask[r, max(L // 3, 1) : L] = 1.0
@@ -121,7 +126,7 @@ def random_micro_batches(
         )
     for mb in out:
         mb.global_tokens = total_tokens
-        mb.global_seqs = float(n * rows)
+        mb.global_seqs = float(sum(map(len, lengths)))
     return out
 
 
