@@ -310,21 +310,22 @@ def eval_main(cfg: Any) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg, str(run_dir))
     tokenizer = load_tokenizer(cfg.model.tokenizer if not cfg.model.path else cfg.model.path, model_dir)
-    work = []
+    loaded = []
     for name, source, scorer in sets:
         try:
             prompts = load_prompts(cfg.data, tokenizer, path=source, seed=cfg.trainer.seed)
         except DataError as e:
             print(f"dapo eval: {e}")
-            for _, _, runner in work:
-                runner.close()
             return 2
-        a = cfg.algorithm
-        runner = RewardRunner(cfg.eval.reward_fn or scorer or a.reward_fn, a.reward_timeout_s, a.reward_workers)
-        work.append((name, prompts[: cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts, runner))
+        loaded.append((name, prompts[: cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts, scorer))
     sampling = eval_sampling(cfg, tokenizer.eos_token_id)
     from pipeline.runtime.run_security import secure_run
 
+    a = cfg.algorithm  # the runners start worker threads: made last, closed in the finally below
+    work = [
+        (name, prompts, RewardRunner(cfg.eval.reward_fn or scorer or a.reward_fn, a.reward_timeout_s, a.reward_workers))
+        for name, prompts, scorer in loaded
+    ]
     try:
         with secure_run(cfg):  # a random API key for the engines launched here, a private staging root
             results = asyncio.run(
