@@ -12,8 +12,7 @@ Contract:
 - `init_dist(rank, world_size, port, backend="gloo")` is what `fn` calls first: its own process group (so a timed-out
   run is killed with its helpers), 1 CPU thread, the torch.distributed rendezvous through the store on
   127.0.0.1:port.
-- `rendezvous()` -> that store, for callers that start the ranks themselves (tests); `free_port()` -> a free
-  127.0.0.1 TCP port (for callers that bind it themselves).
+- `rendezvous()` -> that store, for callers that start the ranks themselves (tests, the planner's GPU check).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -29,12 +27,6 @@ from typing import Any
 import torch
 
 STORE_TIMEOUT_S = 300.0  # how long a rank waits for the others at the rendezvous
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rendezvous() -> Any:

@@ -55,7 +55,7 @@ def _one_rank_config(recompute: bool) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engines.megatron.launch import free_port, init_dist
+    from engines.megatron.launch import init_dist, rendezvous
     from pipeline.algorithm.losses import make_loss_fn
     from pipeline.planning.measure import measure_step, random_micro_batch
     from pipeline.planning.memory import trainer_peak_memory
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     path = _save_model(SHAPES[args.shape])
-    init_dist(0, 1, free_port(), backend="nccl" if cuda else "gloo")
+    store = rendezvous()  # this process is rank 0 of a one-rank group: it serves its own rendezvous
+    init_dist(0, 1, store.port, backend="nccl" if cuda else "gloo")
     cfg = _one_rank_config(recompute=args.recompute)
     cfg.trainer.backend, cfg.model.dtype = args.backend, "bfloat16" if cuda else "float32"
     from transformers import AutoConfig
