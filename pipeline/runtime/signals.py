@@ -5,6 +5,10 @@ enter it before Ray or any process starts. Until `stop.started()` (start-up: Ray
 checkpoint's load) a signal raises `StartupInterrupted` at once, so the blocking start-up waits (`ray.get`, which
 runs Python's signal handlers while it waits) unwind and every `with` block stops what it started. After
 `started()`, `stop.requested` turns true at the first signal; a second signal raises KeyboardInterrupt at once.
+That interrupt lands wherever the main thread is, possibly inside a constructor (a half-built asyncio loop whose
+`__del__` then fails) or between creating a coroutine and awaiting it; what such objects report as they are collected
+is a consequence of the stop the user asked for, not a failure, so from then on it goes to the DEBUG log
+(`quiet_aftermath`) instead of printing tracebacks under the "stopped" message.
 (`ray.init` installs its own SIGTERM handler: `Cluster` puts the previous one back.)
 """
 
@@ -13,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
+import warnings
 from collections.abc import Iterator
 
 log = logging.getLogger("dapo")
@@ -58,6 +64,7 @@ class StopFlag:
             self.requested = True
             raise StartupInterrupted(f"signal {signum} during start-up")
         if self.requested:  # a second signal: stop now
+            quiet_aftermath()
             raise KeyboardInterrupt
         log.warning("signal %d: finishing the current step, then saving and shutting down", signum)
         self.requested = True
@@ -65,3 +72,16 @@ class StopFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def quiet_aftermath() -> None:
+    """For the rest of the process: errors in finalizers (`Exception ignored in ...`) and never-awaited coroutines
+    are logged at DEBUG, not printed. Called when a second signal interrupts the main thread at an arbitrary point."""
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        exc = unraisable.exc_value
+        log.debug("after the interrupt: %s %r", unraisable.err_msg or "exception ignored in", unraisable.object,
+                  exc_info=(unraisable.exc_type, exc, unraisable.exc_traceback) if exc is not None else None)  # fmt: skip
+
+    sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
