@@ -5,10 +5,10 @@ enter it before Ray or any process starts. Until `stop.started()` (start-up: Ray
 checkpoint's load) a signal raises `StartupInterrupted` at once, so the blocking start-up waits (`ray.get`, which
 runs Python's signal handlers while it waits) unwind and every `with` block stops what it started. After
 `started()`, `stop.requested` turns true at the first signal; a second signal raises KeyboardInterrupt at once.
-That interrupt lands wherever the main thread is, possibly inside a constructor (a half-built asyncio loop whose
-`__del__` then fails) or between creating a coroutine and awaiting it; what such objects report as they are collected
-is a consequence of the stop the user asked for, not a failure, so from then on it goes to the DEBUG log
-(`quiet_aftermath`) instead of printing tracebacks under the "stopped" message.
+Either interrupt (the start-up one too) lands wherever the main thread is: possibly inside a constructor (a half-built
+asyncio loop whose `__del__` then fails) or between creating a coroutine and awaiting it. What such objects report
+as they are collected is a consequence of the stop the user asked for, not a failure, so from then on it goes to the
+DEBUG log (`quiet_aftermath`) instead of printing tracebacks under the "stopped" message.
 (`ray.init` installs its own SIGTERM handler: `Cluster` puts the previous one back.)
 """
 
@@ -62,6 +62,7 @@ class StopFlag:
             if self.requested:  # already unwinding: let the shutdown of what started finish
                 return
             self.requested = True
+            quiet_aftermath()
             raise StartupInterrupted(f"signal {signum} during start-up")
         if self.requested:  # a second signal: stop now
             quiet_aftermath()
@@ -76,7 +77,7 @@ class StopFlag:
 
 def quiet_aftermath() -> None:
     """For the rest of the process: errors in finalizers (`Exception ignored in ...`) and never-awaited coroutines
-    are logged at DEBUG, not printed. Called when a second signal interrupts the main thread at an arbitrary point."""
+    are logged at DEBUG, not printed. Called when a signal interrupts the main thread at an arbitrary point (during start-up, or the second one)."""
 
     def hook(unraisable: sys.UnraisableHookArgs) -> None:
         exc = unraisable.exc_value
