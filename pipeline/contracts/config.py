@@ -62,7 +62,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_path: str = MISSING
-    """Training prompts: a .jsonl/.parquet path, `hf://org/name[:split]`, or `synthetic:<task>` (e.g. `synthetic:arith`)."""
+    """Training prompts: a .jsonl/.parquet path, `hf://org/name[:split]`, or `synthetic:<task>`
+    (e.g. `synthetic:arith`)."""
     eval_path: str = ""
     """Held-out prompts in the same formats; empty disables evaluation."""
     prompt_key: str = "prompt"
@@ -72,7 +73,8 @@ class DataConfig:
     id_key: str = ""
     """Row field with a stable id; empty: the row index."""
     template: str = "none"
-    """Prompt template applied to the prompt field: none | dapo (wrap the raw problem) | chat (tokenizer chat template)."""
+    """Prompt template applied to the prompt field: none | dapo (wrap the raw problem) | chat (tokenizer chat
+    template)."""
     max_prompt_tokens: int = 512
     """Prompts longer than this are rejected at load time, naming the row."""
     shuffle: bool = True
@@ -89,7 +91,8 @@ class DataConfig:
 @dataclass
 class EngineConfig:
     backend: str = "local"
-    """Inference engine: local (CPU engine speaking SGLang's HTTP protocol) | sglang (launch SGLang servers) | external."""
+    """Inference engine: local (CPU engine speaking SGLang's HTTP protocol) | sglang (launch SGLang servers) |
+    external."""
     num_engines: int = 1
     """Engine servers to run (data parallel across engines)."""
     tp: int = 1
@@ -104,9 +107,9 @@ class EngineConfig:
     """First port; 0 picks free ports."""
     api_key: str = ""
     """API key required by the servers and sent by the client (or env DAPO_ENGINE_API_KEY). Never logged. Empty
-    (and no env) with engines the run launches (local, sglang): each run makes a random key (pipeline/runtime/run_security.py)
-    and hands it to the servers through the environment (CPU engine) or a 0600 config file (SGLang `--config`),
-    never on the command line."""
+    (and no env) with engines the run launches (local, sglang): each run makes a random key
+    (pipeline/runtime/run_security.py) and hands it to the servers through the environment (CPU engine) or a 0600
+    config file (SGLang `--config`), never on the command line."""
     mem_fraction: float = 0.7
     """SGLang `--mem-fraction-static`."""
     max_running_requests: int = 64
@@ -228,9 +231,8 @@ class AlgorithmConfig:
     routing_replay: str = "off"
     """MoE rollout routing replay (R3): off | rollout. With rollout the engines return the experts every token was
     routed to (SGLang's return_routed_experts; validation adds --enable-return-routed-experts to engine.extra_args)
-    and the megatron
-    trainer sends each token to those experts (training forward and the decoupled-PPO proximal pass), the gate
-    weights still coming from its own router logits. Dense models ignore it."""
+    and the megatron trainer sends each token to those experts (training forward and the decoupled-PPO proximal
+    pass), the gate weights still coming from its own router logits. Dense models ignore it."""
     routing_mismatch_probe: bool = True
     """With recorded routing: one extra no-grad forward per mini-batch in the other routing mode, so that the
     train-inference logprob mismatch is reported with and without replay (rollout/*_replay, rollout/*_noreplay)."""

@@ -77,12 +77,14 @@ class StopFlag:
 
 def quiet_aftermath() -> None:
     """For the rest of the process: errors in finalizers (`Exception ignored in ...`) and never-awaited coroutines
-    are logged at DEBUG, not printed. Called when a signal interrupts the main thread at an arbitrary point (during start-up, or the second one)."""
+    are logged at DEBUG, not printed. Called when a signal interrupts the main thread at an arbitrary point (during
+    start-up, or the second one)."""
 
     def hook(unraisable: sys.UnraisableHookArgs) -> None:
         exc = unraisable.exc_value
-        log.debug("after the interrupt: %s %r", unraisable.err_msg or "exception ignored in", unraisable.object,
-                  exc_info=(unraisable.exc_type, exc, unraisable.exc_traceback) if exc is not None else None)  # fmt: skip
+        trace = (unraisable.exc_type, exc, unraisable.exc_traceback) if exc is not None else None
+        what = unraisable.err_msg or "exception ignored in"
+        log.debug("after the interrupt: %s %r", what, unraisable.object, exc_info=trace)
 
     sys.unraisablehook = hook
     warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
