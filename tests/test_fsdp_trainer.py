@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engines.fsdp.backend import build_backend
-from engines.megatron.launch import init_dist, rendezvous
+from engines.megatron.launch import init_dist, rank_main, rendezvous
 from pipeline.config import load_config
 from pipeline.contracts.records import Group, Sample
 from pipeline.flow.trainer import TrainWorker, make_step_batches, merge_metrics
@@ -146,11 +146,12 @@ def test_streamed_minibatches_equal_the_whole_step(tmp_path):
 
 
 def run_ranks(worker, world: int, model_dir: str):
-    """`worker(rank, world, port, model_dir, q)` on `world` spawned gloo ranks; what rank 0 put on the queue."""
+    """`worker(rank, world, port, model_dir, q)` on `world` spawned gloo ranks (through `rank_main`, which ends each
+    without finalizing the interpreter); what rank 0 put on the queue."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     store = rendezvous()  # held until the ranks have joined
-    procs = [ctx.Process(target=worker, args=(r, world, store.port, model_dir, q)) for r in range(world)]
+    procs = [ctx.Process(target=rank_main, args=(r, worker, world, store.port, model_dir, q)) for r in range(world)]
     for p in procs:
         p.start()
     result = q.get(timeout=120)

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from engines.logprobs import fused_logprobs, token_aligned
-from engines.megatron.launch import init_dist, rendezvous
+from engines.megatron.launch import init_dist, rank_main, rendezvous
 from pipeline.algorithm.losses import logprobs_from_logits, token_entropy_from_logits
 from pipeline.config import Config, validate
 from pipeline.contracts.backend import MicroBatch
@@ -162,7 +162,7 @@ def _tp_worker(rank, world, port, q):
 def test_tp2_equals_tp1():
     ctx = mp.get_context("spawn")
     q, store = ctx.Queue(), rendezvous()  # held until the ranks have joined
-    procs = [ctx.Process(target=_tp_worker, args=(r, 2, store.port, q)) for r in range(2)]
+    procs = [ctx.Process(target=rank_main, args=(r, _tp_worker, 2, store.port, q)) for r in range(2)]
     for p in procs:
         p.start()
     out = dict((r[0], r[1:]) for r in (q.get(timeout=120), q.get(timeout=120)))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engines.megatron.launch import init_dist, rendezvous
+from engines.megatron.launch import init_dist, rank_main, rendezvous
 from pipeline.algorithm.losses import AGGREGATIONS, logprobs_from_logits, policy_loss
 from pipeline.config import AlgorithmConfig
 from pipeline.contracts.backend import MicroBatch
@@ -152,7 +152,7 @@ def test_data_parallel_invariance(tmp_path):
     out = str(tmp_path / "dp.pt")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = rendezvous()  # held until the ranks have joined
-    mp.spawn(_dp_worker, args=(2, store.port, out), nprocs=2, join=True)
+    mp.spawn(rank_main, args=(_dp_worker, 2, store.port, out), nprocs=2, join=True)
     got = torch.load(out)
     assert got["loss"] == pytest.approx(loss_single, abs=1e-12)
     torch.testing.assert_close(got["grad"], g_single, atol=1e-9, rtol=0)

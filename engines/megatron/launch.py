@@ -13,16 +13,28 @@ Contract:
   run is killed with its helpers), 1 CPU thread, the torch.distributed rendezvous through the store on
   127.0.0.1:port.
 - `rendezvous()` -> that store, for callers that start the ranks themselves (tests, the planner's GPU check).
+- Every rank `spawn` starts runs through `rank_main(rank, fn, *args)`, which callers that start their own processes
+  use as the target too: `fn(rank, *args)`, then the multiprocessing queues among `args` are flushed and the process
+  ends at once (`os._exit(0)`) instead of finalizing the interpreter. Why: gloo's worker threads release each
+  finished collective's work object, and with it Python tensors. Once the interpreter finalizes, a thread that
+  needs the GIL for that is ended by Python inside a C++ destructor, and the rank aborts after its work succeeded
+  ("terminate called without an active exception", SIGABRT; seen about once in 8-20 two-rank FSDP runs of a spawn
+  context, even after `destroy_process_group`). The forkserver's children already end with `os._exit`; children of
+  the spawn start method (the default where CUDA is present, and the tests' own spawn contexts) finalize. A failure
+  in `fn` propagates as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import multiprocessing.queues
 import os
 import signal
+import sys
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -46,6 +58,19 @@ def init_dist(rank: int, world_size: int, port: int, backend: str = "gloo") -> N
     os.environ.update(LOCAL_RANK=str(rank))
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
+
+def rank_main(rank: int, fn: Any, *args: Any) -> NoReturn:
+    """Run one rank's `fn(rank, *args)`, then end the process without finalizing the interpreter (module contract)."""
+    fn(rank, *args)
+    for arg in args:
+        if isinstance(arg, multiprocessing.queues.Queue):  # what the rank put is in the pipe before the process ends
+            arg.close()
+            arg.join_thread()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # Imported once by the forkserver, then inherited by every worker it forks: a worker starts in well under a second
@@ -81,7 +106,7 @@ def spawn(fn: Any, world_size: int, *args: Any, timeout_s: float = 120.0, start_
         multiprocessing.set_forkserver_preload(PRELOAD)
     store = rendezvous()  # lives here, bound before any worker starts, until the run ends
     ctx = mp.start_processes(
-        fn, args=(world_size, store.port, *args), nprocs=world_size, join=False, start_method=method
+        rank_main, args=(fn, world_size, store.port, *args), nprocs=world_size, join=False, start_method=method
     )
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
